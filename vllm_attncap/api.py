@@ -1,0 +1,262 @@
+"""The caller-facing API: generate with capture, get arrays back per request.
+
+>>> from vllm import LLM, SamplingParams                       # doctest: +SKIP
+>>> llm = LLM(model=path, attention_backend="attncap")          # doctest: +SKIP
+>>> out = generate_with_attentions(llm, "Hello", SamplingParams(max_tokens=8),
+...                                spec={"layers": [-1], "reduce": "head_mean"})[0]  # doctest: +SKIP
+>>> out.attention.shape        # (L, H, T, P + T - 1)          # doctest: +SKIP
+(1, 1, 8, 13)
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .spec import CaptureSpec, resolve_spec
+from .store import discard_capture, read_capture
+
+__all__ = ["CapturedOutput", "generate_with_attentions", "collect", "engine_model_shape", "check_engine"]
+
+
+@dataclass
+class CapturedOutput:
+    """One request's output and its capture.
+
+    Attributes:
+        output: vLLM's ``RequestOutput`` (None if the request was rejected).
+        layers: model layer index of each ``L`` entry (all selected layers when
+            ``reduce="layer_head_mean"``, where ``L`` is 1).
+        heads: query-head index of each ``H`` entry (likewise for reductions).
+        prompt_len: P, the number of prompt tokens.
+        spec: the spec the request ran with.
+        error: the reason capture was refused, else None.
+    """
+
+    output: Any
+    spec: CaptureSpec
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    prompt_len: int = 0
+    error: Exception | None = None
+    _attention: np.ndarray | None = field(default=None, repr=False)
+    _stats: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def attention(self) -> np.ndarray:
+        """float32 ``(L, H, T, P + T - 1)``: row ``s`` is the attention of the query
+        at position ``P-1+s`` over keys ``0..P-1+s`` (zeros to the right); rows mode only."""
+        self._check()
+        if self._attention is None:
+            raise ValueError("attncap: this request ran in mode='stats'; use .stats")
+        return self._attention
+
+    @property
+    def stats(self) -> dict[str, np.ndarray]:
+        """``{"coverage": (L, H, T), "entropy": (L, H, T)}``; stats mode only."""
+        self._check()
+        if self._stats is None:
+            raise ValueError("attncap: this request ran in mode='rows'; use .attention")
+        return self._stats
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self.output.outputs[0].token_ids) if self.output is not None else []
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self.output.prompt_token_ids) if self.output is not None else []
+
+    @property
+    def text(self) -> str:
+        return self.output.outputs[0].text if self.output is not None else ""
+
+    def history_block(self, history_len: int | None = None) -> np.ndarray:
+        """Mean over L and H of the history columns: ``(T, history_len)`` (default P)."""
+        a = self.attention
+        return a.mean(axis=(0, 1))[:, : (history_len or self.prompt_len)]
+
+    def save(self, path: str) -> None:
+        """Save as ``.npz`` (attention or stats, token ids, layers, heads, spec)."""
+        import json
+
+        arrays: dict[str, Any] = {
+            "prompt_token_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
+            "token_ids": np.asarray(self.token_ids, dtype=np.int64),
+            "layers": np.asarray(self.layers, dtype=np.int64),
+            "heads": np.asarray(self.heads, dtype=np.int64),
+            "prompt_len": np.asarray(self.prompt_len),
+            "spec": np.asarray(json.dumps(self.spec.to_dict())),
+            "text": np.asarray(self.text),
+        }
+        if self._attention is not None:
+            arrays["attention"] = self._attention
+        if self._stats is not None:
+            arrays["coverage"] = self._stats["coverage"]
+            arrays["entropy"] = self._stats["entropy"]
+        np.savez_compressed(path, **arrays)
+
+
+def _engine(llm):
+    return getattr(llm, "llm_engine", llm)
+
+
+def check_engine(llm) -> None:
+    """Raise ValueError unless ``llm`` runs the attncap backend."""
+    vc = _engine(llm).vllm_config
+    backend = getattr(vc.attention_config, "backend", None)
+    if backend is None or getattr(backend, "name", None) != "CUSTOM":
+        raise ValueError(
+            "attncap: this LLM was not created with attention_backend='attncap' "
+            f"(attention backend: {getattr(backend, 'name', 'auto')}); create it with "
+            "LLM(model=..., attention_backend='attncap')"
+        )
+
+
+def engine_model_shape(llm) -> tuple[int, int, int]:
+    """(num_layers, num_query_heads, max_model_len) of the engine's model."""
+    vc = _engine(llm).vllm_config
+    mc, pc = vc.model_config, vc.parallel_config
+    return mc.get_num_layers(pc), mc.get_num_attention_heads(pc), mc.max_model_len
+
+
+def _as_list(x, n: int, name: str) -> list:
+    if isinstance(x, (list, tuple)) and not isinstance(x, CaptureSpec):
+        if len(x) != n:
+            raise ValueError(f"attncap: {name} has {len(x)} entries for {n} prompts")
+        return list(x)
+    return [x] * n
+
+
+def _prompt_len(prompt: Any, tokenizer) -> int:
+    if isinstance(prompt, Mapping):
+        if "prompt_token_ids" in prompt:
+            return len(prompt["prompt_token_ids"])
+        prompt = prompt.get("prompt", "")
+    if isinstance(prompt, str):
+        return len(tokenizer.encode(prompt))
+    raise ValueError(f"attncap: unsupported prompt type {type(prompt).__name__}")
+
+
+def _normalise_prompts(prompts: Any) -> tuple[list, bool]:
+    single = isinstance(prompts, (str, Mapping)) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+    )
+    plist = [prompts] if single else list(prompts)
+    out = []
+    for p in plist:
+        if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            p = {"prompt_token_ids": list(p)}
+        out.append(p)
+    return out, single
+
+
+def _record_to_output(req_output, spec: CaptureSpec, rec) -> CapturedOutput:
+    meta = rec.meta
+    if rec.error is not None:
+        return CapturedOutput(req_output, spec, prompt_len=len(req_output.prompt_token_ids), error=ValueError(rec.error))
+    res = CapturedOutput(
+        req_output,
+        spec,
+        layers=tuple(meta["layers"]),
+        heads=tuple(meta["heads"]),
+        prompt_len=int(meta["prompt_len"]),
+    )
+    if meta["mode"] == "stats":
+        res._stats = {"coverage": rec.array[0], "entropy": rec.array[1]}
+    else:
+        res._attention = rec.array
+    return res
+
+
+def collect(request_output, key: str, spec: CaptureSpec | Mapping | None = None) -> CapturedOutput:
+    """Fetch the capture of a request submitted with ``llm.generate`` directly.
+
+    The request must have carried ``extra_args={"attncap": {..., "key": key}}``.
+    The capture's files are deleted once read.
+    """
+    spec = CaptureSpec.from_any(spec or {"key": key})
+    t = len(request_output.outputs[0].token_ids)
+    rec = read_capture(key, t)[0]
+    return _record_to_output(request_output, spec, rec)
+
+
+def generate_with_attentions(
+    llm,
+    prompts: Any,
+    sampling_params: Any = None,
+    spec: CaptureSpec | Mapping | Sequence | None = None,
+    *,
+    use_tqdm: bool = True,
+) -> list[CapturedOutput]:
+    """Generate with vLLM and return each request's output with its attention.
+
+    Args:
+        llm: a ``vllm.LLM`` created with ``attention_backend="attncap"``.
+        prompts: a prompt or a list (strings, ``{"prompt_token_ids": [...]}``
+            dicts, or lists of token ids).
+        sampling_params: one ``SamplingParams`` or one per prompt (default:
+            vLLM's defaults). Only ``n=1`` is supported with capture.
+        spec: a :class:`CaptureSpec`, a dict, or one per prompt. ``None`` uses
+            the spec already in ``sampling_params.extra_args["attncap"]`` or,
+            failing that, the defaults (every layer and head, rows mode).
+        use_tqdm: show vLLM's progress bar.
+
+    Returns:
+        One :class:`CapturedOutput` per prompt, in order. A request whose spec
+        is invalid is not generated: its entry has ``output=None`` and
+        ``error`` set, and reading ``.attention`` raises that ``ValueError``
+        (naming the field); the other requests complete normally.
+    """
+    from vllm import SamplingParams
+
+    check_engine(llm)
+    plist, _ = _normalise_prompts(prompts)
+    n = len(plist)
+    sps = _as_list(sampling_params if sampling_params is not None else SamplingParams(), n, "sampling_params")
+    specs = _as_list(spec, n, "spec")
+    num_layers, num_heads, max_len = engine_model_shape(llm)
+    tokenizer = llm.get_tokenizer()
+
+    results: list[CapturedOutput | None] = [None] * n
+    to_run: list[tuple[int, Any, Any, CaptureSpec]] = []
+    for i, (p, sp, sv) in enumerate(zip(plist, sps, specs)):
+        try:
+            if sv is None:
+                sv = (sp.extra_args or {}).get("attncap") if getattr(sp, "extra_args", None) else None
+            cs = CaptureSpec.from_any(sv)
+            if getattr(sp, "n", 1) != 1:
+                raise ValueError(f"attncap: SamplingParams field 'n' must be 1 with capture, got {sp.n}")
+            plen = _prompt_len(p, tokenizer)
+            t_max = sp.max_tokens if sp.max_tokens is not None else max_len - plen
+            resolve_spec(cs, num_layers=num_layers, num_heads=num_heads, prompt_len=plen, max_tokens=max(1, min(t_max, max_len - plen)))
+        except ValueError as e:
+            results[i] = CapturedOutput(None, CaptureSpec(), error=e)
+            continue
+        key = cs.key or f"ac-{uuid.uuid4().hex}"
+        cs = CaptureSpec.from_any({**cs.to_dict(), "key": key})
+        sp2 = sp.clone()
+        sp2.extra_args = {**(sp.extra_args or {}), "attncap": cs.to_dict()}
+        to_run.append((i, p, sp2, cs))
+
+    if to_run:
+        try:
+            outs = llm.generate([r[1] for r in to_run], [r[2] for r in to_run], use_tqdm=use_tqdm)
+        except BaseException:
+            for r in to_run:
+                discard_capture(r[3].key)
+            raise
+        for (i, _, _, cs), out in zip(to_run, outs):
+            try:
+                rec = read_capture(cs.key, len(out.outputs[0].token_ids))[0]
+                results[i] = _record_to_output(out, cs, rec)
+            except LookupError as e:
+                results[i] = CapturedOutput(out, cs, prompt_len=len(out.prompt_token_ids), error=ValueError(str(e)))
+    return results  # type: ignore[return-value]

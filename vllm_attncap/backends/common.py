@@ -1,0 +1,36 @@
+"""Helpers shared by the attncap backends (model facts, layer identity)."""
+
+from __future__ import annotations
+
+from ..tracker import ModelShape
+
+__all__ = ["layer_index_of", "model_shape_from_config"]
+
+
+def layer_index_of(layer) -> int:
+    """Model layer index of an attention layer (``model.layers.7.self_attn.attn`` -> 7)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer.layer_name)
+
+
+def model_shape_from_config(vllm_config) -> ModelShape:
+    """Layer/head counts used to validate capture specs in the worker.
+
+    Raises:
+        ValueError: for tensor parallelism > 1 (heads are sharded across ranks;
+            not supported by capture yet).
+    """
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
+        raise ValueError(
+            "attention_backend='attncap' supports tensor_parallel_size=1 and pipeline_parallel_size=1 only"
+        )
+    return ModelShape(
+        num_layers=mc.get_num_layers(pc),
+        num_heads=mc.get_num_attention_heads(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        head_size=mc.get_head_size(),
+        max_model_len=mc.max_model_len,
+    )

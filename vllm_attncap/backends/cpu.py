@@ -1,0 +1,126 @@
+"""attncap on CPU: vLLM's CPU_ATTN backend plus capture.
+
+Backend / MetadataBuilder / Impl, as in vLLM's own backends:
+
+* :class:`AttnCapCPUBackend` only declares capabilities (inherited from
+  ``CPUAttentionBackend``) and points at the builder and impl. Its name is
+  ``CUSTOM``: vLLM looks backends up by enum member name, and ``attncap`` is an
+  alias of that member (see :mod:`vllm_attncap.plugin`).
+* :class:`AttnCapCPUMetadataBuilder` builds the stock metadata and, once per
+  step, the capture plan (:mod:`vllm_attncap.plan`).
+* :class:`AttnCapCPUImpl` runs the stock kernel first — generated tokens are
+  exactly CPU_ATTN's — then captures the planned rows of its layer.
+
+Why a shadow key store: the CPU KV cache holds keys in an ISA-specific packed
+layout (column-major blocks for ``vec``, VNNI tiles for ``amx``); reading it
+back naively gives wrong keys (facts.md). ``do_kv_cache_update`` therefore also
+writes each token's key, unpacked, into a slot-indexed shadow tensor. Indexing
+by KV-cache slot keeps prefix-cache hits and recomputed blocks correct. It
+costs one extra key copy per token and memory equal to the key half of the KV
+cache, only when this backend is selected.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from .. import runner_hooks
+from ..capture import capture_layer
+from ..plan import build_step_plan
+from ..tracker import ModelShape, get_tracker
+from .common import layer_index_of, model_shape_from_config
+
+logger = logging.getLogger("vllm_attncap")
+
+__all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl"]
+
+
+class AttnCapCPUBackend(CPUAttentionBackend):
+    """CPU_ATTN with per-request attention capture."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["AttnCapCPUImpl"]:
+        return AttnCapCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["AttnCapCPUMetadataBuilder"]:
+        return AttnCapCPUMetadataBuilder
+
+
+class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Stock CPU metadata plus ``attncap_plan`` (a :class:`~vllm_attncap.plan.StepPlan` or None)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        get_tracker().set_model_shape(model_shape_from_config(vllm_config))
+        runner_hooks.install()
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> CPUAttentionMetadata:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md.attncap_plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker())
+        return md
+
+
+class AttnCapCPUImpl(CPUAttentionBackendImpl):
+    """CPU_ATTN's computation, then capture of this layer's planned rows."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._key_slots: torch.Tensor | None = None
+        self._layer_index: int | None = None
+
+    def _shadow(self, kv_cache: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        n = num_blocks * block_size
+        s = self._key_slots
+        if s is None or s.shape[0] != n or s.dtype != key.dtype:
+            s = torch.zeros((n, num_kv_heads, self.head_size), dtype=key.dtype, device=key.device)
+            self._key_slots = s
+        return s
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if kv_cache.numel() == 0:
+            return
+        shadow = self._shadow(kv_cache, key)
+        n = min(key.shape[0], slot_mapping.shape[0])
+        slots = slot_mapping[:n].to(torch.long)
+        valid = slots >= 0
+        if bool(valid.all()):
+            shadow[slots] = key[:n]
+        else:
+            shadow[slots[valid]] = key[:n][valid]
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        plan = getattr(attn_metadata, "attncap_plan", None) if attn_metadata is not None else None
+        if plan is not None and self._key_slots is not None:
+            if self._layer_index is None:
+                self._layer_index = layer_index_of(layer)
+            if plan.wants(self._layer_index):
+                capture_layer(self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan)
+        return output

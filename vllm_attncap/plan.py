@@ -1,0 +1,112 @@
+"""The capture plan of one engine step: which query rows to capture, for whom.
+
+Built once per step by the metadata builder (``AttnCapMetadataBuilder.build``)
+and attached to the attention metadata; every layer's ``Impl.forward`` reads it.
+
+Row semantics (method.md, "Attention that produced a token"): for a request
+with P prompt tokens, row ``s`` is the query at position ``P-1+s``. A step
+schedules, for batch row ``i``, the query tokens ``qsl[i]:qsl[i+1]`` at
+positions ``seq_len[i]-q_len[i] .. seq_len[i]-1``; the captured ones are those
+at positions ``>= P-1`` (row 0 comes from the prefill step that holds the last
+prompt token, whichever chunk that is). Positions are derived from this step's
+metadata only, so chunked prefill, prefix-cache hits (``num_computed > 0`` at
+first schedule), preemption with recompute (rows recomputed and rewritten) and
+the runner's row reordering are all handled the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .tracker import CaptureTracker, RequestCapture
+
+__all__ = ["RowBatch", "StepPlan", "build_step_plan"]
+
+
+@dataclass
+class RowBatch:
+    """The captured rows of one request in one step."""
+
+    rc: RequestCapture
+    token_index: torch.Tensor  # (n,) indices into this step's query tokens
+    q_pos: torch.Tensor  # (n,) absolute positions of the captured queries
+    rows: list[int]  # row index s of each captured query
+    ctx_len: int  # keys 0..ctx_len-1 are needed (= max(q_pos) + 1)
+    block_table_row: torch.Tensor
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepPlan:
+    batches: list[RowBatch]
+    layers: frozenset[int]
+
+    def wants(self, layer_index: int) -> bool:
+        return layer_index in self.layers
+
+
+def _requests_view(runner: Any, num_reqs: int):
+    """(req_id, prompt_token_count, sampling_params) per batch row, for the V1 runner."""
+    req_ids = runner.input_batch.req_ids[:num_reqs]
+    for rid in req_ids:
+        st = runner.requests.get(rid)
+        if st is None:
+            yield rid, 0, None
+            continue
+        yield rid, st.num_prompt_tokens, st.sampling_params
+
+
+def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan | None:
+    """Plan this step's captures from the runner's batch and the common metadata.
+
+    Args:
+        runner: the model runner executing this step (V1 ``GPUModelRunner`` or
+            its CPU subclass), which maps batch rows to request ids.
+        cm: the step's ``CommonAttentionMetadata``.
+        tracker: the process's :class:`CaptureTracker`.
+
+    Returns:
+        ``None`` when no scheduled request asks for capture (the common case,
+        which then costs one dict lookup per request).
+    """
+    num_reqs = cm.num_reqs
+    if runner is None or len(runner.input_batch.req_ids) < num_reqs:
+        return None
+    qsl = None
+    seq_lens = None
+    batches: list[RowBatch] = []
+    layers: set[int] = set()
+    for i, (rid, prompt_len, sp) in enumerate(_requests_view(runner, num_reqs)):
+        extra = getattr(sp, "extra_args", None) if sp is not None else None
+        if not extra or "attncap" not in extra:
+            continue
+        if qsl is None:
+            qsl = cm.query_start_loc_cpu.tolist()
+            seq_lens = cm.seq_lens.cpu().tolist()
+        rc = tracker.lookup(rid, extra["attncap"], prompt_len, getattr(sp, "max_tokens", None))
+        if rc is None:
+            continue
+        q_len = qsl[i + 1] - qsl[i]
+        first_pos = seq_lens[i] - q_len
+        lo = max(first_pos, prompt_len - 1)
+        hi = min(seq_lens[i], prompt_len - 1 + rc.resolved.max_tokens)
+        if hi <= lo:
+            continue
+        pos = torch.arange(lo, hi, dtype=torch.long)
+        batches.append(
+            RowBatch(
+                rc=rc,
+                token_index=pos - first_pos + qsl[i],
+                q_pos=pos,
+                rows=list(range(lo - (prompt_len - 1), hi - (prompt_len - 1))),
+                ctx_len=hi,
+                block_table_row=cm.block_table_tensor[i],
+            )
+        )
+        layers.update(rc.resolved.layers)
+    if not batches:
+        return None
+    return StepPlan(batches, frozenset(layers))

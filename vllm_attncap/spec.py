@@ -1,0 +1,262 @@
+"""The per-request capture spec: what a request asks to capture, validated.
+
+A request asks for capture with ``SamplingParams(extra_args={"attncap": {...}})``.
+This module owns the spec's fields, their defaults and their validation; it
+imports neither vLLM nor torch, so the frontend, the worker and the server all
+validate with the same code.
+
+Fields (all optional):
+
+==============  ==========================================  =========================
+field           allowed values                              default
+==============  ==========================================  =========================
+``layers``      ``"all"`` or a list of ints (negatives       ``"all"``
+                count from the last layer)
+``heads``       ``"all"`` or a list of query-head ints       ``"all"``
+                (negatives allowed)
+``reduce``      ``"none"`` | ``"head_mean"`` |                ``"none"``
+                ``"layer_head_mean"``
+``mode``        ``"rows"`` | ``"stats"``                     ``"rows"``
+``history_len`` int >= 1: history columns for ``stats``       the prompt length
+``sink``        int >= 0: leading positions dropped before    ``0``
+                renormalising (``stats`` only)
+``salient``     list of history positions (``stats``)         ``[]``
+``max_bytes``   int >= 1: cap on this request's buffer        engine default (256 MiB)
+``key``         str: correlation key chosen by the caller     the request id
+==============  ==========================================  =========================
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "CaptureSpec",
+    "SPEC_FIELDS",
+    "DEFAULT_MAX_BYTES",
+    "REDUCE_MODES",
+    "CAPTURE_MODES",
+    "ResolvedSpec",
+    "resolve_spec",
+    "capture_nbytes",
+]
+
+REDUCE_MODES = ("none", "head_mean", "layer_head_mean")
+CAPTURE_MODES = ("rows", "stats")
+SPEC_FIELDS = ("layers", "heads", "reduce", "mode", "history_len", "sink", "salient", "max_bytes", "key")
+#: Engine-wide cap on one request's capture buffer (bytes); override with the
+#: environment variable ``VLLM_ATTNCAP_MAX_BYTES`` or per request with ``max_bytes``.
+DEFAULT_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_BYTES", str(256 * 1024**2)))
+_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_index_list(name: str, value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str):
+        if value.lower() == "all":
+            return "all"
+        raise ValueError(f"attncap spec field '{name}': expected \"all\" or a list of ints, got {value!r}")
+    if _is_int(value):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(
+            f"attncap spec field '{name}': expected \"all\" or a non-empty list of ints, got {value!r}"
+        )
+    for v in value:
+        if not _is_int(v):
+            raise ValueError(f"attncap spec field '{name}': entries must be ints, got {v!r}")
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What one request asks to capture (see the module docstring for fields).
+
+    Construction validates everything that can be checked without the model;
+    :func:`resolve_spec` then checks indices and sizes against the model and
+    the request.
+
+    Example:
+        >>> CaptureSpec(layers=[-1], reduce="head_mean").to_dict()["reduce"]
+        'head_mean'
+        >>> CaptureSpec(reduce="max")
+        Traceback (most recent call last):
+        ...
+        ValueError: attncap spec field 'reduce': expected one of ('none', 'head_mean', 'layer_head_mean'), got 'max'
+    """
+
+    layers: str | tuple[int, ...] = "all"
+    heads: str | tuple[int, ...] = "all"
+    reduce: str = "none"
+    mode: str = "rows"
+    history_len: int | None = None
+    sink: int = 0
+    salient: tuple[int, ...] = field(default_factory=tuple)
+    max_bytes: int | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_index_list("layers", self.layers))
+        object.__setattr__(self, "heads", _check_index_list("heads", self.heads))
+        if self.reduce not in REDUCE_MODES:
+            raise ValueError(f"attncap spec field 'reduce': expected one of {REDUCE_MODES}, got {self.reduce!r}")
+        if self.mode not in CAPTURE_MODES:
+            raise ValueError(f"attncap spec field 'mode': expected one of {CAPTURE_MODES}, got {self.mode!r}")
+        if self.history_len is not None and (not _is_int(self.history_len) or self.history_len < 1):
+            raise ValueError(f"attncap spec field 'history_len': expected an int >= 1, got {self.history_len!r}")
+        if not _is_int(self.sink) or self.sink < 0:
+            raise ValueError(f"attncap spec field 'sink': expected an int >= 0, got {self.sink!r}")
+        sal = self.salient
+        if _is_int(sal):
+            sal = (sal,)
+        if not isinstance(sal, (list, tuple)) or not all(_is_int(s) and s >= 0 for s in sal):
+            raise ValueError(f"attncap spec field 'salient': expected a list of ints >= 0, got {self.salient!r}")
+        object.__setattr__(self, "salient", tuple(sorted(set(int(s) for s in sal))))
+        if self.max_bytes is not None and (not _is_int(self.max_bytes) or self.max_bytes < 1):
+            raise ValueError(f"attncap spec field 'max_bytes': expected an int >= 1, got {self.max_bytes!r}")
+        if self.key is not None and (not isinstance(self.key, str) or not _KEY_RE.match(self.key)):
+            raise ValueError(
+                f"attncap spec field 'key': expected 1-128 characters from [A-Za-z0-9._-], got {self.key!r}"
+            )
+
+    @classmethod
+    def from_any(cls, value: "CaptureSpec | Mapping[str, Any] | None") -> "CaptureSpec":
+        """Build a spec from a spec, a dict (as in ``extra_args["attncap"]``) or ``None`` (all defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, CaptureSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"attncap spec: expected a dict or CaptureSpec, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(SPEC_FIELDS))
+        if unknown:
+            raise ValueError(f"attncap spec: unknown field(s) {unknown}; allowed fields are {list(SPEC_FIELDS)}")
+        kw = dict(value)
+        for name in ("layers", "heads", "salient"):
+            if isinstance(kw.get(name), list):
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-friendly dict (what travels in ``extra_args``)."""
+        d = asdict(self)
+        for name in ("layers", "heads", "salient"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def _resolve_indices(name: str, sel: str | tuple[int, ...], n: int) -> tuple[int, ...]:
+    if sel == "all":
+        return tuple(range(n))
+    out = []
+    for v in sel:
+        if not -n <= v < n:
+            raise ValueError(f"attncap spec field '{name}': index {v} out of range for {n} {name} (allowed {-n}..{n - 1})")
+        out.append(v % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"attncap spec field '{name}': duplicate indices in {list(sel)}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A spec checked against a model and a request: absolute indices, output shape.
+
+    ``shape`` is the nominal buffer shape: rows mode ``(L, H, T_max, P + T_max - 1)``
+    (``L``/``H`` are 1 when reduced); stats mode ``(2, L, H, T_max)`` holding
+    per-row coverage then per-row history entropy.
+    """
+
+    spec: CaptureSpec
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    prompt_len: int
+    max_tokens: int
+    history_len: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 4
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_layers(self) -> int:
+        return 1 if self.spec.reduce == "layer_head_mean" else len(self.layers)
+
+    @property
+    def out_heads(self) -> int:
+        return 1 if self.spec.reduce in ("head_mean", "layer_head_mean") else len(self.heads)
+
+
+def capture_nbytes(out_layers: int, out_heads: int, prompt_len: int, max_tokens: int, mode: str = "rows") -> int:
+    """Bytes of a request's buffer (float32) for the given output sizes."""
+    if mode == "stats":
+        return 4 * 2 * out_layers * out_heads * max_tokens
+    return 4 * out_layers * out_heads * max_tokens * (prompt_len + max_tokens - 1)
+
+
+def resolve_spec(
+    spec: "CaptureSpec | Mapping[str, Any] | None",
+    *,
+    num_layers: int,
+    num_heads: int,
+    prompt_len: int,
+    max_tokens: int,
+    default_max_bytes: int | None = None,
+) -> ResolvedSpec:
+    """Check a spec against the model (layer/head counts) and the request.
+
+    Raises:
+        ValueError: naming the field, when an index is out of range, the
+            history is longer than the prompt, a salient position lies outside
+            the history, or the buffer would exceed ``max_bytes``.
+
+    Example:
+        >>> r = resolve_spec({"layers": [-1], "reduce": "head_mean"}, num_layers=4,
+        ...                  num_heads=8, prompt_len=10, max_tokens=5)
+        >>> r.layers, r.shape
+        ((3,), (1, 1, 5, 14))
+    """
+    spec = CaptureSpec.from_any(spec)
+    if prompt_len < 1:
+        raise ValueError(f"attncap: the prompt must have at least one token, got prompt_len={prompt_len}")
+    if max_tokens < 1:
+        raise ValueError(f"attncap: max_tokens must be >= 1, got {max_tokens}")
+    layers = _resolve_indices("layers", spec.layers, num_layers)
+    heads = _resolve_indices("heads", spec.heads, num_heads)
+    history_len = spec.history_len if spec.history_len is not None else prompt_len
+    if history_len > prompt_len:
+        raise ValueError(
+            f"attncap spec field 'history_len': {history_len} exceeds the prompt length {prompt_len}"
+        )
+    if spec.sink >= history_len:
+        raise ValueError(f"attncap spec field 'sink': {spec.sink} leaves no history column (history_len={history_len})")
+    if spec.salient and spec.salient[-1] >= history_len:
+        raise ValueError(
+            f"attncap spec field 'salient': position {spec.salient[-1]} is outside the history (0..{history_len - 1})"
+        )
+    out_l = 1 if spec.reduce == "layer_head_mean" else len(layers)
+    out_h = 1 if spec.reduce in ("head_mean", "layer_head_mean") else len(heads)
+    if spec.mode == "stats":
+        shape: tuple[int, ...] = (2, out_l, out_h, max_tokens)
+    else:
+        shape = (out_l, out_h, max_tokens, prompt_len + max_tokens - 1)
+    resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape)
+    cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or DEFAULT_MAX_BYTES)
+    if resolved.nbytes > cap:
+        raise ValueError(
+            f"attncap spec field 'max_bytes': this capture needs {resolved.nbytes} bytes "
+            f"(shape {shape}, float32) but the cap is {cap}; capture fewer layers/heads, "
+            f"use reduce='head_mean'/'layer_head_mean' or mode='stats', lower max_tokens, or raise max_bytes"
+        )
+    return resolved
