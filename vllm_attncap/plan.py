@@ -96,12 +96,15 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
         if hi <= lo:
             continue
         pos = torch.arange(lo, hi, dtype=torch.long)
+        first_row = lo - (prompt_len - 1)
+        if first_row < rc.writer.rows_written:  # re-prefill after preemption: rows are rewritten
+            tracker.recomputed_rows += rc.writer.rows_written - first_row
         batches.append(
             RowBatch(
                 rc=rc,
                 token_index=pos - first_pos + qsl[i],
                 q_pos=pos,
-                rows=list(range(lo - (prompt_len - 1), hi - (prompt_len - 1))),
+                rows=list(range(first_row, hi - (prompt_len - 1))),
                 ctx_len=hi,
                 block_table_row=cm.block_table_tensor[i],
             )

@@ -60,6 +60,8 @@ class CaptureTracker:
         self.shape: ModelShape | None = None
         self.active: dict[str, RequestCapture] = {}
         self.refused: set[str] = set()
+        #: rows captured again after preemption/recompute (diagnostics, tests)
+        self.recomputed_rows = 0
 
     def set_model_shape(self, shape: ModelShape) -> None:
         self.shape = shape
