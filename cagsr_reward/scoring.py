@@ -1,0 +1,594 @@
+"""Scoring API: one turn (`score_turn`), a dialogue (`score_dialogue`) and a chain of thought (`score_cot`).
+
+The turn reward is $R_t = \\alpha C_t + \\beta F_t - \\gamma\\,\\mathrm{rep}_t$ (method.md "One turn's reward"); the
+episode quantities are $R = \\sum_t w_t R_t$ and $G_t = \\sum_{k \\ge t} \\delta^{k-t} w_k R_k$ (method.md "Episodes").
+numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .aggregate import _elide_checked
+from .config import CAGSRConfig, resolve_sink
+from .core import (
+    _check_attn,
+    _check_ids,
+    _check_positions,
+    _check_sink,
+    _coverage_from,
+    _drop_sinks,
+    _entropy_from,
+    _history_repetition,
+    _is_int,
+    _kept_mass,
+    _self_repetition,
+    entropy_floor,
+    returns,
+)
+
+__all__ = [
+    "ANSWER_MARKERS",
+    "CoTScore",
+    "DialogueScore",
+    "TurnInput",
+    "TurnScore",
+    "find_answer_span",
+    "score_cot",
+    "score_dialogue",
+    "score_turn",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnScore:
+    """The reward of one turn and its parts.
+
+    Attributes:
+        reward (`float`): $R_t = \\alpha C + \\beta F - \\gamma\\,\\mathrm{rep}$.
+        coverage (`float`): $C$, in [0, 1].
+        focus (`float`): $F$, the negative mean (floored) entropy, <= 0.
+        repetition (`float`): the repetition penalty used (history repetition in multi/cot mode, self repetition in
+            single mode; 0 when no response ids were given).
+        turn_index (`int`): $t$.
+        floor (`float` or `None`): the entropy floor applied, `None` when clamping is off.
+        num_tokens (`int`): $T$, generated tokens (attention rows) of the turn.
+        mean_entropy (`float`): mean unclamped row entropy $\\bar h$ (nats), for logging.
+        elided_count (`int`): history columns merged by the long-history rule (0 = none).
+        sink (`int`): sink columns dropped.
+        alpha, beta, gamma (`float`): the weights used, so that `components()` sums to `reward`.
+    """
+
+    reward: float
+    coverage: float
+    focus: float
+    repetition: float
+    turn_index: int
+    floor: float | None
+    num_tokens: int
+    mean_entropy: float = 0.0
+    elided_count: int = 0
+    sink: int = 0
+    alpha: float = 1.0
+    beta: float = 0.1
+    gamma: float = 0.5
+
+    def components(self) -> dict[str, float]:
+        """Weighted contributions ``{"coverage": αC, "focus": βF, "repetition": -γ·rep}``; they sum to `reward`."""
+        return {
+            "coverage": self.alpha * self.coverage,
+            "focus": self.beta * self.focus,
+            "repetition": -self.gamma * self.repetition,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (for logging)."""
+        return dataclasses.asdict(self)
+
+
+def _resolve_turn_sink(config: CAGSRConfig, sink: Any, history_ids: Any, bos_token_id: Any) -> int:
+    if sink is not None:
+        return _check_sink(sink)
+    first = None
+    if config.sink == "auto" and history_ids is not None and bos_token_id is not None:
+        h = np.asarray(history_ids)
+        if h.ndim == 1 and h.size:
+            first = int(h[0])
+    return resolve_sink(config.sink, first_token_id=first, bos_token_id=bos_token_id)
+
+
+def _check_span(span: Any, limit: int, name: str) -> tuple[int, int]:
+    if (
+        not isinstance(span, (tuple, list))
+        or len(span) != 2
+        or not all(_is_int(v) for v in span)
+        or not 0 <= span[0] <= span[1] <= limit
+    ):
+        raise ValueError(f"{name}: expected (start, end) with 0 <= start <= end <= {limit}, got {span!r}")
+    return int(span[0]), int(span[1])
+
+
+def score_turn(
+    block: Any,
+    salient: Any,
+    config: CAGSRConfig,
+    *,
+    turn_index: int = 0,
+    response_ids: Any = None,
+    history_ids: Any = None,
+    sink: int | None = None,
+    user_span: tuple[int, int] | None = None,
+    bos_token_id: int | None = None,
+) -> TurnScore:
+    r"""
+    Score one turn from its raw history block (method.md "One turn's reward"):
+
+    $$
+    R_t = \alpha\, C_t + \beta\, F_t - \gamma\, \mathrm{rep}_t,
+    $$
+
+    with $C_t$ = `core.coverage`, $F_t$ = `core.focus` (floor $H_0 + \kappa t$ when `config.entropy_floor`),
+    $\mathrm{rep}_t$ = `core.history_repetition` in ``"multi"``/``"cot"`` mode and `core.repetition` in ``"single"``
+    mode. When the history is longer than `config.n_max` the block first goes through `aggregate.elide`.
+
+    Args:
+        block (`np.ndarray` of shape `(T, P)`):
+            Raw history block of the turn (see `aggregate.history_block`).
+        salient (sequence of `int`):
+            Salient history positions (original indices in ``[0, P)``).
+        config (`CAGSRConfig`):
+            Hyper-parameters.
+        turn_index (`int`, *optional*, defaults to `0`):
+            $t$, which sets the entropy floor.
+        response_ids (sequence of `int` or `None`, *optional*, defaults to `None`):
+            The turn's generated ids, one per attention row (length must be $T$). `None` gives ``rep = 0``.
+        history_ids (sequence of `int` or `None`, *optional*, defaults to `None`):
+            The history's token ids, needed for the history repetition (multi/cot mode) and by ``sink="auto"``.
+        sink (`int` or `None`, *optional*, defaults to `None`):
+            Sink columns to drop; `None` uses `config.sink` (``"auto"``: 1 when ``history_ids[0] ==
+            bos_token_id``, else 0 — also 0 when either is unknown).
+        user_span (`(int, int)` or `None`, *optional*, defaults to `None`):
+            ``(start, end)`` history positions of the current user turn. Used only when
+            ``config.history_coverage`` is False: coverage then counts salient positions in ``[start, end)`` only.
+            Required in that case except in single mode (where the whole prompt is the current turn).
+        bos_token_id (`int` or `None`, *optional*, defaults to `None`):
+            The tokenizer's BOS id, for ``sink="auto"``.
+
+    Returns:
+        `TurnScore`.
+
+    Example:
+    ```python
+    >>> import numpy as np
+    >>> from cagsr_reward.config import CAGSRConfig
+    >>> block = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    >>> cfg = CAGSRConfig(alpha=1.0, beta=0.1, gamma=0.5, ngram=1, h0=0.0, kappa=0.0)
+    >>> ts = score_turn(block, [1], cfg, sink=0, response_ids=[4, 5], history_ids=[4, 5, 6])
+    >>> round(ts.coverage, 4), round(ts.focus, 4), ts.repetition  # entropies 1.0297 and 0.8979
+    (0.45, -0.9638, 1.0)
+    >>> round(ts.reward, 4)  # 0.45 + 0.1 * (-0.9638) - 0.5 * 1.0
+    -0.1464
+    >>> {k: round(v, 4) for k, v in ts.components().items()}
+    {'coverage': 0.45, 'focus': -0.0964, 'repetition': -0.5}
+
+    ```
+    """
+    if not isinstance(config, CAGSRConfig):
+        raise ValueError(f"config: expected a CAGSRConfig, got {type(config).__name__}")
+    if not _is_int(turn_index) or turn_index < 0:
+        raise ValueError(f"turn_index: expected an int >= 0, got {turn_index!r}")
+    sink_n = _resolve_turn_sink(config, sink, history_ids, bos_token_id)
+    a = _check_attn(block, "block")
+    num_rows, num_cols = a.shape
+    sink_n = _check_sink(sink_n, num_cols)
+    positions = _drop_sinks(_check_positions(salient, num_cols), sink_n)
+    if not config.history_coverage:
+        if user_span is None:
+            if config.mode != "single":
+                raise ValueError(
+                    "user_span: required when history_coverage=False in "
+                    f"{config.mode!r} mode (coverage is restricted to the current user turn)"
+                )
+        else:
+            start, end = _check_span(user_span, num_cols, "user_span")
+            positions = positions[(positions >= start) & (positions < end)]
+    elided_count = 0
+    if num_cols > config.n_max:  # MTC §5.1
+        eb = _elide_checked(a, positions, config.n_max, config.window, sink_n)
+        a, positions, elided_count = eb.block, eb.salient, eb.elided_count
+
+    z = _kept_mass(a, sink_n, "block")
+    cov = _coverage_from(a, z, positions)
+    h = _entropy_from(a, z, sink_n)
+    floor = entropy_floor(turn_index, config.h0, config.kappa) if config.entropy_floor else None
+    foc = -float(np.mean(np.maximum(h, floor) if floor is not None else h))
+
+    rep = 0.0
+    if response_ids is not None:
+        ids = _check_ids(response_ids, "response_ids")
+        if ids.size != num_rows:
+            raise ValueError(
+                f"response_ids: length {ids.size} != number of attention rows {num_rows} (one row per generated token)"
+            )
+        if config.mode == "single":
+            rep = _self_repetition(ids, config.ngram)
+        else:
+            if history_ids is None:
+                raise ValueError(f"history_ids: required for the history repetition in {config.mode!r} mode")
+            rep = _history_repetition(ids, _check_ids(history_ids, "history_ids"), config.ngram)
+    reward = config.alpha * cov + config.beta * foc - config.gamma * rep
+    return TurnScore(
+        reward=float(reward),
+        coverage=float(cov),
+        focus=foc,
+        repetition=float(rep),
+        turn_index=int(turn_index),
+        floor=floor,
+        num_tokens=int(num_rows),
+        mean_entropy=float(np.mean(h)),
+        elided_count=elided_count,
+        sink=sink_n,
+        alpha=config.alpha,
+        beta=config.beta,
+        gamma=config.gamma,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dialogues
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TurnInput:
+    """What `score_dialogue` needs for one turn.
+
+    Attributes:
+        block (`np.ndarray` of shape `(T, P)`): raw history block of the turn.
+        salient (sequence of `int`): salient history positions.
+        response_ids (sequence of `int` or `None`): the turn's generated ids (length T).
+        history_ids (sequence of `int` or `None`): the history's ids (length P).
+        user_span (`(int, int)` or `None`): positions of the current user turn in the history (for the
+            "no history coverage" ablation).
+        sink (`int` or `None`): sink columns; `None` = `config.sink`.
+    """
+
+    block: Any
+    salient: Any
+    response_ids: Any = None
+    history_ids: Any = None
+    user_span: tuple[int, int] | None = None
+    sink: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DialogueScore:
+    """Scores of a dialogue.
+
+    Attributes:
+        turns (`tuple[TurnScore, ...]`): per-turn scores.
+        rewards (`np.ndarray`): $R_t$.
+        weights (`np.ndarray`): $w_t$.
+        returns (`np.ndarray`): $G_t = \\sum_{k \\ge t} \\delta^{k-t} w_k R_k$.
+        total (`float`): $R = \\sum_t w_t R_t$.
+    """
+
+    turns: tuple[TurnScore, ...]
+    rewards: np.ndarray
+    weights: np.ndarray
+    returns: np.ndarray
+    total: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "turns": [t.as_dict() for t in self.turns],
+            "rewards": self.rewards.tolist(),
+            "weights": self.weights.tolist(),
+            "returns": self.returns.tolist(),
+            "total": self.total,
+        }
+
+
+def score_dialogue(
+    turns: Sequence[TurnInput], config: CAGSRConfig, *, bos_token_id: int | None = None
+) -> DialogueScore:
+    r"""
+    Score every turn of a dialogue (turn $t$ = position in `turns`, which sets its entropy floor) and build the
+    episode quantities (method.md "Episodes"): $R = \sum_t w_t R_t$, $G_t = \sum_{k \ge t} \delta^{k-t} w_k R_k$,
+    with $w_t = 1$ for every dialogue turn (MTC §6; the uniform-weights ablation changes nothing for dialogues).
+
+    Args:
+        turns (sequence of `TurnInput`):
+            The turns in order, at least one.
+        config (`CAGSRConfig`):
+            Hyper-parameters.
+        bos_token_id (`int` or `None`, *optional*, defaults to `None`):
+            For ``sink="auto"``.
+
+    Returns:
+        `DialogueScore`.
+
+    Example:
+    ```python
+    >>> import numpy as np
+    >>> from cagsr_reward.config import CAGSRConfig
+    >>> cfg = CAGSRConfig(beta=0.0, gamma=0.0)  # coverage only, to keep the numbers simple
+    >>> t0 = TurnInput(np.array([[0.5, 0.5]]), [0])
+    >>> t1 = TurnInput(np.array([[0.2, 0.2, 0.6]]), [2])
+    >>> score = score_dialogue([t0, t1], cfg)
+    >>> score.rewards.tolist(), score.returns.tolist(), score.total
+    ([0.5, 0.6], [1.1, 0.6], 1.1)
+
+    ```
+    """
+    if not isinstance(config, CAGSRConfig):
+        raise ValueError(f"config: expected a CAGSRConfig, got {type(config).__name__}")
+    if isinstance(turns, TurnInput) or not isinstance(turns, Sequence) or len(turns) == 0:
+        raise ValueError("turns: expected a non-empty sequence of TurnInput")
+    scores = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, TurnInput):
+            raise ValueError(f"turns: item {t} is a {type(turn).__name__}, expected TurnInput")
+        scores.append(
+            score_turn(
+                turn.block,
+                turn.salient,
+                config,
+                turn_index=t,
+                response_ids=turn.response_ids,
+                history_ids=turn.history_ids,
+                sink=turn.sink,
+                user_span=turn.user_span,
+                bos_token_id=bos_token_id,
+            )
+        )
+    rewards = np.array([s.reward for s in scores], dtype=np.float64)
+    weights = np.ones_like(rewards)
+    g = returns(rewards, weights, config.discount)
+    return DialogueScore(tuple(scores), rewards, weights, g, float(np.dot(weights, rewards)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chain of thought (MTC §5.3)
+# --------------------------------------------------------------------------------------------------------------
+ANSWER_MARKERS: tuple[str, ...] = ("answer is", "answer:", "####", "\\boxed{")
+"""Final-answer markers, matched case-insensitively; the answer starts after the last occurrence of any."""
+
+
+def find_answer_span(
+    tokens: Sequence[str] | None = None,
+    *,
+    text: str | None = None,
+    offsets: Sequence[tuple[int, int]] | None = None,
+    block: int = 5,
+    markers: Sequence[str] = ANSWER_MARKERS,
+) -> tuple[int, int]:
+    r"""
+    Locate the final-answer tokens of a generated chain of thought: the tokens after the last occurrence of any
+    marker (``"answer is"``, ``"Answer:"``, ``"####"``, ``"\boxed{"``; case-insensitive). A token that straddles
+    the end of the marker belongs to the answer. With no marker, or nothing after it, the answer is the last block
+    of `block` tokens (blocks start at multiples of `block`).
+
+    Give either `tokens` (decoded token strings, concatenated to form the text) or `text` with `offsets`
+    (per-token ``(start, end)`` character offsets into `text`, e.g. a tokenizer's offset mapping).
+
+    Args:
+        tokens (sequence of `str` or `None`, *optional*):
+            Decoded generated tokens.
+        text (`str` or `None`, *optional*):
+            The generated text, used with `offsets`.
+        offsets (sequence of `(int, int)` or `None`, *optional*):
+            Character span of each generated token in `text`.
+        block (`int`, *optional*, defaults to `5`):
+            CoT block size $k$, for the fallback.
+        markers (sequence of `str`, *optional*, defaults to `ANSWER_MARKERS`):
+            Markers to look for.
+
+    Returns:
+        `(start, end)`: generated-token indices of the answer, ``end`` = number of tokens.
+
+    Example:
+    ```python
+    >>> find_answer_span(["2", "+", "2", " =", " 4", ".", " The", " answer", " is", " 4", "."])
+    (9, 11)
+    >>> find_answer_span(["a", "b", "c", "d", "e", "f", "g"], block=5)  # no marker: last block
+    (5, 7)
+
+    ```
+    """
+    if not _is_int(block) or block < 1:
+        raise ValueError(f"block: expected an int >= 1, got {block!r}")
+    if tokens is not None:
+        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("tokens: expected a sequence of token strings")
+        text = "".join(tokens)
+        ends = np.cumsum([len(t) for t in tokens]) if len(tokens) else np.zeros(0, dtype=np.int64)
+    elif text is not None and offsets is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"text: expected a str, got {type(text).__name__}")
+        try:
+            ends = np.array([int(e) for _, e in offsets], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError("offsets: expected a sequence of (start, end) character offsets") from None
+        # special tokens often carry (0, 0): keep the ends monotone so they never look like the answer's start
+        ends = np.maximum.accumulate(ends) if ends.size else ends
+    else:
+        raise ValueError("tokens: give the token strings, or text together with offsets")
+    num = len(ends)
+    if num == 0:
+        raise ValueError("tokens: no generated tokens")
+    lower = text.lower()
+    marker_end = -1
+    for marker in markers:
+        at = lower.rfind(marker.lower())
+        if at >= 0 and at + len(marker) > marker_end:
+            marker_end = at + len(marker)
+    if marker_end >= 0:
+        # first token ending after the marker: it holds (part of) the answer
+        start = int(np.searchsorted(ends, marker_end, side="right"))
+        if start < num:
+            return start, num
+    return ((num - 1) // block) * block, num
+
+
+@dataclasses.dataclass(frozen=True)
+class CoTScore:
+    """Scores of one chain of thought, each block of `cot_block` tokens (and the answer) being a turn.
+
+    Attributes:
+        blocks (`tuple[TurnScore, ...]`): per-turn scores; the last one is the final answer.
+        spans (`tuple[tuple[int, int], ...]`): generated-token ``[start, end)`` of each turn.
+        answer_span (`(int, int)`): generated-token span of the final answer (= ``spans[-1]``).
+        rewards, weights, returns (`np.ndarray`): $R_b$, $w_b$, $G_b$.
+        total (`float`): $\\sum_b w_b R_b$.
+    """
+
+    blocks: tuple[TurnScore, ...]
+    spans: tuple[tuple[int, int], ...]
+    answer_span: tuple[int, int]
+    rewards: np.ndarray
+    weights: np.ndarray
+    returns: np.ndarray
+    total: float
+
+    def components(self) -> list[dict[str, float]]:
+        """Per-turn weighted contributions (see `TurnScore.components`)."""
+        return [b.components() for b in self.blocks]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": [b.as_dict() for b in self.blocks],
+            "spans": [list(s) for s in self.spans],
+            "answer_span": list(self.answer_span),
+            "rewards": self.rewards.tolist(),
+            "weights": self.weights.tolist(),
+            "returns": self.returns.tolist(),
+            "total": self.total,
+        }
+
+
+def score_cot(
+    attention_2d: Any,
+    prompt_len: int,
+    salient: Any,
+    response_ids: Any,
+    prompt_ids: Any,
+    config: CAGSRConfig,
+    *,
+    answer_span: tuple[int, int] | None = None,
+    response_tokens: Sequence[str] | None = None,
+    sink: int | None = None,
+    bos_token_id: int | None = None,
+) -> CoTScore:
+    r"""
+    Score a chain of thought as an artificial dialogue (MTC §5.3, method.md "Episodes"). The generated tokens
+    before the answer are cut into blocks of $k$ = `config.cot_block` tokens; each block, and then the answer span,
+    is a turn $b$ whose history is the prompt plus every generated token before it (columns
+    ``0 .. P + start_b - 1`` of `attention_2d`) and whose rows are the turn's rows. Attention a row pays to earlier
+    tokens of its own block is outside that history and renormalised away. Turn weights are 1, and
+    `config.final_answer_weight` for the answer turn unless `config.uniform_turn_weights`. Generated tokens after
+    ``answer_span[1]`` are not scored. The repetition term is the history repetition of the turn's tokens against
+    the prompt plus earlier generated tokens (for any `config.mode`).
+
+    Args:
+        attention_2d (`np.ndarray` of shape `(T, P+T-1)`):
+            Aggregated attention of the whole generation (see `aggregate.aggregate`).
+        prompt_len (`int`):
+            $P$.
+        salient (sequence of `int`):
+            Salient positions of the full sequence (prompt positions, and generated positions ``P + j`` for
+            intermediate conclusions); a turn counts those inside its history. Each must be ``< P + T - 1``.
+        response_ids (sequence of `int`):
+            The $T$ generated ids.
+        prompt_ids (sequence of `int`):
+            The $P$ prompt ids.
+        config (`CAGSRConfig`):
+            Hyper-parameters (`cot_block`, `final_answer_weight`, `uniform_turn_weights`, ...).
+        answer_span (`(int, int)` or `None`, *optional*, defaults to `None`):
+            Generated-token span of the final answer; `None` = detect with `find_answer_span` from
+            `response_tokens`, or the last block when those are not given.
+        response_tokens (sequence of `str` or `None`, *optional*, defaults to `None`):
+            Decoded generated tokens, for answer detection.
+        sink (`int` or `None`, *optional*, defaults to `None`):
+            Sink columns; `None` = `config.sink` resolved against ``prompt_ids[0]``.
+        bos_token_id (`int` or `None`, *optional*, defaults to `None`):
+            For ``sink="auto"``.
+
+    Returns:
+        `CoTScore`.
+
+    Example:
+    ```python
+    >>> import numpy as np
+    >>> from cagsr_reward.config import CAGSRConfig
+    >>> P, T = 2, 4
+    >>> att = np.zeros((T, P + T - 1))
+    >>> for s in range(T):
+    ...     att[s, : P + s] = 1.0 / (P + s)  # uniform over everything visible
+    >>> cfg = CAGSRConfig(cot_block=2, beta=0.0, gamma=0.0, final_answer_weight=3.0)
+    >>> cot = score_cot(att, P, [0], [7, 8, 9, 10], [1, 2], cfg, sink=0)
+    >>> cot.spans, cot.weights.tolist(), cot.rewards.round(4).tolist(), round(cot.total, 4)
+    (((0, 2), (2, 4)), [1.0, 3.0], [0.5, 0.25], 1.25)
+
+    ```
+    """
+    if not isinstance(config, CAGSRConfig):
+        raise ValueError(f"config: expected a CAGSRConfig, got {type(config).__name__}")
+    a = _check_attn(attention_2d, "attention_2d")
+    num_rows, num_cols = a.shape
+    if not _is_int(prompt_len) or prompt_len < 1 or prompt_len + num_rows - 1 != num_cols:
+        raise ValueError(
+            f"prompt_len: expected P with P + T - 1 == {num_cols} columns for T = {num_rows} rows, got {prompt_len!r}"
+        )
+    prompt_len = int(prompt_len)
+    ids = _check_ids(response_ids, "response_ids")
+    if ids.size != num_rows:
+        raise ValueError(f"response_ids: length {ids.size} != number of attention rows {num_rows}")
+    prompt = _check_ids(prompt_ids, "prompt_ids")
+    if prompt.size != prompt_len:
+        raise ValueError(f"prompt_ids: length {prompt.size} != prompt_len {prompt_len}")
+    positions = _check_positions(salient, num_cols)
+    sink_n = _resolve_turn_sink(config, sink, prompt, bos_token_id)
+
+    if answer_span is None:
+        if response_tokens is not None:
+            if len(response_tokens) != num_rows:
+                raise ValueError(
+                    f"response_tokens: length {len(response_tokens)} != number of generated tokens {num_rows}"
+                )
+            answer_span = find_answer_span(list(response_tokens), block=config.cot_block)
+        else:
+            answer_span = (((num_rows - 1) // config.cot_block) * config.cot_block, num_rows)
+    start, end = _check_span(answer_span, num_rows, "answer_span")
+    if start == end:
+        raise ValueError(f"answer_span: empty span {answer_span!r}")
+
+    k = config.cot_block
+    spans = [(b, min(b + k, start)) for b in range(0, start, k)] + [(start, end)]
+    turn_cfg = config if config.mode == "cot" else config.replace(mode="cot")
+    full_ids = np.concatenate([prompt, ids])
+    user_span = (0, prompt_len)  # the CoT's "current user turn" is the prompt (no-history-coverage ablation)
+    scores = []
+    for b, (s0, s1) in enumerate(spans):
+        hist = prompt_len + s0
+        scores.append(
+            score_turn(
+                a[s0:s1, :hist],
+                positions[positions < hist],
+                turn_cfg,
+                turn_index=b,
+                response_ids=ids[s0:s1],
+                history_ids=full_ids[:hist],
+                sink=sink_n,
+                user_span=user_span,
+            )
+        )
+    rewards = np.array([s.reward for s in scores], dtype=np.float64)
+    weights = np.ones_like(rewards)
+    if not config.uniform_turn_weights:
+        weights[-1] = config.final_answer_weight
+    g = returns(rewards, weights, config.discount)
+    return CoTScore(tuple(scores), tuple(spans), (start, end), rewards, weights, g, float(np.dot(weights, rewards)))
+
