@@ -1,0 +1,399 @@
+"""The CAGSR reward as a TRL reward function (``GRPOTrainer`` / ``RLOOTrainer``, TRL 1.16 ``reward_funcs``).
+
+TRL calls every reward function as ``f(prompts=..., completions=..., completion_ids=..., trainer_state=...,
+log_extra=..., log_metric=..., **dataset_columns)`` and expects one float (or ``None``) per completion
+(``trl/trainer/grpo_trainer.py::_calculate_rewards``). :func:`cagsr_reward_func` builds such a function.
+
+Nothing here imports trl (nor torch/transformers) at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..aggregate import aggregate
+from ..config import CAGSRConfig
+from ..salient import PromptEncoding, SalientSelector, encode_prompt
+from ..scoring import score_cot, score_turn
+
+__all__ = ["CAGSRRewardFunction", "cagsr_reward_func", "ATTENTION_KWARG"]
+
+#: Dataset/rollout column that carries captured attention (one entry per completion), e.g. from the vLLM plugin.
+ATTENTION_KWARG = "attncap_attention"
+
+_COMPONENTS = ("coverage", "focus", "repetition", "reward")
+
+
+def _prompt_key(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return "s:" + prompt
+    return "m:" + json.dumps(prompt, sort_keys=True, default=str)
+
+
+def _turn_index(prompt: Any) -> int:
+    """Turns already answered in a chat prompt (= assistant messages in it); 0 for a string prompt."""
+    if isinstance(prompt, str):
+        return 0
+    return sum(1 for m in prompt if isinstance(m, Mapping) and m.get("role") == "assistant")
+
+
+def _resolved_layers(spec: Any, num_layers: int | None) -> set[int] | None:
+    if num_layers is None:
+        return None
+    if spec == "all":
+        return set(range(num_layers))
+    return {int(v) % num_layers for v in spec}
+
+
+class CAGSRRewardFunction:
+    r"""A picklable TRL reward function computing the CAGSR turn reward of each completion.
+
+    Built by :func:`cagsr_reward_func` (see there for the arguments and the formula). Call signature (TRL 1.16)::
+
+        reward(prompts, completions, completion_ids, *, trainer_state=None, log_metric=None, log_extra=None,
+               **kwargs) -> list[float | None]
+
+    Attributes:
+        __name__ (`str`): the name TRL logs under (``rewards/<name>/mean``).
+        config (`CAGSRConfig`), source, tokenizer, selector (`SalientSelector`): as given to the factory.
+        last_scores (`list`): the :class:`~cagsr_reward.scoring.TurnScore` /
+            :class:`~cagsr_reward.scoring.CoTScore` (or ``None``) of each completion of the latest call.
+    """
+
+    def __init__(
+        self,
+        config: CAGSRConfig,
+        *,
+        source: Any,
+        tokenizer: Any,
+        selector: SalientSelector,
+        name: str,
+        chat_template_kwargs: Mapping[str, Any] | None,
+        tools: list[Any] | None,
+    ):
+        self.config = config
+        self.source = source
+        self._tokenizer = tokenizer
+        self.selector = selector
+        self.__name__ = name
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.tools = tools
+        self.last_scores: list[Any] = []
+
+    @property
+    def name(self) -> str:
+        """Same as ``__name__``."""
+        return self.__name__
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer given to the factory, else the source's."""
+        if self._tokenizer is None:
+            self._tokenizer = self.source.tokenizer
+        return self._tokenizer
+
+    def __repr__(self) -> str:
+        return f"CAGSRRewardFunction(name={self.__name__!r}, config={self.config!r}, source={self.source!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["last_scores"] = []
+        return state
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: Any) -> PromptEncoding:
+        """Tokenize one TRL prompt as TRL does and find its salient positions (sink per ``config.sink``).
+
+        Example:
+            >>> reward.encode([{"role": "user", "content": "Where is Paris?"}]).salient  # doctest: +SKIP
+        """
+        return encode_prompt(
+            prompt,
+            self.tokenizer,
+            self.selector,
+            sink=self.config.sink,
+            add_generation_prompt=True,
+            tools=self.tools,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    def _attention(self, index: int, prompt_len: int, completion: list[int], captured: Any, prompt_ids: list[int]):
+        """The 2-D aggregated attention ``(T, P+T-1)`` of one completion, from a capture or from the source."""
+        item = None if captured is None else captured[index]
+        meta: Mapping[str, Any] = {}
+        if item is None:
+            if self.source is None:
+                raise ValueError(
+                    f"{ATTENTION_KWARG}[{index}] is missing and no source was given: pass "
+                    "source=HFAttentionSource(...) to cagsr_reward_func or provide captured attention"
+                )
+            array = self.source.attention(prompt_ids, completion)
+            meta = {
+                "layer_ids": getattr(self.source, "layer_ids", None),
+                "num_layers": getattr(self.source, "num_layers", None),
+                "reduce": getattr(self.source, "reduce", "none"),
+                "selected_layer_ids": getattr(self.source, "selected_layer_ids", None),
+            }
+        elif isinstance(item, Mapping):
+            if "attention" not in item:
+                raise ValueError(f"{ATTENTION_KWARG}[{index}]: a dict entry needs the key 'attention'")
+            array = item["attention"]
+            meta = item
+            captured_len = item.get("prompt_len")
+            if captured_len is not None and int(captured_len) != prompt_len:
+                raise ValueError(
+                    f"{ATTENTION_KWARG}[{index}]['prompt_len'] is {captured_len} but the prompt tokenizes to "
+                    f"{prompt_len} tokens here: the capture and this reward tokenized the prompt differently"
+                )
+        else:
+            array = item
+        array = np.asarray(array)
+        T = len(completion)
+        if array.ndim not in (2, 4) or array.shape[-2:] != (T, prompt_len + T - 1):
+            raise ValueError(
+                f"attention for completion {index}: expected shape (L, H, {T}, {prompt_len + T - 1}) or "
+                f"({T}, {prompt_len + T - 1}) for P={prompt_len}, T={T}, got {array.shape}"
+            )
+        return self._aggregate(array, meta)
+
+    def _aggregate(self, array: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+        if array.ndim == 2:
+            return aggregate(array)
+        reduce = meta.get("reduce", "none") or "none"
+        layer_ids = meta.get("layer_ids")
+        num_layers = meta.get("num_layers")
+        cfg = self.config
+        if reduce not in ("none", "head_mean", "layer_head_mean"):
+            raise ValueError(f"reduce: expected 'none', 'head_mean' or 'layer_head_mean', got {reduce!r}")
+        if reduce != "none" and cfg.heads != "all":
+            raise ValueError(
+                f"config.heads={cfg.heads!r} but the attention was already averaged over heads "
+                f"(reduce={reduce!r}); use heads='all' or an unreduced source"
+            )
+        if reduce == "layer_head_mean":
+            wanted = _resolved_layers(cfg.layers, num_layers)
+            have = meta.get("selected_layer_ids")
+            if wanted is not None and have is not None and set(have) != wanted:
+                raise ValueError(
+                    f"config.layers={cfg.layers!r} (layers {sorted(wanted)}) but the attention averages layers "
+                    f"{sorted(have)} (reduce='layer_head_mean')"
+                )
+            return aggregate(array, layers="all", heads="all")
+        heads = "all" if reduce == "head_mean" else cfg.heads
+        return aggregate(array, layers=cfg.layers, heads=heads, layer_ids=layer_ids, num_layers=num_layers)
+
+    def _decoded_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def score(self, enc: PromptEncoding, prompt: Any, completion: list[int], a2d: np.ndarray) -> Any:
+        """Score one completion from its aggregated attention ``(T, P+T-1)``: a ``TurnScore`` or a ``CoTScore``."""
+        cfg = self.config
+        P = len(enc.input_ids)
+        if cfg.mode == "cot":
+            return score_cot(
+                a2d,
+                P,
+                enc.salient,
+                completion,
+                enc.input_ids,
+                cfg,
+                response_tokens=self._decoded_tokens(completion),
+                sink=enc.sink,
+            )
+        user_span = None
+        if not cfg.history_coverage:
+            user_span = enc.last_span("user") if enc.message_spans else (0, P)
+            if user_span is None:
+                raise ValueError("prompts: history_coverage=False needs a user message in each chat prompt")
+        return score_turn(
+            a2d[:, :P],
+            enc.salient,
+            cfg,
+            turn_index=_turn_index(prompt),
+            response_ids=completion,
+            history_ids=enc.input_ids,
+            sink=enc.sink,
+            user_span=user_span,
+        )
+
+    # -- TRL entry point ----------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        trainer_state: Any = None,
+        log_metric: Any = None,
+        log_extra: Any = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        """Reward of each completion; ``None`` (TRL: "not applicable") for an empty completion.
+
+        Args:
+            prompts (`list[str | list[dict]]`): one prompt per completion (TRL repeats each prompt
+                ``num_generations`` times).
+            completions (`list`): the decoded completions (unused: the ids are what the policy produced).
+            completion_ids (`list[list[int]]`): the generated token ids.
+            trainer_state: TRL's ``TrainerState`` (unused).
+            log_metric (`callable`, *optional*): ``log_metric(name, value)``; receives the batch means
+                ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition`` and ``<name>/reward``.
+            log_extra (`callable`, *optional*): ``log_extra(column, values)``; receives the same four names with one
+                value per completion.
+            **kwargs: other dataset columns; ``attncap_attention`` (one capture per completion: an ``(L, H, T,
+                P+T-1)`` or ``(T, P+T-1)`` array, or a dict with ``"attention"`` and optionally ``"prompt_len"``,
+                ``"layer_ids"``, ``"num_layers"``, ``"reduce"``) is used instead of the source when present.
+
+        Returns:
+            `list[float | None]`: one reward per completion.
+        """
+        n = len(completion_ids)
+        if len(prompts) != n:
+            raise ValueError(f"prompts: expected one prompt per completion ({n}), got {len(prompts)}")
+        captured = kwargs.get(ATTENTION_KWARG)
+        if captured is not None and len(captured) != n:
+            raise ValueError(f"{ATTENTION_KWARG}: expected one entry per completion ({n}), got {len(captured)}")
+        encodings: dict[str, PromptEncoding] = {}
+        rewards: list[float | None] = []
+        columns: dict[str, list[float | None]] = {c: [] for c in _COMPONENTS}
+        scores: list[Any] = []
+        for i in range(n):
+            completion = [int(t) for t in completion_ids[i]]
+            key = _prompt_key(prompts[i])
+            if key not in encodings:
+                encodings[key] = self.encode(prompts[i])
+            enc = encodings[key]
+            if not completion:
+                scores.append(None)
+                rewards.append(None)
+                for c in _COMPONENTS:
+                    columns[c].append(None)
+                continue
+            a2d = self._attention(i, len(enc.input_ids), completion, captured, enc.input_ids)
+            result = self.score(enc, prompts[i], completion, a2d)
+            scores.append(result)
+            parts = _components(result)
+            rewards.append(parts["reward"])
+            for c in _COMPONENTS:
+                columns[c].append(parts[c])
+        self.last_scores = scores
+        if log_metric is not None:
+            for c in _COMPONENTS:
+                values = [v for v in columns[c] if v is not None]
+                # NaN when nothing was scored keeps the logged keys identical on every rank (TRL requirement).
+                log_metric(f"{self.__name__}/{c}", float(np.mean(values)) if values else math.nan)
+        if log_extra is not None:
+            for c in _COMPONENTS:
+                log_extra(f"{self.__name__}/{c}", columns[c])
+        return rewards
+
+
+def _components(result: Any) -> dict[str, float]:
+    """Coverage/focus/repetition/reward of a TurnScore, or of a CoTScore (its blocks' means; reward = total)."""
+    if hasattr(result, "blocks"):
+        blocks = result.blocks
+        return {
+            "coverage": float(np.mean([b.coverage for b in blocks])),
+            "focus": float(np.mean([b.focus for b in blocks])),
+            "repetition": float(np.mean([b.repetition for b in blocks])),
+            "reward": float(result.total),
+        }
+    return {
+        "coverage": float(result.coverage),
+        "focus": float(result.focus),
+        "repetition": float(result.repetition),
+        "reward": float(result.reward),
+    }
+
+
+def cagsr_reward_func(
+    config: CAGSRConfig | None = None,
+    *,
+    source: Any = None,
+    tokenizer: Any = None,
+    selector: SalientSelector | None = None,
+    name: str = "cagsr",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    tools: list[Any] | None = None,
+) -> CAGSRRewardFunction:
+    r"""Build a TRL reward function that scores each completion with the CAGSR turn reward.
+
+    For each completion :math:`y` of prompt :math:`x` (method.md "One turn's reward"):
+
+    .. math::
+
+        R = \alpha\,C + \beta\,F - \gamma\,\mathrm{rep}
+
+    where :math:`C` is the attention mass the generated tokens put on the prompt's salient positions, :math:`F` the
+    negative mean (floored) attention entropy over the prompt, and :math:`\mathrm{rep}` the n-gram repetition
+    (against the prompt in ``"multi"``/``"cot"`` mode, within the completion in ``"single"`` mode).
+
+    Per completion the function (1) tokenizes the prompt exactly as TRL does (``tokenizer(prompt)`` for strings;
+    ``apply_chat_template(messages, add_generation_prompt=True)`` for chat prompts), (2) takes the attention from the
+    ``attncap_attention`` column when present (captured by the vLLM plugin, or added by a ``rollout_func``), else
+    recomputes it with ``source``, (3) averages ``config.layers`` / ``config.heads``, (4) finds the salient prompt
+    positions with ``selector``, (5) calls :func:`~cagsr_reward.scoring.score_turn` (``mode="cot"``:
+    :func:`~cagsr_reward.scoring.score_cot`, reward = its weighted total). In a chat prompt the turn index is the
+    number of assistant messages already in it (so the entropy floor rises along a dialogue).
+
+    Args:
+        config (`CAGSRConfig`, *optional*): hyper-parameters; defaults to ``CAGSRConfig()``.
+        source (*optional*): an attention source (``attention(prompt_ids, completion_ids)``, e.g.
+            :class:`~cagsr_reward.sources.HFAttentionSource`) used when no captured attention is passed.
+        tokenizer (*optional*): a Hugging Face *fast* tokenizer (offsets are needed); defaults to
+            ``source.tokenizer``. It must be the policy's tokenizer (the one TRL tokenizes prompts with).
+        selector (`SalientSelector`, *optional*): the salience rules; defaults to ``SalientSelector()`` (named
+            entities only). Fit an IDF on your training prompts for the method's high-IDF rule:
+            ``SalientSelector(IDFModel.fit(dataset["prompt"]))``.
+        name (`str`, defaults to ``"cagsr"``): ``__name__`` of the function: TRL logs ``rewards/<name>/mean``; our
+            metrics are ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition``, ``<name>/reward``.
+        chat_template_kwargs (`dict`, *optional*): as ``GRPOConfig.chat_template_kwargs`` (pass the same).
+        tools (`list`, *optional*): as ``GRPOTrainer(tools=...)`` (pass the same, so prompts render identically).
+
+    Returns:
+        `CAGSRRewardFunction`: a picklable callable with ``__name__ == name``.
+
+    Raises:
+        ValueError: if neither ``tokenizer`` nor a ``source`` with a ``tokenizer`` is given, or ``name`` is empty.
+
+    Example:
+        >>> from cagsr_reward import CAGSRConfig
+        >>> from cagsr_reward.salient import IDFModel, SalientSelector
+        >>> from cagsr_reward.sources import HFAttentionSource
+        >>> reward = cagsr_reward_func(  # doctest: +SKIP
+        ...     CAGSRConfig(mode="single"),
+        ...     source=HFAttentionSource("path/to/policy"),
+        ...     selector=SalientSelector(IDFModel.fit(train_prompts)),
+        ... )
+        >>> trainer = GRPOTrainer(model="path/to/policy", reward_funcs=[reward], ...)  # doctest: +SKIP
+    """
+    if config is None:
+        config = CAGSRConfig()
+    if not isinstance(config, CAGSRConfig):
+        raise TypeError(f"config: expected a CAGSRConfig or None, got {type(config).__name__}")
+    if source is not None and not callable(getattr(source, "attention", None)):
+        raise TypeError(f"source: expected an object with .attention(prompt_ids, completion_ids), got {source!r}")
+    if tokenizer is None and (source is None or not hasattr(source, "tokenizer")):
+        raise ValueError("tokenizer: required (the policy's fast tokenizer) unless source provides .tokenizer")
+    if selector is None:
+        selector = SalientSelector()
+    if not isinstance(selector, SalientSelector):
+        raise TypeError(f"selector: expected a SalientSelector or None, got {type(selector).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    return CAGSRRewardFunction(
+        config,
+        source=source,
+        tokenizer=tokenizer,
+        selector=selector,
+        name=name,
+        chat_template_kwargs=chat_template_kwargs,
+        tools=tools,
+    )

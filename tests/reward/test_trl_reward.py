@@ -1,0 +1,423 @@
+"""The TRL reward function: equals score_turn by hand; logs its parts; trains 2 GRPO (and RLOO) steps on CPU."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cagsr_reward import CAGSRConfig, aggregate, history_block, score_cot, score_turn  # noqa: E402
+from cagsr_reward.integrations.trl import CAGSRRewardFunction, cagsr_reward_func  # noqa: E402
+from cagsr_reward.salient import (  # noqa: E402
+    IDFModel,
+    SalientSelector,
+    salient_positions,
+    salient_positions_for_messages,
+)
+from cagsr_reward.sources import HFAttentionSource  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+TEXTS = [
+    "Alice met Bob in Paris on 3 May 2021.",
+    "The capital of France is Paris, the user said.",
+    "What is 1,234.5 plus 7? The answer is 1,241.5.",
+    "the cat sat on the mat and the dog ran to Rome",
+    "Tell me about Carol and the red car in Berlin.",
+]
+
+
+def build_tokenizer():
+    """Byte-level BPE trained locally (no downloads), BOS prepended, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper attention than the near-uniform initialisation
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, model, tokenizer):
+    path = tmp_path_factory.mktemp("policy")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def selector():
+    return SalientSelector(IDFModel.fit(TEXTS), keywords=["car"])
+
+
+def _completions(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, size=length - (i % 3)).tolist() for i in range(n)]
+
+
+def by_hand(source, tokenizer, selector, cfg, prompt, completion, *, turn_index=0):
+    """The reward computed step by step from the public pieces, independently of the integration."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+        salient = salient_positions(prompt, tokenizer, selector, sink="auto")
+    else:
+        ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"])
+        salient = salient_positions_for_messages(prompt, tokenizer, selector, sink="auto")
+    cap = source.attention(ids, completion)
+    a = aggregate(cap, layers=cfg.layers, heads=cfg.heads, layer_ids=source.layer_ids, num_layers=source.num_layers)
+    sink = 1 if ids[0] == tokenizer.bos_token_id else 0
+    return score_turn(
+        history_block(a, len(ids)),
+        salient,
+        cfg,
+        turn_index=turn_index,
+        response_ids=completion,
+        history_ids=ids,
+        sink=sink,
+    )
+
+
+# -- unit level -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_rewards_equal_score_turn_by_hand(model, tokenizer, selector, mode):
+    cfg = CAGSRConfig(mode=mode, ngram=1)
+    source = HFAttentionSource(model, layers="all")
+    prompts = [TEXTS[0], TEXTS[0], [{"role": "user", "content": TEXTS[4]}], [{"role": "user", "content": TEXTS[4]}]]
+    completions = _completions(4, 6, len(tokenizer))
+    reward = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)
+    got = reward(prompts, ["x"] * 4, completions)
+    expected = [by_hand(source, tokenizer, selector, cfg, p, c) for p, c in zip(prompts, completions)]
+    assert got == pytest.approx([e.reward for e in expected], abs=1e-9)
+    assert all(isinstance(r, float) for r in got)
+    # The parts are not degenerate: coverage is positive and the completions differ in reward.
+    assert all(e.coverage > 0 for e in expected) and len(set(np.round(got, 9))) > 1
+    assert [s.reward for s in reward.last_scores] == pytest.approx(got)
+
+
+def test_layer_and_head_selection_follows_config(model, tokenizer, selector):
+    cfg = CAGSRConfig(mode="single", layers=(0,), heads=(1, 2))
+    source = HFAttentionSource(model, layers="all")
+    prompt, completion = TEXTS[1], _completions(1, 5, len(tokenizer), seed=3)[0]
+    got = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)([prompt], [""], [completion])
+    ids = tokenizer(prompt)["input_ids"]
+    cap = source.attention(ids, completion)
+    block = cap[0, [1, 2]].mean(axis=0)[:, : len(ids)]  # layer 0, heads 1 and 2, written out
+    expected = score_turn(
+        block, salient_positions(prompt, tokenizer, selector, sink=1), cfg, response_ids=completion, sink=1
+    )
+    assert got == pytest.approx([expected.reward], abs=1e-6)
+    last = cagsr_reward_func(CAGSRConfig(mode="single"), source=source, tokenizer=tokenizer, selector=selector)
+    assert last([prompt], [""], [completion]) != pytest.approx(got, abs=1e-6)
+
+
+def test_chat_turn_index_counts_assistant_messages(model, tokenizer, selector):
+    cfg = CAGSRConfig(mode="multi", h0=3.0, kappa=2.0)  # floors high enough to bind
+    source = HFAttentionSource(model)
+    prompt = [
+        {"role": "user", "content": TEXTS[0]},
+        {"role": "assistant", "content": "Bob is in Paris."},
+        {"role": "user", "content": TEXTS[4]},
+    ]
+    completion = _completions(1, 6, len(tokenizer), seed=5)[0]
+    got = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)([prompt], [""], [completion])
+    expected = by_hand(source, tokenizer, selector, cfg, prompt, completion, turn_index=1)
+    assert got == pytest.approx([expected.reward], abs=1e-9)
+    assert expected.floor == pytest.approx(5.0)
+    turn0 = by_hand(source, tokenizer, selector, cfg, prompt, completion, turn_index=0)
+    assert turn0.reward != pytest.approx(expected.reward)
+
+
+def test_no_history_coverage_ablation_uses_last_user_message(model, tokenizer, selector):
+    cfg = CAGSRConfig(history_coverage=False)
+    source = HFAttentionSource(model)
+    prompt = [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": "ok"},
+              {"role": "user", "content": TEXTS[4]}]
+    completion = _completions(1, 4, len(tokenizer), seed=6)[0]
+    reward = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)
+    got = reward([prompt], [""], [completion])
+    enc = reward.encode(prompt)
+    span = enc.last_span("user")
+    ids = enc.input_ids
+    a = aggregate(source.attention(ids, completion), layer_ids=source.layer_ids, num_layers=source.num_layers)
+    expected = score_turn(a[:, : len(ids)], enc.salient, cfg, response_ids=completion, history_ids=ids, sink=1,
+                          user_span=span)
+    full = score_turn(a[:, : len(ids)], enc.salient, CAGSRConfig(), response_ids=completion, history_ids=ids, sink=1)
+    assert got == pytest.approx([expected.reward], abs=1e-9)
+    assert expected.coverage < full.coverage  # salient tokens of the first user message no longer count
+
+
+def test_cot_mode_equals_score_cot(model, tokenizer, selector):
+    cfg = CAGSRConfig(mode="cot", cot_block=2)
+    source = HFAttentionSource(model)
+    prompt, completion = TEXTS[2], _completions(1, 7, len(tokenizer), seed=7)[0]
+    got = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)([prompt], [""], [completion])
+    ids = tokenizer(prompt)["input_ids"]
+    a = aggregate(source.attention(ids, completion), layer_ids=source.layer_ids, num_layers=source.num_layers)
+    tokens = [tokenizer.decode([t]) for t in completion]
+    expected = score_cot(a, len(ids), salient_positions(prompt, tokenizer, selector, sink=1), completion, ids, cfg,
+                         response_tokens=tokens, sink=1)
+    assert got == pytest.approx([expected.total], abs=1e-9)
+
+
+def test_captured_attention_kwarg_is_used_instead_of_the_source(model, tokenizer, selector):
+    cfg = CAGSRConfig(mode="single")
+    source = HFAttentionSource(model, layers="all")
+    prompts = [TEXTS[0], TEXTS[3]]
+    completions = _completions(2, 5, len(tokenizer), seed=9)
+    from_source = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)(
+        prompts, ["", ""], completions
+    )
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    caps = [source.attention(i, c) for i, c in zip(ids, completions)]
+    no_source = cagsr_reward_func(cfg, tokenizer=tokenizer, selector=selector)
+    # (a) bare arrays; (b) dicts with prompt_len and layer ids
+    assert no_source(prompts, ["", ""], completions, attncap_attention=caps) == pytest.approx(from_source, abs=1e-9)
+    dicts = [{"attention": c, "prompt_len": len(i), "layer_ids": [0, 1], "num_layers": 2} for c, i in zip(caps, ids)]
+    assert no_source(prompts, ["", ""], completions, attncap_attention=dicts) == pytest.approx(from_source, abs=1e-9)
+    # A different (uniform) capture changes the reward, even with a source present: the kwarg wins.
+    uniform = []
+    for i, c in zip(ids, completions):
+        P, T = len(i), len(c)
+        u = np.zeros((1, 1, T, P + T - 1), np.float32)
+        for s in range(T):
+            u[0, 0, s, : P + s] = 1.0 / (P + s)
+        uniform.append(u)
+    with_source = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)
+    got = with_source(prompts, ["", ""], completions, attncap_attention=uniform)
+    expected = [
+        score_turn(history_block(aggregate(u), len(i)), salient_positions(p, tokenizer, selector, sink=1), cfg,
+                   response_ids=c, sink=1).reward
+        for u, i, p, c in zip(uniform, ids, prompts, completions)
+    ]
+    assert got == pytest.approx(expected, abs=1e-9) and got != pytest.approx(from_source, abs=1e-6)
+    with pytest.raises(ValueError, match="prompt_len"):
+        no_source(prompts[:1], [""], completions[:1], attncap_attention=[{**dicts[0], "prompt_len": 3}])
+    with pytest.raises(ValueError, match="shape"):
+        no_source(prompts[:1], [""], completions[:1], attncap_attention=[caps[0][..., :-1]])
+    with pytest.raises(ValueError, match="source"):
+        no_source(prompts[:1], [""], completions[:1])
+
+
+def test_logging_hooks_receive_the_components(model, tokenizer, selector):
+    source = HFAttentionSource(model)
+    prompts = [TEXTS[0]] * 3
+    completions = _completions(3, 5, len(tokenizer), seed=11)
+    metrics, extras = {}, {}
+    reward = cagsr_reward_func(CAGSRConfig(), source=source, tokenizer=tokenizer, selector=selector, name="attn")
+    got = reward(
+        prompts, [""] * 3, completions, trainer_state=None,
+        log_metric=lambda k, v: metrics.__setitem__(k, v), log_extra=lambda k, v: extras.__setitem__(k, v),
+    )
+    assert set(metrics) == {"attn/coverage", "attn/focus", "attn/repetition", "attn/reward"}
+    assert set(extras) == set(metrics)
+    scores = reward.last_scores
+    for part in ("coverage", "focus", "repetition"):
+        assert extras[f"attn/{part}"] == pytest.approx([getattr(s, part) for s in scores])
+        assert metrics[f"attn/{part}"] == pytest.approx(np.mean([getattr(s, part) for s in scores]))
+    assert metrics["attn/reward"] == pytest.approx(np.mean(got)) and extras["attn/reward"] == pytest.approx(got)
+
+
+def test_empty_completion_gives_none(model, tokenizer, selector):
+    metrics = {}
+    reward = cagsr_reward_func(source=HFAttentionSource(model), tokenizer=tokenizer, selector=selector)
+    got = reward([TEXTS[0], TEXTS[0]], ["", ""], [[], [5, 6, 7]], log_metric=metrics.__setitem__)
+    assert got[0] is None and isinstance(got[1], float)
+    assert metrics["cagsr/reward"] == pytest.approx(got[1])
+    empty = {}
+    assert reward([TEXTS[0]], [""], [[]], log_metric=empty.__setitem__) == [None]
+    assert math.isnan(empty["cagsr/coverage"])
+
+
+def test_name_pickle_and_trl_callable_name(saved, tokenizer, selector):
+    from trl.trainer.utils import get_callable_name
+
+    reward = cagsr_reward_func(source=HFAttentionSource(saved), tokenizer=tokenizer, selector=selector)
+    assert isinstance(reward, CAGSRRewardFunction)
+    assert reward.__name__ == "cagsr" and get_callable_name(reward) == "cagsr"
+    assert get_callable_name(cagsr_reward_func(tokenizer=tokenizer, name="attn_cov")) == "attn_cov"
+    prompts, completions = [TEXTS[1]], _completions(1, 6, len(tokenizer), seed=13)
+    before = reward(prompts, [""], completions)
+    clone = pickle.loads(pickle.dumps(reward))
+    assert clone.__name__ == "cagsr" and clone.source._model is None
+    assert clone(prompts, [""], completions) == pytest.approx(before, abs=1e-9)
+    # The tokenizer can come from the source.
+    from_source = cagsr_reward_func(source=HFAttentionSource(saved), selector=selector)
+    assert from_source(prompts, [""], completions) == pytest.approx(before, abs=1e-9)
+
+
+def test_factory_errors_name_the_argument(model, tokenizer):
+    with pytest.raises(ValueError, match="tokenizer"):
+        cagsr_reward_func()
+    with pytest.raises(TypeError, match="config"):
+        cagsr_reward_func({"alpha": 1.0}, tokenizer=tokenizer)
+    with pytest.raises(TypeError, match="source"):
+        cagsr_reward_func(source=object(), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="name"):
+        cagsr_reward_func(tokenizer=tokenizer, name="")
+    reduced = cagsr_reward_func(
+        CAGSRConfig(heads=(0,)), source=HFAttentionSource(model, reduce="head_mean"), tokenizer=tokenizer
+    )
+    with pytest.raises(ValueError, match="heads"):
+        reduced([TEXTS[0]], [""], [[5, 6]])
+
+
+def test_reduced_sources_give_the_same_reward(model, tokenizer, selector):
+    prompts, completions = [TEXTS[3]], _completions(1, 6, len(tokenizer), seed=17)
+    values = [
+        cagsr_reward_func(
+            CAGSRConfig(layers="all"), source=HFAttentionSource(model, layers="all", reduce=r),
+            tokenizer=tokenizer, selector=selector,
+        )(prompts, [""], completions)[0]
+        for r in ("none", "head_mean", "layer_head_mean")
+    ]
+    assert values == pytest.approx([values[0]] * 3, abs=1e-6)
+    mismatch = cagsr_reward_func(
+        CAGSRConfig(layers=(0,)), source=HFAttentionSource(model, layers="all", reduce="layer_head_mean"),
+        tokenizer=tokenizer,
+    )
+    with pytest.raises(ValueError, match="layers"):
+        mismatch(prompts, [""], completions)
+
+
+def test_module_import_does_not_import_trl_or_torch():
+    code = (
+        "import sys, cagsr_reward.integrations.trl, cagsr_reward.integrations;"
+        "bad = [m for m in ('trl', 'torch', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- end to end -----------------------------------------------------------------------------------------------------
+
+
+def _train_args(config_cls, tmp_path, **extra):
+    return config_cls(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def test_grpo_trains_two_steps_with_the_cagsr_reward(tmp_path, saved, tokenizer, selector):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(saved)  # sdpa by default: the source switches
+    reward = cagsr_reward_func(
+        CAGSRConfig(), source=HFAttentionSource(policy, tokenizer), tokenizer=tokenizer, selector=selector
+    )
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in TEXTS] * 2})
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[reward],
+        args=_train_args(GRPOConfig, tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    weights_before = policy.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 2
+    steps = [log for log in trainer.state.log_history if "rewards/cagsr/mean" in log]
+    assert len(steps) == 2
+    for log in steps:
+        for key in ("cagsr/coverage", "cagsr/focus", "cagsr/repetition", "cagsr/reward"):
+            assert key in log and math.isfinite(log[key])
+        assert 0.0 < log["cagsr/coverage"] <= 1.0 and log["cagsr/focus"] <= 0.0
+        # The trainer's reward is ours: TRL's mean of our returned values equals the mean we logged.
+        assert log["rewards/cagsr/mean"] == pytest.approx(log["cagsr/reward"], abs=1e-5)
+    # The policy was updated and the source attended with the live (updated) model, restored to its settings.
+    assert not torch.equal(weights_before, policy.model.layers[0].self_attn.q_proj.weight)
+    assert policy.config._attn_implementation == "sdpa"
+    assert len(reward.last_scores) == 4
+    # Prompts are tokenized exactly as the trainer tokenizes them.
+    trl_ids = trainer._tokenize_prompts([dataset[0]["prompt"], dataset[1]["prompt"]])[0]
+    assert [reward.encode(dataset[i]["prompt"]).input_ids for i in range(2)] == [list(ids) for ids in trl_ids]
+
+
+def test_rloo_trains_two_steps_with_the_cagsr_reward(tmp_path, saved, tokenizer, selector):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    reward = cagsr_reward_func(CAGSRConfig(mode="single"), source=HFAttentionSource(saved), selector=selector)
+    dataset = Dataset.from_dict({"prompt": TEXTS * 2})
+    trainer = RLOOTrainer(
+        model=saved,
+        reward_funcs=[reward],
+        args=_train_args(RLOOConfig, tmp_path),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    steps = [log for log in trainer.state.log_history if "rewards/cagsr/mean" in log]
+    assert len(steps) == 2 and all("cagsr/coverage" in log for log in steps)
+    assert all(log["rewards/cagsr/mean"] == pytest.approx(log["cagsr/reward"], abs=1e-5) for log in steps)
+    trl_ids = trainer._tokenize_prompts([TEXTS[0], TEXTS[2]])[0]
+    assert [reward.encode(t).input_ids for t in (TEXTS[0], TEXTS[2])] == [list(ids) for ids in trl_ids]
