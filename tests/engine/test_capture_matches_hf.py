@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import PROMPTS, hf_rows, reduce_ref
+from engine_utils import PROMPTS, hf_rows, reduce_ref
 
 pytestmark = pytest.mark.engine
 TOL = 1e-4  # fp32 tiny model; measured max |diff| ~2e-6
@@ -103,7 +103,7 @@ def test_tokens_identical_to_stock_backend(make_llm):
     stock = make_llm(attncap=False)
     ref = [list(o.outputs[0].token_ids) for o in stock.generate(PROMPTS, sp, use_tqdm=False)]
     ref_text = [o.outputs[0].text for o in stock.generate(PROMPTS, sp, use_tqdm=False)]
-    from conftest import free_engine
+    from engine_utils import free_engine
 
     del stock
     cap = make_llm()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import hf_rows
+from engine_utils import hf_rows
 
 pytestmark = pytest.mark.engine
 

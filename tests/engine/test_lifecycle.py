@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import PROMPTS
+from engine_utils import PROMPTS
 
 pytestmark = pytest.mark.engine
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import hf_rows, reduce_ref
+from engine_utils import hf_rows, reduce_ref
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import free_engine, hf_rows
+from engine_utils import free_engine, hf_rows
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PROMPTS
+from engine_utils import PROMPTS
 
 pytestmark = pytest.mark.engine
 
@@ -19,7 +19,7 @@ def llm(tiny_llama):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    from conftest import free_engine
+    from engine_utils import free_engine
 
     engine = LLM(model=str(tiny_llama), attention_backend="attncap", enforce_eager=True, dtype="float32",
                  max_model_len=256, seed=0)
