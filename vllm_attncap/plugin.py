@@ -11,7 +11,9 @@
    survives vLLM's spawned processes (a new enum member would not);
 3. on CPU, makes the platform honour the selection: ``CpuPlatform`` always
    returns CPU_ATTN, so its ``get_attn_backend_cls`` is wrapped to return the
-   attncap backend when, and only when, ``CUSTOM``/``attncap`` was selected.
+   attncap backend when, and only when, ``CUSTOM``/``attncap`` was selected;
+4. in a ``vllm serve`` process only, installs the server's spec validation and
+   capture routes (:mod:`vllm_attncap.server`); elsewhere it patches nothing.
 
 Without ``attention_backend="attncap"`` nothing else changes: vLLM resolves its
 own backends exactly as if the plugin were not installed.
@@ -74,3 +76,7 @@ def register() -> None:
     AttentionBackendEnum._member_map_.setdefault("ATTNCAP", AttentionBackendEnum.CUSTOM)
     if current_platform.is_cpu():
         _patch_cpu_platform(type(current_platform), AttentionBackendEnum)
+    # `vllm serve` only: validate specs in the API server (HTTP 400) and add the capture routes.
+    from .server import install_frontend_validation
+
+    install_frontend_validation()
