@@ -66,6 +66,18 @@ class CaptureTracker:
     def set_model_shape(self, shape: ModelShape) -> None:
         self.shape = shape
 
+    def reset(self) -> None:
+        """Forget every request: called when a new engine starts in this process.
+
+        Captures of a previous engine in the same process (e.g. an in-process
+        ``LLM`` that was deleted) can never be reported finished; their buffers
+        are closed here instead of lingering.
+        """
+        for rc in self.active.values():
+            rc.writer.close(status="abandoned")
+        self.active.clear()
+        self.refused.clear()
+
     def lookup(self, req_id: str, raw_spec: Any, prompt_len: int, max_tokens: int | None) -> RequestCapture | None:
         """The request's capture, creating it on first sight; None if refused."""
         rc = self.active.get(req_id)

@@ -65,7 +65,9 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        get_tracker().set_model_shape(model_shape_from_config(vllm_config))
+        tracker = get_tracker()
+        tracker.reset()  # a new engine in this process: earlier engines' captures are dead
+        tracker.set_model_shape(model_shape_from_config(vllm_config))
         runner_hooks.install()
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> CPUAttentionMetadata:
