@@ -37,6 +37,7 @@ class RowBatch:
     ctx_len: int  # keys 0..ctx_len-1 are needed (= max(q_pos) + 1)
     block_table_row: torch.Tensor
     scratch: dict[str, Any] = field(default_factory=dict)
+    batch_row: int = -1  # this request's row in the step's batch (block table, seq_lens)
 
 
 @dataclass
@@ -49,7 +50,17 @@ class StepPlan:
 
 
 def _requests_view(runner: Any, num_reqs: int):
-    """(req_id, prompt_token_count, sampling_params) per batch row, for the V1 runner."""
+    """(req_id, prompt_token_count, sampling_params) per batch row.
+
+    Two runners, told apart by duck typing (:mod:`vllm_attncap.runner_hooks`):
+    the V1 runner (``input_batch.req_ids`` + ``requests[rid]``) and a Model
+    Runner V2 step view (the step's transient ``InputBatch``, prompt lengths from
+    ``req_states.prompt_len`` through ``idx_mapping_np``, sampling params
+    stashed by the ``add_requests`` hook; ``None`` for requests without capture).
+    """
+    if getattr(runner, "is_mrv2_step_view", False):
+        yield from _mrv2_requests_view(runner, num_reqs)
+        return
     req_ids = runner.input_batch.req_ids[:num_reqs]
     for rid in req_ids:
         st = runner.requests.get(rid)
@@ -59,12 +70,26 @@ def _requests_view(runner: Any, num_reqs: int):
         yield rid, st.num_prompt_tokens, st.sampling_params
 
 
+def _mrv2_requests_view(view: Any, num_reqs: int):
+    batch = view.input_batch
+    params = view.params
+    prompt_len = view.req_states.prompt_len.np
+    slots = batch.idx_mapping_np
+    for i, rid in enumerate(batch.req_ids[:num_reqs]):
+        sp = params.get(rid)
+        if sp is None:  # no capture asked: skip the prompt-length lookup
+            yield rid, 0, None
+            continue
+        yield rid, int(prompt_len[slots[i]]), sp
+
+
 def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan | None:
     """Plan this step's captures from the runner's batch and the common metadata.
 
     Args:
-        runner: the model runner executing this step (V1 ``GPUModelRunner`` or
-            its CPU subclass), which maps batch rows to request ids.
+        runner: what executes this step (:func:`runner_hooks.active_runner`):
+            the V1 ``GPUModelRunner`` (or its CPU subclass) or a Model Runner
+            V2 step view; either maps batch rows to request ids.
         cm: the step's ``CommonAttentionMetadata``.
         tracker: the process's :class:`CaptureTracker`.
 
@@ -107,6 +132,7 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
                 rows=list(range(first_row, hi - (prompt_len - 1))),
                 ctx_len=hi,
                 block_table_row=cm.block_table_tensor[i],
+                batch_row=i,
             )
         )
         layers.update(rc.resolved.layers)
