@@ -34,15 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=4, help="GRPO optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="completions per step (per device)")
+    p.add_argument("--steps", type=int, default=3, help="GRPO optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="completions per step (per device)")
     p.add_argument("--num-generations", type=int, default=4, help="completions per problem (GRPO group)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="reasoning + answer tokens (paper: ~20 reasoning)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="reasoning + answer tokens (paper: ~20 reasoning)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--no-block-advantages", action="store_true", help="one advantage per completion (plain GRPO)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--eval-problems", type=int, default=8, help="held-out problems evaluated before and after")
     p.add_argument("--eval-max-new-tokens", type=int, default=64)
@@ -101,9 +102,10 @@ def main(argv=None) -> int:
         top_p=args.top_p,
         use_vllm=True,
         vllm_mode="colocate",
-        vllm_max_model_length=2048,
+        vllm_max_model_length=args.max_model_len,
         use_cpu=args.device == "cpu",
         model_init_kwargs={"dtype": getattr(torch, args.dtype)},
+        gradient_checkpointing=False,  # TRL's default recomputes activations; memory is not the limit here
         logging_steps=1,
         report_to=[],
         save_strategy="no",

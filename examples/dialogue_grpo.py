@@ -33,14 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=4, help="GRPO optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="completions per step (per device)")
+    p.add_argument("--steps", type=int, default=3, help="GRPO optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="completions per step (per device)")
     p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per assistant turn (paper: <= 64)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per assistant turn (paper: <= 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="skip training histories longer than this")
+    p.add_argument("--max-turn-chars", type=int, default=120,
+                   help="use dialogues whose user turns are at most this long (0: no limit)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="policy and engine dtype")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4, help="held-out dialogues evaluated before and after")
@@ -80,18 +84,26 @@ def main(argv=None) -> int:
         model = default_model_path()
     print(f"[dialogue-grpo] model {model}\n[dialogue-grpo] run directory {run_dir}", flush=True)
 
-    sim = UserSimulator.from_sources(args.sources.split(","), seed=args.seed, limit_per_source=1000)
+    sim = UserSimulator.from_sources(
+        args.sources.split(","), seed=args.seed, limit_per_source=1000, max_turn_chars=args.max_turn_chars or None
+    )
     train_sim, held_out = sim.split(args.eval_episodes, seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     rng = np.random.default_rng(args.seed)
     num_prompts = max(1, args.steps * args.batch_size // args.num_generations)
-    episodes = train_sim.sample(num_prompts)
-    prompts = [UserSimulator.reference_prefix(ep, int(rng.integers(ep.num_turns))) for ep in episodes]
+    prompts = []  # a recorded history cut at a random user turn; the policy writes the next assistant turn
+    for ep in train_sim.sample(len(train_sim.episodes)):
+        prompt = UserSimulator.reference_prefix(ep, int(rng.integers(ep.num_turns)))
+        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) <= args.max_prompt_tokens:
+            prompts.append(prompt)
+        if len(prompts) == num_prompts:
+            break
 
     # method.md "Salient positions": IDF fitted on the training prompts
     selector = SalientSelector(IDFModel.fit(prompts))
     config = config_from_flags(args)
     eval_config = CAGSRConfig()  # held-out metrics always under the full reward, so ablated runs compare
-    tokenizer = AutoTokenizer.from_pretrained(model)
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector)
 
     grpo_args = GRPOConfig(
@@ -105,9 +117,10 @@ def main(argv=None) -> int:
         top_p=args.top_p,
         use_vllm=True,
         vllm_mode="colocate",
-        vllm_max_model_length=2048,
+        vllm_max_model_length=args.max_model_len,
         use_cpu=args.device == "cpu",
         model_init_kwargs={"dtype": getattr(torch, args.dtype)},
+        gradient_checkpointing=False,  # TRL's default recomputes activations; memory is not the limit here
         logging_steps=1,
         report_to=[],
         save_strategy="no",

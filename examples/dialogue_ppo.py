@@ -29,16 +29,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=3, help="PPO updates")
+    p.add_argument("--steps", type=int, default=2, help="PPO updates")
     p.add_argument("--batch-size", type=int, default=2, help="episodes (dialogues) rolled out per update")
     p.add_argument("--minibatch-size", type=int, default=4, help="turns per gradient step")
     p.add_argument("--ppo-epochs", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per assistant turn (paper: <= 64)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per assistant turn (paper: <= 64)")
+    p.add_argument("--max-turn-chars", type=int, default=120,
+                   help="use dialogues whose user turns are at most this long (0: no limit)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--value-learning-rate", type=float, default=1e-3)
     p.add_argument("--normalize-advantages", action="store_true")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
@@ -72,7 +75,9 @@ def main(argv=None) -> int:
         model = default_model_path()
     print(f"[dialogue-ppo] model {model}\n[dialogue-ppo] run directory {run_dir}", flush=True)
 
-    sim = UserSimulator.from_sources(args.sources.split(","), seed=args.seed, limit_per_source=1000)
+    sim = UserSimulator.from_sources(
+        args.sources.split(","), seed=args.seed, limit_per_source=1000, max_turn_chars=args.max_turn_chars or None
+    )
     train_sim, held_out = sim.split(args.eval_episodes, seed=args.seed)
     # method.md "Salient positions": IDF over the training dialogues' user turns
     selector = SalientSelector(IDFModel.fit([" ".join(e.user_turns) for e in train_sim.episodes]))
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
         normalize_advantages=args.normalize_advantages,
         device=args.device,
         dtype=args.dtype,
+        max_model_len=args.max_model_len,
         seed=args.seed,
     )
     trainer = TurnPPOTrainer(model, train_sim, config, selector=selector, config=ppo_config)

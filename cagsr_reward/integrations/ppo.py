@@ -299,15 +299,18 @@ class TurnPPOTrainer:
             seq = s.prompt_ids + s.response_ids
             ids[i, : len(seq)] = torch.tensor(seq, device=device)
             attn[i, : len(seq)] = 1
-        out = self.policy(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False)
-        logits, hidden = out.logits, out.hidden_states[-1]
+        # the backbone once, then the (large-vocabulary) head only where a reply token is predicted
+        policy = self.unwrapped_policy
+        backbone = getattr(policy, policy.base_model_prefix)
+        hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        head = policy.get_output_embeddings()
         logps = torch.zeros(len(samples), t_max, device=device)
         mask = torch.zeros(len(samples), t_max, device=device)
         last_hist = []
         for i, s in enumerate(samples):
             P, T = len(s.prompt_ids), len(s.response_ids)
-            # logits at position P-1+k predict response token k (method.md: row s <-> query P-1+s)
-            step_logits = logits[i, P - 1 : P - 1 + T].float()
+            # the hidden state at position P-1+k predicts reply token k (method.md: row s <-> query P-1+s)
+            step_logits = head(hidden[i, P - 1 : P - 1 + T]).float()
             target = torch.tensor(s.response_ids, device=device)
             logps[i, :T] = torch.log_softmax(step_logits, dim=-1).gather(-1, target[:, None]).squeeze(-1)
             mask[i, :T] = 1.0

@@ -226,23 +226,33 @@ class UserSimulator:
         min_turns: int = 3,
         max_turns: int = 5,
         limit_per_source: int | None = None,
+        max_turn_chars: int | None = None,
         seed: int = 0,
     ) -> UserSimulator:
         """A simulator over the named sources (``"chitchat"``, ``"tech_support"``), interleaved.
 
-        ``limit_per_source`` caps each source (chitchat has ~3,000 usable conversations, tech_support 90 pairings).
+        ``limit_per_source`` caps each source (chitchat has ~3,000 usable conversations, tech_support 90 pairings);
+        ``max_turn_chars`` keeps only episodes whose user turns are all at most that long (short histories for CPU
+        runs).
         """
         if not (1 <= min_turns <= max_turns):
             raise ValueError(f"min_turns/max_turns: need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
         pools = []
         for src in sources:
             if src == "chitchat":
-                pools.append(load_chitchat(min_turns=min_turns, max_turns=max_turns, limit=limit_per_source, seed=seed))
+                # with a length filter, read the whole file and cap afterwards
+                limit = None if max_turn_chars is not None else limit_per_source
+                eps = load_chitchat(min_turns=min_turns, max_turns=max_turns, limit=limit, seed=seed)
+                if max_turn_chars is not None:
+                    eps = [e for e in eps if max(len(u) for u in e.user_turns) <= max_turn_chars][:limit_per_source]
+                pools.append(eps)
             elif src == "tech_support":
                 eps = load_tech_support(min_turns=min_turns, max_turns=max_turns, seed=seed)
                 pools.append(eps[:limit_per_source] if limit_per_source else eps)
             else:
                 raise ValueError(f"sources: unknown source {src!r}; choose from {SOURCES}")
+            if max_turn_chars is not None:
+                pools[-1] = [e for e in pools[-1] if max(len(u) for u in e.user_turns) <= max_turn_chars]
         if not pools:
             raise ValueError("sources: name at least one source")
         merged: list[Episode] = []

@@ -133,3 +133,20 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
         assert row["num_blocks"] >= 1 and np.isfinite(row["reward"])
     json.dumps(cot, default=str)
     free_engine(llm)
+
+
+@pytest.mark.engine
+def test_evaluation_cli_writes_results(tiny_llama, tmp_path):
+    pytest.importorskip("vllm")
+    pytest.importorskip("chatterbot_corpus")
+    from cagsr_reward.evaluation import main
+
+    out = tmp_path / "r.json"
+    argv = ["dialogue", "--model", str(tiny_llama), "--episodes", "2", "--sources", "tech_support",
+            "--max-new-tokens", "4", "--max-model-len", "1024", "--no-consistency", "--no-entropy-floor",
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["num_dialogues"] == 2
+    assert result["config"]["entropy_floor"] is False
+    assert all(t["num_tokens"] <= 4 for d in result["dialogues"] for t in d["turns"])
