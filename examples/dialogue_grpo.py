@@ -100,8 +100,9 @@ def main(argv=None) -> int:
         if len(prompts) == num_prompts:
             break
 
-    # method.md "Salient positions": IDF fitted on the training prompts
-    selector = SalientSelector(IDFModel.fit(prompts))
+    # method.md "Salient positions": IDF fitted on the training data (the user turns of every training dialogue,
+    # as in dialogue_ppo.py; the handful of prompts one CPU run samples would be a degenerate corpus)
+    selector = SalientSelector(IDFModel.fit([" ".join(e.user_turns) for e in train_sim.episodes]))
     config = config_from_flags(args)
     eval_config = CAGSRConfig()  # held-out metrics always under the full reward, so ablated runs compare
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector)

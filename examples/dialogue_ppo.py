@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=2, help="PPO updates")
-    p.add_argument("--batch-size", type=int, default=2, help="episodes (dialogues) rolled out per update")
+    p.add_argument("--batch-size", type=int, default=1, help="episodes (dialogues) rolled out per update")
     p.add_argument("--minibatch-size", type=int, default=4, help="turns per gradient step")
     p.add_argument("--ppo-epochs", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per assistant turn (paper: <= 64)")

@@ -30,8 +30,8 @@ computing with the packed copy of the old one. :func:`keep_cpu_linear_weights` s
 engine is built here, for one that runs vLLM's own kernel choice with ``remove_weight=False`` (weight and loader
 stay), and :func:`repack_cpu_linear_weights` rebuilds the packed copies after every weight sync (the trainers wrap
 TRL's ``sync_weights``; :func:`sync_engine_weights` does it for PPO). Keeping vLLM's kernels matters: computing with
-``torch.nn.functional.linear`` on the live weight instead was ~7x slower for SmolLM2 in fp32 on the 2-core test
-machine. On GPU the patch is not applied.
+``torch.nn.functional.linear`` on the live weight instead made SmolLM2 (fp32) generation several times slower on the
+2-core test machine. On GPU the patch is not applied.
 
 Everything heavy (trl, vllm, torch) is imported lazily: importing this module costs nothing, and the trainer classes
 are built on first access (``from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer``).
