@@ -1,5 +1,5 @@
 """Build script. Metadata, packages and dependencies come from pyproject.toml;
-this file only adds the optional CUDA extension ``vllm_attncap._kernels``.
+this file only adds the optional CUDA extension ``vllm_attncap.engine.compute._kernels``.
 
 The extension is built when nvcc is found (kernels/build.py has the commands
 and the environment variables; docs/kernels.md the design):
@@ -9,7 +9,7 @@ and the environment variables; docs/kernels.md the design):
     unset                     try; on failure warn and install without it
 
 Without the extension every package still works: the plugin falls back to the
-torch reference (vllm_attncap/compute/reference.py).
+torch reference (vllm_attncap/engine/compute/reference.py).
 """
 
 from __future__ import annotations

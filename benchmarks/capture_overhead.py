@@ -30,7 +30,7 @@ cost does not depend on the values):
     python benchmarks/capture_overhead.py --quick                 # 2 repeats, batch 1 and 16 at prompt 512 only
 
 Engines start with ``torch.compile`` unless ``--eager``; a cold compile cache makes
-the first start of each engine take minutes (facts.md: > 170 s on a fresh machine).
+the first start of each engine take minutes (> 170 s on a fresh machine, docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
 
     print(f"capture_overhead: {torch.cuda.get_device_name()}, plugin via {how}, "
           f"{'enforce_eager' if args.eager else 'default compilation'}, repeats {args.repeats}", flush=True)
-    from vllm_attncap.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.compute import cuda as attncap_cuda
 
     print(f"capture kernels: {'built' if attncap_cuda.is_available() else 'NOT built (torch path)'}", flush=True)
     all_lines, dump = [], {}

@@ -1,12 +1,16 @@
 """cagsr_reward: CAGSR rewards from attention maps (numpy only at import time).
 
 The reward math lives here and depends on numpy alone; engines, tokenizers and trainers plug in from outside
-(`cagsr_reward.sources`, `cagsr_reward.integrations`), never the other way round.
+(`cagsr_reward.sources`, `cagsr_reward.integrations`), never the other way round. The one value that crosses into
+the SDK is :class:`~cagsr_reward.attention.CapturedAttention`; this package never imports the capture plugin.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from .advantages import block_advantages, turn_advantages
 from .aggregate import ElidedBlock, aggregate, elide, history_block
+from .answers import ANSWER_MARKERS, find_answer_span
+from .attention import CapturedAttention, as_captured_attention
 from .config import MODES, CAGSRConfig, resolve_sink
 from .core import (
     coverage,
@@ -19,12 +23,10 @@ from .core import (
     row_entropy,
 )
 from .scoring import (
-    ANSWER_MARKERS,
     CoTScore,
     DialogueScore,
     TurnInput,
     TurnScore,
-    find_answer_span,
     score_cot,
     score_dialogue,
     score_turn,
@@ -33,6 +35,7 @@ from .scoring import (
 __all__ = [
     "ANSWER_MARKERS",
     "CAGSRConfig",
+    "CapturedAttention",
     "CoTScore",
     "DialogueScore",
     "ElidedBlock",
@@ -41,6 +44,8 @@ __all__ = [
     "TurnScore",
     "__version__",
     "aggregate",
+    "as_captured_attention",
+    "block_advantages",
     "coverage",
     "elide",
     "entropy_floor",
@@ -56,4 +61,5 @@ __all__ = [
     "score_cot",
     "score_dialogue",
     "score_turn",
+    "turn_advantages",
 ]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from .aggregate import _elide_checked
+from .answers import ANSWER_MARKERS, find_answer_span
+from .attention import CapturedAttention
 from .config import CAGSRConfig, resolve_sink
 from .core import (
     _check_attn,
@@ -136,8 +138,10 @@ def score_turn(
     mode. When the history is longer than `config.n_max` the block first goes through `aggregate.elide`.
 
     Args:
-        block (`np.ndarray` of shape `(T, P)`):
-            Raw history block of the turn (see `aggregate.history_block`).
+        block (`np.ndarray` of shape `(T, P)`, or `CapturedAttention`):
+            Raw history block of the turn (see `aggregate.history_block`), or the turn's capture, whose history
+            block under `config.layers` / `config.heads` is taken (`CapturedAttention.history_block`); its token ids
+            then stand in for `response_ids` / `history_ids` when those are `None`.
         salient (sequence of `int`):
             Salient history positions (original indices in ``[0, P)``).
         config (`CAGSRConfig`):
@@ -181,6 +185,10 @@ def score_turn(
         raise ValueError(f"config: expected a CAGSRConfig, got {type(config).__name__}")
     if not _is_int(turn_index) or turn_index < 0:
         raise ValueError(f"turn_index: expected an int >= 0, got {turn_index!r}")
+    if isinstance(block, CapturedAttention):
+        response_ids = block.token_ids if response_ids is None else response_ids
+        history_ids = block.prompt_token_ids if history_ids is None else history_ids
+        block = block.history_block(config.layers, config.heads)
     sink_n = _resolve_turn_sink(config, sink, history_ids, bos_token_id)
     a = _check_attn(block, "block")
     num_rows, num_cols = a.shape
@@ -246,7 +254,8 @@ class TurnInput:
     """What `score_dialogue` needs for one turn.
 
     Attributes:
-        block (`np.ndarray` of shape `(T, P)`): raw history block of the turn.
+        block (`np.ndarray` of shape `(T, P)`, or `CapturedAttention`): raw history block of the turn, or its
+            capture (see `score_turn`).
         salient (sequence of `int`): salient history positions.
         response_ids (sequence of `int` or `None`): the turn's generated ids (length T).
         history_ids (sequence of `int` or `None`): the history's ids (length P).
@@ -353,86 +362,6 @@ def score_dialogue(
 # --------------------------------------------------------------------------------------------------------------
 # chain of thought (MTC §5.3)
 # --------------------------------------------------------------------------------------------------------------
-ANSWER_MARKERS: tuple[str, ...] = ("answer is", "answer:", "####", "\\boxed{")
-"""Final-answer markers, matched case-insensitively; the answer starts after the last occurrence of any."""
-
-
-def find_answer_span(
-    tokens: Sequence[str] | None = None,
-    *,
-    text: str | None = None,
-    offsets: Sequence[tuple[int, int]] | None = None,
-    block: int = 5,
-    markers: Sequence[str] = ANSWER_MARKERS,
-) -> tuple[int, int]:
-    r"""
-    Locate the final-answer tokens of a generated chain of thought: the tokens after the last occurrence of any
-    marker (``"answer is"``, ``"Answer:"``, ``"####"``, ``"\boxed{"``; case-insensitive). A token that straddles
-    the end of the marker belongs to the answer. With no marker, or nothing after it, the answer is the last block
-    of `block` tokens (blocks start at multiples of `block`).
-
-    Give either `tokens` (decoded token strings, concatenated to form the text) or `text` with `offsets`
-    (per-token ``(start, end)`` character offsets into `text`, e.g. a tokenizer's offset mapping).
-
-    Args:
-        tokens (sequence of `str` or `None`, *optional*):
-            Decoded generated tokens.
-        text (`str` or `None`, *optional*):
-            The generated text, used with `offsets`.
-        offsets (sequence of `(int, int)` or `None`, *optional*):
-            Character span of each generated token in `text`.
-        block (`int`, *optional*, defaults to `5`):
-            CoT block size $k$, for the fallback.
-        markers (sequence of `str`, *optional*, defaults to `ANSWER_MARKERS`):
-            Markers to look for.
-
-    Returns:
-        `(start, end)`: generated-token indices of the answer, ``end`` = number of tokens.
-
-    Example:
-    ```python
-    >>> find_answer_span(["2", "+", "2", " =", " 4", ".", " The", " answer", " is", " 4", "."])
-    (9, 11)
-    >>> find_answer_span(["a", "b", "c", "d", "e", "f", "g"], block=5)  # no marker: last block
-    (5, 7)
-
-    ```
-    """
-    if not _is_int(block) or block < 1:
-        raise ValueError(f"block: expected an int >= 1, got {block!r}")
-    if tokens is not None:
-        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
-            raise ValueError("tokens: expected a sequence of token strings")
-        text = "".join(tokens)
-        ends = np.cumsum([len(t) for t in tokens]) if len(tokens) else np.zeros(0, dtype=np.int64)
-    elif text is not None and offsets is not None:
-        if not isinstance(text, str):
-            raise ValueError(f"text: expected a str, got {type(text).__name__}")
-        try:
-            ends = np.array([int(e) for _, e in offsets], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise ValueError("offsets: expected a sequence of (start, end) character offsets") from None
-        # special tokens often carry (0, 0): keep the ends monotone so they never look like the answer's start
-        ends = np.maximum.accumulate(ends) if ends.size else ends
-    else:
-        raise ValueError("tokens: give the token strings, or text together with offsets")
-    num = len(ends)
-    if num == 0:
-        raise ValueError("tokens: no generated tokens")
-    lower = text.lower()
-    marker_end = -1
-    for marker in markers:
-        at = lower.rfind(marker.lower())
-        if at >= 0 and at + len(marker) > marker_end:
-            marker_end = at + len(marker)
-    if marker_end >= 0:
-        # first token ending after the marker: it holds (part of) the answer
-        start = int(np.searchsorted(ends, marker_end, side="right"))
-        if start < num:
-            return start, num
-    return ((num - 1) // block) * block, num
-
-
 @dataclasses.dataclass(frozen=True)
 class CoTScore:
     """Scores of one chain of thought, each block of `cot_block` tokens (and the answer) being a turn.
@@ -471,7 +400,7 @@ class CoTScore:
 
 def score_cot(
     attention_2d: Any,
-    prompt_len: int,
+    prompt_len: int | None,
     salient: Any,
     response_ids: Any,
     prompt_ids: Any,
@@ -493,8 +422,10 @@ def score_cot(
     the prompt plus earlier generated tokens (for any `config.mode`).
 
     Args:
-        attention_2d (`np.ndarray` of shape `(T, P+T-1)`):
-            Aggregated attention of the whole generation (see `aggregate.aggregate`).
+        attention_2d (`np.ndarray` of shape `(T, P+T-1)`, or `CapturedAttention`):
+            Aggregated attention of the whole generation (see `aggregate.aggregate`), or the generation's capture
+            (aggregated under `config.layers` / `config.heads`; its prompt length and token ids stand in for
+            `prompt_len` / `response_ids` / `prompt_ids` when those are `None`).
         prompt_len (`int`):
             $P$.
         salient (sequence of `int`):
@@ -536,6 +467,12 @@ def score_cot(
     """
     if not isinstance(config, CAGSRConfig):
         raise ValueError(f"config: expected a CAGSRConfig, got {type(config).__name__}")
+    if isinstance(attention_2d, CapturedAttention):
+        cap = attention_2d
+        prompt_len = cap.prompt_len if prompt_len is None else prompt_len
+        response_ids = cap.token_ids if response_ids is None else response_ids
+        prompt_ids = cap.prompt_token_ids if prompt_ids is None else prompt_ids
+        attention_2d = cap.aggregate(config.layers, config.heads)
     a = _check_attn(attention_2d, "attention_2d")
     num_rows, num_cols = a.shape
     if not _is_int(prompt_len) or prompt_len < 1 or prompt_len + num_rows - 1 != num_cols:

@@ -24,16 +24,14 @@ correctness, overlap, reward components) and ``reward_components.png`` into the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cagsr_reward.evaluation import add_ablation_flags
+    from vllm_attncap.rl.runs import add_run_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=3, help="GRPO optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="completions per step (per device)")
     p.add_argument("--num-generations", type=int, default=4, help="completions per problem (GRPO group)")
@@ -42,79 +40,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--no-block-advantages", action="store_true", help="one advantage per completion (plain GRPO)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--eval-problems", type=int, default=8, help="held-out problems evaluated before and after")
     p.add_argument("--eval-max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/cot-math-<timestamp>)")
-    p.add_argument("--save-model", action="store_true", help="save the trained policy under <run-dir>/policy")
-    add_ablation_flags(p)
+    add_run_flags(p, "cot-math")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    import torch
+    import numpy as np
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
     from vllm import SamplingParams
 
     from cagsr_reward import CAGSRConfig
-    from cagsr_reward.evaluation import config_from_flags, evaluate_cot, new_run_dir, write_json
+    from cagsr_reward.idf import IDFModel
     from cagsr_reward.integrations.cot import cot_dataset_rows, cot_reward_func, load_champ, split_problems
-    from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer
-    from cagsr_reward.salient import IDFModel, SalientSelector
+    from cagsr_reward.salient import SalientSelector
+    from vllm_attncap.rl.evaluation import evaluate_cot
+    from vllm_attncap.rl.runs import config_from_flags, grpo_args, reward_history, start_run, write_json
+    from vllm_attncap.rl.trainers import CaptureGRPOTrainer
     from vllm_attncap.viz import plot_reward_components
 
-    t_start = time.perf_counter()
-    run_dir = new_run_dir("cot-math", args.run_dir)
-    model = args.model
-    if model is None:
-        from vllm_attncap.default_model import default_model_path
-
-        model = default_model_path()
-    print(f"[cot-math] model {model}\n[cot-math] run directory {run_dir}", flush=True)
-
+    run = start_run("cot-math", args)
     train_problems, held_out = split_problems(load_champ(), args.eval_problems, seed=args.seed)
     num_prompts = max(1, args.steps * args.batch_size // args.num_generations)
-    rng = __import__("numpy").random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)
     chosen = [train_problems[int(i)] for i in rng.choice(len(train_problems), size=num_prompts, replace=False)]
     rows = cot_dataset_rows(chosen)
 
     selector = SalientSelector(IDFModel.fit([p.question for p in train_problems]))
     config = config_from_flags(args, mode="cot")
     eval_config = CAGSRConfig(mode="cot")
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(run.model)
     reward = cot_reward_func(config, tokenizer=tokenizer, selector=selector)
-
-    grpo_args = GRPOConfig(
-        output_dir=str(run_dir / "trainer"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens,
-        learning_rate=args.learning_rate,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=args.max_model_len,
-        use_cpu=args.device == "cpu",
-        model_init_kwargs={"dtype": getattr(torch, args.dtype)},
-        gradient_checkpointing=False,  # TRL's default recomputes activations; memory is not the limit here
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=args.seed,
-    )
     trainer = CaptureGRPOTrainer(
-        model=model,
+        model=run.model,
         reward_funcs=[reward],
-        args=grpo_args,
+        args=grpo_args(run),
         train_dataset=Dataset.from_dict(rows),
         vllm_engine_kwargs={"dtype": args.dtype, "seed": args.seed},
         block_advantages=not args.no_block_advantages,
@@ -125,14 +88,13 @@ def main(argv=None) -> int:
     def evaluate(tag: str) -> dict:
         t0 = time.perf_counter()
         result = evaluate_cot(llm, held_out, eval_config, selector=selector, sampling_params=eval_sp)
-        write_json(run_dir / f"eval_{tag}.json", result)
+        write_json(run.dir / f"eval_{tag}.json", result)
         s = result["summary"]
-        print(
-            f"[cot-math] held-out {tag}: accuracy={s['accuracy']:.3f} answered={s['answered']:.3f} "
+        run.log(
+            f"held-out {tag}: accuracy={s['accuracy']:.3f} answered={s['answered']:.3f} "
             f"rouge_l={s['rouge_l']:.4f} token_f1={s['token_f1']:.4f} reward={s['reward']:.4f} "
             f"coverage={s['coverage']:.4f} focus={s['focus']:.4f} repetition={s['repetition']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)",
-            flush=True,
+            f"({time.perf_counter() - t0:.0f} s)"
         )
         return result
 
@@ -143,40 +105,24 @@ def main(argv=None) -> int:
     trainer.vllm_generation.sync_weights()
     after = evaluate("after")
 
-    history = [
-        {
-            "step": h["step"],
-            "reward": h.get(f"{reward.name}/reward"),
-            "coverage": h.get(f"{reward.name}/coverage"),
-            "focus": h.get(f"{reward.name}/focus"),
-            "repetition": h.get(f"{reward.name}/repetition"),
-            "loss": h.get("loss"),
-        }
-        for h in trainer.state.log_history
-        if f"{reward.name}/reward" in h
-    ]
+    history = reward_history(trainer.state.log_history, reward.name)
     if history:
-        plot_reward_components(history, out=run_dir / "reward_components.png", title="CoT GRPO: training batches")
+        plot_reward_components(history, out=run.dir / "reward_components.png", title="CoT GRPO: training batches")
     if args.save_model:
-        trainer.save_model(str(run_dir / "policy"))
-    summary = {
-        "example": "cot_math",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "args": vars(args),
-        "model": model,
-        "train_config": config.to_dict(),
-        "eval_config": eval_config.to_dict(),
-        "capture_spec": trainer.attncap_spec,
-        "train_problems": [p.problem_id for p in chosen],
-        "held_out_problems": [p.problem_id for p in held_out],
-        "train_history": history,
-        "eval_before": before["summary"],
-        "eval_after": after["summary"],
-        "train_seconds": train_s,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    write_json(run_dir / "summary.json", summary)
-    print(f"[cot-math] wrote {run_dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)", flush=True)
+        trainer.save_model(str(run.dir / "policy"))
+    summary = run.summary(
+        train_config=config.to_dict(),
+        eval_config=eval_config.to_dict(),
+        capture_spec=trainer.attncap_spec,
+        train_problems=[p.problem_id for p in chosen],
+        held_out_problems=[p.problem_id for p in held_out],
+        train_history=history,
+        eval_before=before["summary"],
+        eval_after=after["summary"],
+        train_seconds=train_s,
+    )
+    write_json(run.dir / "summary.json", summary)
+    run.log(f"wrote {run.dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)")
     return 0
 
 

@@ -9,7 +9,7 @@ assistant turn. TRL generates with its colocated vLLM engine, built by ``Capture
 already in the history (so the entropy floor rises along the dialogue). No second forward pass.
 
 Before and after training the policy plays held-out episodes with the user simulator (greedy) and the harness
-(cagsr_reward.evaluation) reports reward components under the full (non-ablated) reward and reply/history consistency.
+(vllm_attncap.rl.evaluation) reports reward components under the full (non-ablated) reward and reply/history consistency.
 
     python examples/dialogue_grpo.py                       # bundled SmolLM2-135M-Instruct, CPU, a few minutes
     python examples/dialogue_grpo.py --steps 200 --batch-size 16 --device cuda --eval-episodes 64
@@ -23,16 +23,14 @@ timings, train history, held-out summaries before/after), ``eval_before.json`` /
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cagsr_reward.evaluation import add_ablation_flags
+    from vllm_attncap.rl.runs import add_run_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=3, help="GRPO optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="completions per step (per device)")
     p.add_argument("--num-generations", type=int, default=4, help="completions per prompt (GRPO group)")
@@ -43,52 +41,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="policy and engine dtype")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4, help="held-out dialogues evaluated before and after")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--no-consistency", action="store_true", help="skip the sentence-embedding consistency metric")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/dialogue-grpo-<timestamp>)")
-    p.add_argument("--save-model", action="store_true", help="save the trained policy under <run-dir>/policy")
-    add_ablation_flags(p)
+    add_run_flags(p, "dialogue-grpo")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import numpy as np
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig
     from vllm import SamplingParams
 
     from cagsr_reward import CAGSRConfig
-    from cagsr_reward.evaluation import SentenceEmbedder, config_from_flags, evaluate_dialogues, new_run_dir, write_json
+    from cagsr_reward.idf import IDFModel
+    from cagsr_reward.integrations.embedding import SentenceEmbedder
     from cagsr_reward.integrations.trl import cagsr_reward_func
-    from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer
     from cagsr_reward.integrations.user_sim import UserSimulator
-    from cagsr_reward.salient import IDFModel, SalientSelector
+    from cagsr_reward.salient import SalientSelector
+    from vllm_attncap.rl.evaluation import evaluate_dialogues
+    from vllm_attncap.rl.runs import config_from_flags, grpo_args, reward_history, start_run, write_json
+    from vllm_attncap.rl.trainers import CaptureGRPOTrainer
     from vllm_attncap.viz import plot_reward_components, plot_turn_rewards
 
-    t_start = time.perf_counter()
-    run_dir = new_run_dir("dialogue-grpo", args.run_dir)
-    model = args.model
-    if model is None:
-        from vllm_attncap.default_model import default_model_path
-
-        model = default_model_path()
-    print(f"[dialogue-grpo] model {model}\n[dialogue-grpo] run directory {run_dir}", flush=True)
-
+    run = start_run("dialogue-grpo", args)
     sim = UserSimulator.from_sources(
         args.sources.split(","), seed=args.seed, limit_per_source=1000, max_turn_chars=args.max_turn_chars or None
     )
     train_sim, held_out = sim.split(args.eval_episodes, seed=args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(run.model)
     rng = np.random.default_rng(args.seed)
     num_prompts = max(1, args.steps * args.batch_size // args.num_generations)
     prompts = []  # a recorded history cut at a random user turn; the policy writes the next assistant turn
@@ -106,31 +90,10 @@ def main(argv=None) -> int:
     config = config_from_flags(args)
     eval_config = CAGSRConfig()  # held-out metrics always under the full reward, so ablated runs compare
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector)
-
-    grpo_args = GRPOConfig(
-        output_dir=str(run_dir / "trainer"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens,
-        learning_rate=args.learning_rate,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=args.max_model_len,
-        use_cpu=args.device == "cpu",
-        model_init_kwargs={"dtype": getattr(torch, args.dtype)},
-        gradient_checkpointing=False,  # TRL's default recomputes activations; memory is not the limit here
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=args.seed,
-    )
     trainer = CaptureGRPOTrainer(
-        model=model,
+        model=run.model,
         reward_funcs=[reward],
-        args=grpo_args,
+        args=grpo_args(run),
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         vllm_engine_kwargs={"dtype": args.dtype, "seed": args.seed},
     )
@@ -144,9 +107,9 @@ def main(argv=None) -> int:
             llm, held_out.episodes, eval_config, selector=selector, sampling_params=eval_sp,
             embedder=embedder, consistency=not args.no_consistency,
         )
-        write_json(run_dir / f"eval_{tag}.json", result)
-        plot_turn_rewards(result["per_turn_index"], run_dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
-        print(f"[dialogue-grpo] held-out {tag}: {_fmt(result['summary'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        write_json(run.dir / f"eval_{tag}.json", result)
+        plot_turn_rewards(result["per_turn_index"], run.dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
+        run.log(f"held-out {tag}: {_fmt(result['summary'])} ({time.perf_counter() - t0:.0f} s)")
         return result
 
     before = evaluate("before")
@@ -156,40 +119,24 @@ def main(argv=None) -> int:
     trainer.vllm_generation.sync_weights()  # the engine serves the final policy for the evaluation
     after = evaluate("after")
 
-    history = [
-        {
-            "step": h["step"],
-            "reward": h.get(f"{reward.name}/reward"),
-            "coverage": h.get(f"{reward.name}/coverage"),
-            "focus": h.get(f"{reward.name}/focus"),
-            "repetition": h.get(f"{reward.name}/repetition"),
-            "loss": h.get("loss"),
-        }
-        for h in trainer.state.log_history
-        if f"{reward.name}/reward" in h
-    ]
+    history = reward_history(trainer.state.log_history, reward.name)
     if history:
-        plot_reward_components(history, out=run_dir / "reward_components.png", title="dialogue GRPO: training batches")
+        plot_reward_components(history, out=run.dir / "reward_components.png", title="dialogue GRPO: training batches")
     if args.save_model:
-        trainer.save_model(str(run_dir / "policy"))
-    summary = {
-        "example": "dialogue_grpo",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "args": vars(args),
-        "model": model,
-        "train_config": config.to_dict(),
-        "eval_config": eval_config.to_dict(),
-        "capture_spec": trainer.attncap_spec,
-        "num_train_prompts": len(prompts),
-        "held_out_episodes": [e.episode_id for e in held_out.episodes],
-        "train_history": history,
-        "eval_before": before["summary"],
-        "eval_after": after["summary"],
-        "train_seconds": train_s,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    write_json(run_dir / "summary.json", summary)
-    print(f"[dialogue-grpo] wrote {run_dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)", flush=True)
+        trainer.save_model(str(run.dir / "policy"))
+    summary = run.summary(
+        train_config=config.to_dict(),
+        eval_config=eval_config.to_dict(),
+        capture_spec=trainer.attncap_spec,
+        num_train_prompts=len(prompts),
+        held_out_episodes=[e.episode_id for e in held_out.episodes],
+        train_history=history,
+        eval_before=before["summary"],
+        eval_after=after["summary"],
+        train_seconds=train_s,
+    )
+    write_json(run.dir / "summary.json", summary)
+    run.log(f"wrote {run.dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)")
     return 0
 
 

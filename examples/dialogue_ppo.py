@@ -19,16 +19,14 @@ Writes to the run directory (``runs/dialogue-ppo-<timestamp>`` by default): ``su
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cagsr_reward.evaluation import add_ablation_flags
+    from vllm_attncap.rl.runs import add_run_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=2, help="PPO updates")
     p.add_argument("--batch-size", type=int, default=1, help="episodes (dialogues) rolled out per update")
     p.add_argument("--minibatch-size", type=int, default=4, help="turns per gradient step")
@@ -39,42 +37,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--value-learning-rate", type=float, default=1e-3)
     p.add_argument("--normalize-advantages", action="store_true")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--no-consistency", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/dialogue-ppo-<timestamp>)")
-    p.add_argument("--save-model", action="store_true", help="save the trained policy under <run-dir>/policy")
-    add_ablation_flags(p)
+    add_run_flags(p, "dialogue-ppo")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from tqdm.auto import tqdm
     from vllm import SamplingParams
 
     from cagsr_reward import CAGSRConfig
-    from cagsr_reward.evaluation import SentenceEmbedder, config_from_flags, evaluate_dialogues, new_run_dir, write_json
-    from cagsr_reward.integrations.ppo import PPOConfig, TurnPPOTrainer
+    from cagsr_reward.idf import IDFModel
+    from cagsr_reward.integrations.embedding import SentenceEmbedder
+    from cagsr_reward.integrations.ppo import PPOConfig
     from cagsr_reward.integrations.user_sim import UserSimulator
-    from cagsr_reward.salient import IDFModel, SalientSelector
+    from cagsr_reward.salient import SalientSelector
+    from vllm_attncap.rl.evaluation import evaluate_dialogues
+    from vllm_attncap.rl.ppo import TurnPPOTrainer
+    from vllm_attncap.rl.runs import config_from_flags, start_run, write_json
     from vllm_attncap.viz import plot_reward_components, plot_turn_rewards
 
-    t_start = time.perf_counter()
-    run_dir = new_run_dir("dialogue-ppo", args.run_dir)
-    model = args.model
-    if model is None:
-        from vllm_attncap.default_model import default_model_path
-
-        model = default_model_path()
-    print(f"[dialogue-ppo] model {model}\n[dialogue-ppo] run directory {run_dir}", flush=True)
-
+    run = start_run("dialogue-ppo", args)
     sim = UserSimulator.from_sources(
         args.sources.split(","), seed=args.seed, limit_per_source=1000, max_turn_chars=args.max_turn_chars or None
     )
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
         max_model_len=args.max_model_len,
         seed=args.seed,
     )
-    trainer = TurnPPOTrainer(model, train_sim, config, selector=selector, config=ppo_config)
+    trainer = TurnPPOTrainer(run.model, train_sim, config, selector=selector, config=ppo_config)
     embedder = None if args.no_consistency else SentenceEmbedder()
     eval_sp = SamplingParams(temperature=0.0, max_tokens=args.eval_max_new_tokens)
 
@@ -106,14 +93,13 @@ def main(argv=None) -> int:
             trainer.llm, held_out.episodes, eval_config, selector=selector, sampling_params=eval_sp,
             embedder=embedder, consistency=not args.no_consistency,
         )
-        write_json(run_dir / f"eval_{tag}.json", result)
-        plot_turn_rewards(result["per_turn_index"], run_dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
+        write_json(run.dir / f"eval_{tag}.json", result)
+        plot_turn_rewards(result["per_turn_index"], run.dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
         s = result["summary"]
-        print(
-            f"[dialogue-ppo] held-out {tag}: reward={s['reward']:.4f} coverage={s['coverage']:.4f} "
+        run.log(
+            f"held-out {tag}: reward={s['reward']:.4f} coverage={s['coverage']:.4f} "
             f"focus={s['focus']:.4f} repetition={s['repetition']:.4f} consistency={s['consistency']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)",
-            flush=True,
+            f"({time.perf_counter() - t0:.0f} s)"
         )
         return result
 
@@ -138,30 +124,25 @@ def main(argv=None) -> int:
 
     plot_reward_components(
         [{k: h[k] for k in ("step", "reward", "coverage", "focus", "repetition", "policy_loss", "value_loss")} for h in history],
-        out=run_dir / "reward_components.png",
+        out=run.dir / "reward_components.png",
         title="dialogue PPO: rollouts per update",
     )
     if args.save_model:
-        trainer.unwrapped_policy.save_pretrained(run_dir / "policy")
-        trainer.tokenizer.save_pretrained(run_dir / "policy")
-    summary = {
-        "example": "dialogue_ppo",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "args": vars(args),
-        "model": model,
-        "train_config": config.to_dict(),
-        "eval_config": eval_config.to_dict(),
-        "ppo_config": vars(ppo_config),
-        "capture_spec": trainer.capture_spec,
-        "held_out_episodes": [e.episode_id for e in held_out.episodes],
-        "train_history": history,
-        "eval_before": before["summary"],
-        "eval_after": after["summary"],
-        "train_seconds": train_s,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    write_json(run_dir / "summary.json", summary)
-    print(f"[dialogue-ppo] wrote {run_dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)", flush=True)
+        trainer.unwrapped_policy.save_pretrained(run.dir / "policy")
+        trainer.tokenizer.save_pretrained(run.dir / "policy")
+    summary = run.summary(
+        train_config=config.to_dict(),
+        eval_config=eval_config.to_dict(),
+        ppo_config=vars(ppo_config),
+        capture_spec=trainer.capture_spec,
+        held_out_episodes=[e.episode_id for e in held_out.episodes],
+        train_history=history,
+        eval_before=before["summary"],
+        eval_after=after["summary"],
+        train_seconds=train_s,
+    )
+    write_json(run.dir / "summary.json", summary)
+    run.log(f"wrote {run.dir / 'summary.json'} ({summary['total_seconds']:.0f} s in all)")
     return 0
 
 

@@ -98,7 +98,7 @@ struct StatsParams {
   int64_t ent_stride_head;
 };
 
-// Elided-column rule (method.md "Long histories"; reference: vllm_attncap/compute/elide.py):
+// Elided-column rule (method.md "Long histories"; reference: vllm_attncap/engine/compute/elide.py):
 //   out[r, hi, c] = in[r, hi, src[c]]           if src[c] >= 0
 //                 = sum_j elided[j] * in[r, hi, j]  if src[c] == -1
 //                 = 0                            otherwise

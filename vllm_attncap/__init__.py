@@ -3,15 +3,23 @@
 Importing this package is cheap and never imports vLLM or torch; vLLM calls
 :func:`register` through the ``vllm.general_plugins`` entry point, and the
 helpers below import vLLM lazily.
+
+Layers (docs/architecture.md): ``engine`` is the seam inside vLLM (registration,
+runner hooks, plan, tracker, backends, compute); ``spec`` and ``store`` are what
+the seam and the callers share; ``api`` / ``dialogue`` / ``viz`` / ``serving`` /
+``cli`` are the user surface; ``rl`` drives a capturing engine for training.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import _compat
 from .spec import CaptureSpec
 
-__version__ = "0.1.0"
+_compat.install()  # old module paths of 0.1 (vllm_attncap.compute, .server, ...) warn and alias the new ones
+
+__version__ = "0.2.0"
 
 __all__ = [
     "register",
@@ -29,10 +37,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def register() -> None:
-    """vLLM general-plugin entry point: registers the ``attncap`` attention backend."""
-    from .plugin import register as _register
+    """vLLM general-plugin entry point, run in every vLLM process.
 
-    _register()
+    Registers the ``attncap`` attention backend (:func:`vllm_attncap.engine.plugin.register`) and, in a
+    ``vllm serve`` API-server process only, the server's spec validation and capture routes
+    (:func:`vllm_attncap.serving.install.install_frontend_validation`; a no-op elsewhere).
+    """
+    from .engine.plugin import register as register_backend
+    from .serving.install import install_frontend_validation
+
+    register_backend()
+    install_frontend_validation()
 
 
 _LAZY = {

@@ -16,8 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cagsr_reward.attention import CapturedAttention
+
 from .spec import CaptureSpec, resolve_spec
-from .store import discard_capture, read_capture
+from .store import CaptureRecord, discard_capture, read_capture
 
 __all__ = ["CapturedOutput", "generate_with_attentions", "collect", "engine_model_shape", "check_engine"]
 
@@ -28,43 +30,56 @@ class CapturedOutput:
 
     Attributes:
         output: vLLM's ``RequestOutput`` (None if the request was rejected).
-        layers: model layer index of each ``L`` entry (all selected layers when
-            ``reduce="layer_head_mean"``, where ``L`` is 1).
-        heads: query-head index of each ``H`` entry (likewise for reductions).
-        prompt_len: P, the number of prompt tokens.
         spec: the spec the request ran with.
+        captured: the capture as the reward SDK's value (:class:`cagsr_reward.attention.CapturedAttention`,
+            with layer/head ids, reduction and token ids); None when capture was refused.
         error: the reason capture was refused, else None.
     """
 
     output: Any
     spec: CaptureSpec
-    layers: tuple[int, ...] = ()
-    heads: tuple[int, ...] = ()
-    prompt_len: int = 0
+    captured: CapturedAttention | None = None
     error: Exception | None = None
-    _attention: np.ndarray | None = field(default=None, repr=False)
-    _stats: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _prompt_len: int = field(default=0, repr=False)
 
-    def _check(self) -> None:
+    def _check(self) -> CapturedAttention:
         if self.error is not None:
             raise self.error
+        assert self.captured is not None
+        return self.captured
+
+    @property
+    def prompt_len(self) -> int:
+        """P, the number of prompt tokens."""
+        return self.captured.prompt_len if self.captured is not None else self._prompt_len
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Model layer index of each ``L`` entry (all selected layers when ``reduce="layer_head_mean"``,
+        where ``L`` is 1)."""
+        return self.captured.layer_ids if self.captured is not None else ()
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Query-head index of each ``H`` entry (the averaged heads for reductions)."""
+        return self.captured.head_ids if self.captured is not None else ()
 
     @property
     def attention(self) -> np.ndarray:
         """float32 ``(L, H, T, P + T - 1)``: row ``s`` is the attention of the query
         at position ``P-1+s`` over keys ``0..P-1+s`` (zeros to the right); rows mode only."""
-        self._check()
-        if self._attention is None:
+        cap = self._check()
+        if cap.attention is None:
             raise ValueError("attncap: this request ran in mode='stats'; use .stats")
-        return self._attention
+        return cap.attention
 
     @property
     def stats(self) -> dict[str, np.ndarray]:
         """``{"coverage": (L, H, T), "entropy": (L, H, T)}``; stats mode only."""
-        self._check()
-        if self._stats is None:
+        cap = self._check()
+        if cap.coverage is None:
             raise ValueError("attncap: this request ran in mode='rows'; use .attention")
-        return self._stats
+        return {"coverage": cap.coverage, "entropy": cap.entropy}
 
     @property
     def token_ids(self) -> list[int]:
@@ -84,24 +99,9 @@ class CapturedOutput:
         return a.mean(axis=(0, 1))[:, : (history_len or self.prompt_len)]
 
     def save(self, path: str) -> None:
-        """Save as ``.npz`` (attention or stats, token ids, layers, heads, spec)."""
-        import json
-
-        arrays: dict[str, Any] = {
-            "prompt_token_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
-            "token_ids": np.asarray(self.token_ids, dtype=np.int64),
-            "layers": np.asarray(self.layers, dtype=np.int64),
-            "heads": np.asarray(self.heads, dtype=np.int64),
-            "prompt_len": np.asarray(self.prompt_len),
-            "spec": np.asarray(json.dumps(self.spec.to_dict())),
-            "text": np.asarray(self.text),
-        }
-        if self._attention is not None:
-            arrays["attention"] = self._attention
-        if self._stats is not None:
-            arrays["coverage"] = self._stats["coverage"]
-            arrays["entropy"] = self._stats["entropy"]
-        np.savez_compressed(path, **arrays)
+        """Save as ``.npz``: the capture (:meth:`CapturedAttention.save`), the spec and the text;
+        :meth:`CapturedAttention.load` reads it back."""
+        self._check().save(path, spec=self.spec.to_dict(), text=self.text)
 
 
 def _engine(llm):
@@ -158,34 +158,40 @@ def _normalise_prompts(prompts: Any) -> tuple[list, bool]:
     return out, single
 
 
-def _record_to_output(req_output, spec: CaptureSpec, rec) -> CapturedOutput:
+def _record_to_output(req_output, spec: CaptureSpec, rec: CaptureRecord, num_layers: int) -> CapturedOutput:
     meta = rec.meta
+    prompt_len = len(req_output.prompt_token_ids)
     if rec.error is not None:
-        return CapturedOutput(req_output, spec, prompt_len=len(req_output.prompt_token_ids), error=ValueError(rec.error))
-    res = CapturedOutput(
-        req_output,
-        spec,
-        layers=tuple(meta["layers"]),
-        heads=tuple(meta["heads"]),
-        prompt_len=int(meta["prompt_len"]),
+        return CapturedOutput(req_output, spec, error=ValueError(rec.error), _prompt_len=prompt_len)
+    stats = meta.mode == "stats"
+    captured = CapturedAttention(
+        meta.prompt_len,
+        None if stats else rec.array,
+        coverage=rec.coverage if stats else None,
+        entropy=rec.entropy if stats else None,
+        reduce=meta.reduce,
+        layer_ids=meta.layers,
+        head_ids=meta.heads,
+        num_layers=num_layers,
+        prompt_token_ids=list(req_output.prompt_token_ids),
+        token_ids=list(req_output.outputs[0].token_ids),
     )
-    if meta["mode"] == "stats":
-        res._stats = {"coverage": rec.array[0], "entropy": rec.array[1]}
-    else:
-        res._attention = rec.array
-    return res
+    return CapturedOutput(req_output, spec, captured)
 
 
-def collect(request_output, key: str, spec: CaptureSpec | Mapping | None = None) -> CapturedOutput:
+def collect(
+    request_output, key: str, spec: CaptureSpec | Mapping | None = None, *, num_layers: int | None = None
+) -> CapturedOutput:
     """Fetch the capture of a request submitted with ``llm.generate`` directly.
 
     The request must have carried ``extra_args={"attncap": {..., "key": key}}``.
-    The capture's files are deleted once read.
+    The capture's files are deleted once read. ``num_layers`` (the model's layer count,
+    :func:`engine_model_shape`) lets the capture resolve negative layer selections.
     """
     spec = CaptureSpec.from_any(spec or {"key": key})
     t = len(request_output.outputs[0].token_ids)
     rec = read_capture(key, t)[0]
-    return _record_to_output(request_output, spec, rec)
+    return _record_to_output(request_output, spec, rec, num_layers)
 
 
 def generate_with_attentions(
@@ -256,7 +262,7 @@ def generate_with_attentions(
         for (i, _, _, cs), out in zip(to_run, outs):
             try:
                 rec = read_capture(cs.key, len(out.outputs[0].token_ids))[0]
-                results[i] = _record_to_output(out, cs, rec)
+                results[i] = _record_to_output(out, cs, rec, num_layers)
             except LookupError as e:
-                results[i] = CapturedOutput(out, cs, prompt_len=len(out.prompt_token_ids), error=ValueError(str(e)))
+                results[i] = CapturedOutput(out, cs, error=ValueError(str(e)), _prompt_len=len(out.prompt_token_ids))
     return results  # type: ignore[return-value]

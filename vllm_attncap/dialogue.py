@@ -9,36 +9,23 @@ and heatmaps can mark turn boundaries.
 >>> conv = Dialogue(llm, spec={"layers": [-1], "reduce": "head_mean"})   # doctest: +SKIP
 >>> turn = conv.say("My printer is offline.")                            # doctest: +SKIP
 >>> turn.spans[-2]                                                       # doctest: +SKIP
-Span(start=12, end=20, role='user', turn=0, message_index=1)
+MessageSpan(start=12, end=20, role='user', turn=0, message_index=1, content_start=15, content_end=19)
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+from cagsr_reward.spans import MessageSpan, chat_message_spans, dialogue_turns
 
 from .api import CapturedOutput, generate_with_attentions
 
 __all__ = ["Span", "TurnCapture", "Dialogue", "chat_with_attentions", "render_with_spans"]
 
 
-@dataclass(frozen=True)
-class Span:
-    """History positions ``start..end-1`` hold message ``message_index`` (role, dialogue turn).
-
-    ``role`` is the message role, or ``"generation_prompt"`` for the template's
-    assistant header appended after the last message.
-    """
-
-    start: int
-    end: int
-    role: str
-    turn: int
-    message_index: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "role": self.role, "turn": self.turn, "message_index": self.message_index}
+#: A message's token span in the rendered history (:class:`cagsr_reward.spans.MessageSpan`).
+Span = MessageSpan
 
 
 @dataclass
@@ -64,50 +51,12 @@ class TurnCapture:
         return None
 
 
-def _dialogue_turns(messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Turn index per message: a turn starts at each user message (system = turn 0)."""
-    turns, t = [], -1
-    for m in messages:
-        if m["role"] == "user":
-            t += 1
-        turns.append(max(t, 0))
-    return turns
-
-
 def render_with_spans(tokenizer, messages: Sequence[Mapping[str, str]], **template_kwargs) -> tuple[list[int], list[Span]]:
-    """Render ``messages`` with the chat template (plus the generation prompt),
-    tokenize, and locate each message's token span.
-
-    Spans come from rendering growing prefixes of the conversation and mapping
-    their character lengths to tokens through the fast tokenizer's offsets, so
-    template tokens around a message belong to that message.
-    """
-    msgs = [dict(m) for m in messages]
-    full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **template_kwargs)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    ends = []
-    for k in range(1, len(msgs) + 1):
-        prefix = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=False, **template_kwargs)
-        if not full.startswith(prefix):
-            # Templates that rewrite earlier messages (rare): fall back to the common prefix.
-            n = 0
-            while n < min(len(prefix), len(full)) and prefix[n] == full[n]:
-                n += 1
-            prefix = full[:n]
-        ends.append(len(prefix))
-    # A message owns the tokens that start before its end (a token straddling
-    # the boundary belongs to the earlier message).
-    starts = [a for a, _ in offsets]
-    turns = _dialogue_turns(msgs)
-    spans, start = [], 0
-    for k, end_char in enumerate(ends):
-        end = max(bisect.bisect_left(starts, end_char), start)
-        spans.append(Span(start, end, msgs[k]["role"], turns[k], k))
-        start = end
-    if start < len(ids):
-        spans.append(Span(start, len(ids), "generation_prompt", turns[-1] if turns else 0, len(msgs)))
-    return ids, spans
+    """Render ``messages`` with the chat template (plus the generation prompt), tokenize, and locate each message's
+    token span (:func:`cagsr_reward.spans.chat_message_spans`: spans partition the history, template tokens around a
+    message belong to it; each span also knows its content tokens)."""
+    chat = chat_message_spans(tokenizer, messages, **template_kwargs)
+    return chat.input_ids, chat.spans
 
 
 def chat_with_attentions(
@@ -137,7 +86,7 @@ def chat_with_attentions(
     )
     res = []
     for c, (ids, spans), out in zip(convs, rendered, outs):
-        turn = max(_dialogue_turns(c)) if c else 0
+        turn = max(dialogue_turns(c)) if c else 0
         res.append(TurnCapture(turn, [dict(m) for m in c], ids, spans, out))
     return res
 

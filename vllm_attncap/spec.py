@@ -21,6 +21,11 @@ field           allowed values                              default
 ``sink``        int >= 0: leading positions dropped before    ``0``
                 renormalising (``stats`` only)
 ``salient``     list of history positions (``stats``)         ``[]``
+``n_max``       int >= 1: ``stats`` only; a history longer    none (no elision)
+                than this is elided before the statistics
+                (the reward's long-history rule, method.md)
+``window``      int >= 0: with ``n_max``, the most recent      ``512``
+                positions always kept
 ``max_bytes``   int >= 1: cap on this request's buffer        engine default (256 MiB)
 ``key``         str: correlation key chosen by the caller     the request id
 ==============  ==========================================  =========================
@@ -31,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 __all__ = [
     "CaptureSpec",
@@ -41,15 +46,19 @@ __all__ = [
     "CAPTURE_MODES",
     "ResolvedSpec",
     "resolve_spec",
-    "capture_nbytes",
+    "capture_shape",
 ]
 
 REDUCE_MODES = ("none", "head_mean", "layer_head_mean")
 CAPTURE_MODES = ("rows", "stats")
-SPEC_FIELDS = ("layers", "heads", "reduce", "mode", "history_len", "sink", "salient", "max_bytes", "key")
+SPEC_FIELDS = (
+    "layers", "heads", "reduce", "mode", "history_len", "sink", "salient", "n_max", "window", "max_bytes", "key",
+)
 #: Engine-wide cap on one request's capture buffer (bytes); override with the
 #: environment variable ``VLLM_ATTNCAP_MAX_BYTES`` or per request with ``max_bytes``.
 DEFAULT_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_BYTES", str(256 * 1024**2)))
+#: method.md "Long histories": the most recent positions kept when a history is elided.
+DEFAULT_ELISION_WINDOW = 512
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -98,6 +107,8 @@ class CaptureSpec:
     history_len: int | None = None
     sink: int = 0
     salient: tuple[int, ...] = field(default_factory=tuple)
+    n_max: int | None = None
+    window: int | None = None
     max_bytes: int | None = None
     key: str | None = None
 
@@ -118,12 +129,24 @@ class CaptureSpec:
         if not isinstance(sal, (list, tuple)) or not all(_is_int(s) and s >= 0 for s in sal):
             raise ValueError(f"attncap spec field 'salient': expected a list of ints >= 0, got {self.salient!r}")
         object.__setattr__(self, "salient", tuple(sorted(set(int(s) for s in sal))))
+        if self.n_max is not None:
+            if not _is_int(self.n_max) or self.n_max < 1:
+                raise ValueError(f"attncap spec field 'n_max': expected an int >= 1, got {self.n_max!r}")
+            if self.mode != "stats":
+                raise ValueError("attncap spec field 'n_max': long-history elision applies to mode='stats' only")
+        if self.window is not None and (not _is_int(self.window) or self.window < 0):
+            raise ValueError(f"attncap spec field 'window': expected an int >= 0, got {self.window!r}")
         if self.max_bytes is not None and (not _is_int(self.max_bytes) or self.max_bytes < 1):
             raise ValueError(f"attncap spec field 'max_bytes': expected an int >= 1, got {self.max_bytes!r}")
         if self.key is not None and (not isinstance(self.key, str) or not _KEY_RE.match(self.key)):
             raise ValueError(
                 f"attncap spec field 'key': expected 1-128 characters from [A-Za-z0-9._-], got {self.key!r}"
             )
+
+    @property
+    def elision_window(self) -> int:
+        """The recent positions kept by long-history elision (``window``, default 512)."""
+        return DEFAULT_ELISION_WINDOW if self.window is None else self.window
 
     @classmethod
     def from_any(cls, value: "CaptureSpec | Mapping[str, Any] | None") -> "CaptureSpec":
@@ -198,11 +221,17 @@ class ResolvedSpec:
         return 1 if self.spec.reduce in ("head_mean", "layer_head_mean") else len(self.heads)
 
 
-def capture_nbytes(out_layers: int, out_heads: int, prompt_len: int, max_tokens: int, mode: str = "rows") -> int:
-    """Bytes of a request's buffer (float32) for the given output sizes."""
+def capture_shape(mode: str, out_layers: int, out_heads: int, prompt_len: int, max_tokens: int) -> tuple[int, ...]:
+    """Shape of a request's float32 buffer: rows ``(L, H, T_max, P + T_max - 1)``, stats ``(2, L, H, T_max)``
+    (coverage then history entropy per row). The one definition of the layout; the store's record uses it too.
+
+    Example:
+        >>> capture_shape("rows", 1, 1, 10, 5), capture_shape("stats", 30, 9, 10, 5)
+        ((1, 1, 5, 14), (2, 30, 9, 5))
+    """
     if mode == "stats":
-        return 4 * 2 * out_layers * out_heads * max_tokens
-    return 4 * out_layers * out_heads * max_tokens * (prompt_len + max_tokens - 1)
+        return (2, out_layers, out_heads, max_tokens)
+    return (out_layers, out_heads, max_tokens, prompt_len + max_tokens - 1)
 
 
 def resolve_spec(
@@ -247,10 +276,7 @@ def resolve_spec(
         )
     out_l = 1 if spec.reduce == "layer_head_mean" else len(layers)
     out_h = 1 if spec.reduce in ("head_mean", "layer_head_mean") else len(heads)
-    if spec.mode == "stats":
-        shape: tuple[int, ...] = (2, out_l, out_h, max_tokens)
-    else:
-        shape = (out_l, out_h, max_tokens, prompt_len + max_tokens - 1)
+    shape = capture_shape(spec.mode, out_l, out_h, prompt_len, max_tokens)
     resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape)
     cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or DEFAULT_MAX_BYTES)
     if resolved.nbytes > cap:

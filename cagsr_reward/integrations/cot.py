@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..answers import ANSWER_MARKERS, BOXED_MARKER, marker_pattern
 from ..config import CAGSRConfig
 from ..salient import SalientSelector
 
@@ -47,8 +48,9 @@ COT_SYSTEM_PROMPT = (
     "'The answer is <answer>.'"
 )
 
-_MARKERS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is\s*:?|answer\s*:|####)", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\{")
+# the reward's answer markers (cagsr_reward.answers): the text ones, and \boxed{...} whose braces hold the answer
+_MARKERS = marker_pattern([m for m in ANSWER_MARKERS if m != BOXED_MARKER])
+_BOXED = re.compile(re.escape(BOXED_MARKER))
 
 
 @dataclass(frozen=True)

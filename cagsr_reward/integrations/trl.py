@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregate import aggregate
+from ..attention import as_captured_attention
 from ..config import CAGSRConfig
-from ..salient import PromptEncoding, SalientSelector, encode_prompt
+from ..encoding import PromptEncoding, encode_prompt
+from ..salient import SalientSelector
 from ..scoring import score_cot, score_turn
+from ..sources import capture_from_source
 
 __all__ = ["CAGSRRewardFunction", "cagsr_reward_func", "ATTENTION_KWARG"]
 
@@ -40,14 +42,6 @@ def _turn_index(prompt: Any) -> int:
     if isinstance(prompt, str):
         return 0
     return sum(1 for m in prompt if isinstance(m, Mapping) and m.get("role") == "assistant")
-
-
-def _resolved_layers(spec: Any, num_layers: int | None) -> set[int] | None:
-    if num_layers is None:
-        return None
-    if spec == "all":
-        return set(range(num_layers))
-    return {int(v) % num_layers for v in spec}
 
 
 class CAGSRRewardFunction:
@@ -124,69 +118,25 @@ class CAGSRRewardFunction:
         )
 
     def _attention(self, index: int, prompt_len: int, completion: list[int], captured: Any, prompt_ids: list[int]):
-        """The 2-D aggregated attention ``(T, P+T-1)`` of one completion, from a capture or from the source."""
+        """The aggregated attention ``(T, P+T-1)`` of one completion, from its capture or from the source."""
         item = None if captured is None else captured[index]
-        meta: Mapping[str, Any] = {}
+        name = f"{ATTENTION_KWARG}[{index}]"
         if item is None:
             if self.source is None:
                 raise ValueError(
-                    f"{ATTENTION_KWARG}[{index}] is missing and no source was given: pass "
+                    f"{name} is missing and no source was given: pass "
                     "source=HFAttentionSource(...) to cagsr_reward_func or provide captured attention"
                 )
-            array = self.source.attention(prompt_ids, completion)
-            meta = {
-                "layer_ids": getattr(self.source, "layer_ids", None),
-                "num_layers": getattr(self.source, "num_layers", None),
-                "reduce": getattr(self.source, "reduce", "none"),
-                "selected_layer_ids": getattr(self.source, "selected_layer_ids", None),
-            }
-        elif isinstance(item, Mapping):
-            if "attention" not in item:
-                raise ValueError(f"{ATTENTION_KWARG}[{index}]: a dict entry needs the key 'attention'")
-            array = item["attention"]
-            meta = item
-            captured_len = item.get("prompt_len")
-            if captured_len is not None and int(captured_len) != prompt_len:
-                raise ValueError(
-                    f"{ATTENTION_KWARG}[{index}]['prompt_len'] is {captured_len} but the prompt tokenizes to "
-                    f"{prompt_len} tokens here: the capture and this reward tokenized the prompt differently"
-                )
+            cap = capture_from_source(self.source, prompt_ids, completion)
         else:
-            array = item
-        array = np.asarray(array)
+            cap = as_captured_attention(item, prompt_len=prompt_len, name=name)
         T = len(completion)
-        if array.ndim not in (2, 4) or array.shape[-2:] != (T, prompt_len + T - 1):
+        if cap.mode != "rows" or cap.num_tokens != T:
             raise ValueError(
-                f"attention for completion {index}: expected shape (L, H, {T}, {prompt_len + T - 1}) or "
-                f"({T}, {prompt_len + T - 1}) for P={prompt_len}, T={T}, got {array.shape}"
+                f"attention for completion {index}: expected rows of shape (L, H, {T}, {prompt_len + T - 1}) for "
+                f"P={prompt_len}, T={T}, got {cap.mode} mode with {cap.num_tokens} rows"
             )
-        return self._aggregate(array, meta)
-
-    def _aggregate(self, array: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-        if array.ndim == 2:
-            return aggregate(array)
-        reduce = meta.get("reduce", "none") or "none"
-        layer_ids = meta.get("layer_ids")
-        num_layers = meta.get("num_layers")
-        cfg = self.config
-        if reduce not in ("none", "head_mean", "layer_head_mean"):
-            raise ValueError(f"reduce: expected 'none', 'head_mean' or 'layer_head_mean', got {reduce!r}")
-        if reduce != "none" and cfg.heads != "all":
-            raise ValueError(
-                f"config.heads={cfg.heads!r} but the attention was already averaged over heads "
-                f"(reduce={reduce!r}); use heads='all' or an unreduced source"
-            )
-        if reduce == "layer_head_mean":
-            wanted = _resolved_layers(cfg.layers, num_layers)
-            have = meta.get("selected_layer_ids")
-            if wanted is not None and have is not None and set(have) != wanted:
-                raise ValueError(
-                    f"config.layers={cfg.layers!r} (layers {sorted(wanted)}) but the attention averages layers "
-                    f"{sorted(have)} (reduce='layer_head_mean')"
-                )
-            return aggregate(array, layers="all", heads="all")
-        heads = "all" if reduce == "head_mean" else cfg.heads
-        return aggregate(array, layers=cfg.layers, heads=heads, layer_ids=layer_ids, num_layers=num_layers)
+        return cap.aggregate(layers=self.config.layers, heads=self.config.heads)
 
     def _decoded_tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -247,9 +197,10 @@ class CAGSRRewardFunction:
                 ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition`` and ``<name>/reward``.
             log_extra (`callable`, *optional*): ``log_extra(column, values)``; receives the same four names with one
                 value per completion.
-            **kwargs: other dataset columns; ``attncap_attention`` (one capture per completion: an ``(L, H, T,
-                P+T-1)`` or ``(T, P+T-1)`` array, or a dict with ``"attention"`` and optionally ``"prompt_len"``,
-                ``"layer_ids"``, ``"num_layers"``, ``"reduce"``) is used instead of the source when present.
+            **kwargs: other dataset columns; ``attncap_attention`` (one
+                :class:`~cagsr_reward.attention.CapturedAttention` per completion; an ``(L, H, T, P+T-1)`` array or a
+                0.1-style dict with ``"attention"``, ``"prompt_len"``, ``"layer_ids"``, ``"num_layers"``, ``"reduce"``
+                is accepted too) is used instead of the source when present.
 
         Returns:
             `list[float | None]`: one reward per completion.

@@ -13,9 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..attention import CapturedAttention
 from .hf import REDUCE_MODES, HFAttentionSource
 
-__all__ = ["AttentionSource", "HFAttentionSource", "REDUCE_MODES"]
+__all__ = ["AttentionSource", "HFAttentionSource", "REDUCE_MODES", "capture_from_source"]
 
 
 @runtime_checkable
@@ -26,9 +27,11 @@ class AttentionSource(Protocol):
     ``T = len(completion_ids)``: row ``s`` is the attention of the query at position ``P-1+s`` over keys
     ``0..P-1+s``, zeros to the right (method.md, "Attention that produced a token").
 
-    Optional attributes the integrations read when present: ``layer_ids`` (model layer id of each ``L`` entry, or
-    ``None``), ``num_layers``, ``reduce`` (``"none"``, ``"head_mean"`` or ``"layer_head_mean"``),
-    ``selected_layer_ids`` and ``tokenizer``.
+    A source may also have ``capture(prompt_ids, completion_ids) -> CapturedAttention`` (the value the reward SDK
+    consumes, with the layer ids and reduction); otherwise :func:`capture_from_source` builds it from
+    ``attention()`` and the optional attributes ``layer_ids`` (model layer id of each ``L`` entry, or ``None``),
+    ``num_layers``, ``reduce`` (``"none"``, ``"head_mean"`` or ``"layer_head_mean"``) and ``selected_layer_ids``.
+    ``tokenizer`` is read when present.
 
     Example:
         >>> class Uniform:
@@ -43,3 +46,20 @@ class AttentionSource(Protocol):
     """
 
     def attention(self, prompt_ids: Any, completion_ids: Any) -> np.ndarray: ...
+
+
+def capture_from_source(source: Any, prompt_ids: Any, completion_ids: Any) -> CapturedAttention:
+    """The :class:`~cagsr_reward.attention.CapturedAttention` of ``completion_ids`` after ``prompt_ids`` from ``source``."""
+    if hasattr(source, "capture"):
+        return source.capture(prompt_ids, completion_ids)
+    reduce = getattr(source, "reduce", "none") or "none"
+    layer_ids = getattr(source, "selected_layer_ids", None) if reduce == "layer_head_mean" else getattr(source, "layer_ids", None)
+    return CapturedAttention(
+        len(prompt_ids),
+        np.asarray(source.attention(prompt_ids, completion_ids)),
+        reduce=reduce,
+        layer_ids=layer_ids,
+        num_layers=getattr(source, "num_layers", None),
+        prompt_token_ids=[int(t) for t in prompt_ids],
+        token_ids=[int(t) for t in completion_ids],
+    )

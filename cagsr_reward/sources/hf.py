@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..attention import CapturedAttention
+
 __all__ = ["HFAttentionSource", "REDUCE_MODES"]
 
 #: Allowed values of ``HFAttentionSource(reduce=...)``.
@@ -300,6 +302,25 @@ class HFAttentionSource:
                 model.train()
             if switched:
                 model.set_attn_implementation(previous)
+
+    def capture(self, prompt_ids: Any, completion_ids: Any) -> CapturedAttention:
+        """:meth:`attention` as the reward SDK's value: the array with its layer ids, head ids and reduction.
+
+        Example:
+            >>> cap = HFAttentionSource(model, layers=[-1]).capture([1, 5, 9], [7, 2])  # doctest: +SKIP
+            >>> cap.history_block().shape  # doctest: +SKIP
+            (2, 3)
+        """
+        return CapturedAttention(
+            len(prompt_ids),
+            self.attention(prompt_ids, completion_ids),
+            reduce=self.reduce,
+            layer_ids=self.selected_layer_ids,
+            head_ids=self.head_ids,
+            num_layers=self.num_layers,
+            prompt_token_ids=[int(t) for t in prompt_ids],
+            token_ids=[int(t) for t in completion_ids],
+        )
 
     def attention(self, prompt_ids: Any, completion_ids: Any) -> np.ndarray:
         """Attention of every generated token's query over the history, in the capture layout.

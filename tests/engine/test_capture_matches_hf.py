@@ -93,6 +93,46 @@ def test_stats_mode_matches_rows(make_llm, hf_tiny, reduce):
         out.attention
 
 
+@pytest.mark.parametrize("reduce", ["none", "layer_head_mean"])
+def test_stats_mode_elides_long_histories_like_the_reward_sdk(make_llm, hf_tiny, reduce):
+    """spec n_max/window: the engine applies the reward's long-history rule before the statistics. Reference: the
+    SDK's own elide() and core entropy/coverage on HF rows (an independent implementation)."""
+    from vllm import SamplingParams
+
+    from cagsr_reward import elide, row_entropy
+    from vllm_attncap import generate_with_attentions
+
+    llm = make_llm()
+    prompt = " ".join(PROMPTS[:4])  # ~60 tokens > n_max
+    salient, sink, n_max, window = [1, 4, 9, 30], 1, 16, 6
+    spec = {"mode": "stats", "sink": sink, "salient": salient, "layers": [0, 2], "reduce": reduce,
+            "n_max": n_max, "window": window}
+    out = generate_with_attentions(
+        llm, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), spec=spec, use_tqdm=False
+    )[0]
+    assert out.error is None and out.prompt_len > n_max
+    rows = reduce_ref(hf_rows(hf_tiny, out.prompt_token_ids, out.token_ids), out.layers, out.heads, reduce)
+    P = out.prompt_len
+    L, H, T, _ = rows.shape
+    cov = np.zeros((L, H, T))
+    ent = np.zeros((L, H, T))
+    for l in range(L):
+        for h in range(H):
+            eb = elide(rows[l, h, :, :P].astype(np.float64), salient, n_max=n_max, window=window, sink=sink)
+            assert eb.elided_count > 0
+            ent[l, h] = row_entropy(eb.block, sink=sink)
+            kept = eb.block[:, sink:]
+            cov[l, h] = kept[:, eb.salient - sink].sum(-1) / kept.sum(-1)
+    np.testing.assert_allclose(out.stats["entropy"], ent, atol=1e-4)
+    np.testing.assert_allclose(out.stats["coverage"], cov, atol=1e-4)
+    # the same request without n_max sees the full history: a different entropy
+    plain = generate_with_attentions(
+        llm, prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+        spec={k: v for k, v in spec.items() if k not in ("n_max", "window")}, use_tqdm=False,
+    )[0]
+    assert np.abs(plain.stats["entropy"] - out.stats["entropy"]).max() > 1e-3
+
+
 def test_tokens_identical_to_stock_backend(make_llm):
     """Greedy, 8 prompts: stock CPU_ATTN vs attncap without capture vs attncap with capture."""
     from vllm import SamplingParams
@@ -123,7 +163,7 @@ def test_stock_backend_untouched_without_selection(make_llm):
 
     vllm_attncap.register()
     assert AttentionBackendEnum["ATTNCAP"] is AttentionBackendEnum.CUSTOM
-    assert AttentionBackendEnum["attncap".upper()].get_path().startswith("vllm_attncap.backends")
+    assert AttentionBackendEnum["attncap".upper()].get_path().startswith("vllm_attncap.engine.backends")
     llm = make_llm(attncap=False)
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     impls = {type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}

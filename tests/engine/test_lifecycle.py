@@ -27,7 +27,7 @@ def test_aborted_request_frees_its_buffer(make_llm):
     from vllm import SamplingParams
 
     from vllm_attncap.store import discard_capture
-    from vllm_attncap.tracker import get_tracker
+    from vllm_attncap.engine.tracker import get_tracker
 
     llm = make_llm()
     engine = llm.llm_engine
@@ -56,7 +56,7 @@ def test_2000_sequential_capture_requests_stay_bounded(make_llm, tmp_path, monke
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
-    from vllm_attncap.tracker import get_tracker
+    from vllm_attncap.engine.tracker import get_tracker
 
     # a store directory of this test's own: other processes' captures must not count
     monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / "store"))

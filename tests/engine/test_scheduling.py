@@ -55,7 +55,7 @@ def test_preemption_and_recompute(make_llm, hf_tiny):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
-    from vllm_attncap.tracker import get_tracker
+    from vllm_attncap.engine.tracker import get_tracker
 
     # 4 KV blocks for 4 requests that each grow past one block: the scheduler must preempt.
     llm = make_llm(num_gpu_blocks_override=4, max_model_len=256, max_num_seqs=4, enable_prefix_caching=False)

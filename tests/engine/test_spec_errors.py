@@ -40,6 +40,9 @@ BAD = [
     ({"history_len": 10_000}, "'history_len'"),
     ({"salient": [1, 999]}, "'salient'"),
     ({"key": "a/b"}, "'key'"),
+    ({"mode": "stats", "n_max": 0}, "'n_max'"),
+    ({"n_max": 8}, "'n_max'"),  # elision is a stats-mode rule
+    ({"mode": "stats", "n_max": 8, "window": -1}, "'window'"),
 ]
 
 

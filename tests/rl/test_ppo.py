@@ -11,12 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cagsr_reward import CAGSRConfig, TurnInput, score_dialogue  # noqa: E402
-from cagsr_reward.integrations.ppo import (  # noqa: E402
-    PPOConfig,
-    TurnPPOTrainer,
-    clipped_policy_loss,
-    turn_advantages,
-)
+from cagsr_reward.advantages import turn_advantages  # noqa: E402
+from cagsr_reward.integrations.ppo import PPOConfig, clipped_policy_loss  # noqa: E402
+from vllm_attncap.rl.ppo import TurnPPOTrainer  # noqa: E402
 
 
 def test_turn_advantages_are_return_minus_value():
@@ -90,7 +87,7 @@ def test_two_ppo_updates_with_captured_rewards(tiny_llama):
     pytest.importorskip("chatterbot_corpus")
     from rl_utils import free_engine
 
-    from cagsr_reward.integrations.trl_vllm import engine_weight_mismatch
+    from vllm_attncap.rl.engine_weights import engine_weight_mismatch
     from cagsr_reward.integrations.user_sim import UserSimulator
 
     sim = UserSimulator.from_sources(["tech_support"], seed=0)

@@ -25,14 +25,13 @@ from rl_utils import free_engine  # noqa: E402
 
 from cagsr_reward import CAGSRConfig  # noqa: E402
 from cagsr_reward.integrations.trl import cagsr_reward_func  # noqa: E402
-from cagsr_reward.integrations.trl_vllm import (  # noqa: E402
-    DEFAULT_CAPTURE_SPEC,
-    block_advantages,
-    capture_spec_for,
+from cagsr_reward.advantages import block_advantages  # noqa: E402
+from vllm_attncap.rl.engine_weights import (  # noqa: E402
     engine_model,
     engine_weight_mismatch,
     keep_cpu_linear_weights,
 )
+from vllm_attncap.rl.trainers import DEFAULT_CAPTURE_SPEC, capture_spec_for  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -100,7 +99,7 @@ def _grpo_args(tmp_path, **kw):
 
 
 def test_capture_trainer_rejects_server_mode_and_n(tiny_llama, tmp_path):
-    from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer
+    from vllm_attncap.rl.trainers import CaptureGRPOTrainer
 
     with pytest.raises(ValueError, match="colocate"):
         CaptureGRPOTrainer(model=str(tiny_llama), reward_funcs=[lambda **k: [0.0]], args=_grpo_args(tmp_path, vllm_mode="server"))
@@ -128,7 +127,7 @@ def test_keep_cpu_linear_weights_makes_engine_loadable(tiny_llama):
     with torch.no_grad():
         for p in hf.parameters():
             p.mul_(1.5)
-    from cagsr_reward.integrations.trl_vllm import sync_engine_weights
+    from vllm_attncap.rl.engine_weights import sync_engine_weights
 
     sync_engine_weights(llm, hf.named_parameters())
     assert engine_weight_mismatch(llm, hf) == 0.0
@@ -175,8 +174,9 @@ def test_module_import_is_light():
     import sys
 
     code = (
-        "import sys, cagsr_reward.integrations.trl_vllm, cagsr_reward.integrations.ppo, "
-        "cagsr_reward.integrations.cot, cagsr_reward.integrations.user_sim, cagsr_reward.evaluation; "
+        "import sys, vllm_attncap.rl, vllm_attncap.rl.trainers, vllm_attncap.rl.ppo, vllm_attncap.rl.evaluation, "
+        "vllm_attncap.rl.engine_weights, cagsr_reward.integrations.ppo, cagsr_reward.integrations.cot, "
+        "cagsr_reward.integrations.user_sim, cagsr_reward.integrations.embedding, cagsr_reward.metrics; "
         "print(sorted(m for m in ('trl', 'vllm', 'torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

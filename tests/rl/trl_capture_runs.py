@@ -61,7 +61,8 @@ def grpo(model_dir: str, out_dir: str) -> dict:
 
     from cagsr_reward import CAGSRConfig
     from cagsr_reward.integrations.trl import cagsr_reward_func
-    from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer, engine_weight_mismatch
+    from vllm_attncap.rl.engine_weights import engine_weight_mismatch
+    from vllm_attncap.rl.trainers import CaptureGRPOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
@@ -133,7 +134,7 @@ def rloo(model_dir: str, out_dir: str) -> dict:
 
     from cagsr_reward import CAGSRConfig
     from cagsr_reward.integrations.trl import cagsr_reward_func
-    from cagsr_reward.integrations.trl_vllm import CaptureRLOOTrainer
+    from vllm_attncap.rl.trainers import CaptureRLOOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     seen = []
@@ -172,7 +173,7 @@ def grpo_block(model_dir: str, out_dir: str) -> dict:
 
     from cagsr_reward import CAGSRConfig
     from cagsr_reward.integrations.trl import cagsr_reward_func
-    from cagsr_reward.integrations.trl_vllm import CaptureGRPOTrainer
+    from vllm_attncap.rl.trainers import CaptureGRPOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     reward = cagsr_reward_func(CAGSRConfig(mode="cot", cot_block=5), tokenizer=tok)

@@ -25,13 +25,20 @@ start without CUDA.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier"]
+logger = logging.getLogger("vllm_attncap")
+
+__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier", "HostSink", "PINNED_BYTES"]
+
+#: Cap on pinned host memory for in-flight capture copies (bytes).
+PINNED_BYTES = int(os.environ.get("VLLM_ATTNCAP_PINNED_BYTES", str(1024**3)))
 
 
 class PinnedPoolExhausted(RuntimeError):
@@ -285,3 +292,51 @@ class AsyncCopier:
         # before the side stream has read it.
         src.record_stream(self.stream)
         return CopyHandle(src, dst, done)
+
+
+class HostSink:
+    """Device results -> pinned host buffers (side-stream copies) -> a host callback at :meth:`flush`.
+
+    ``submit(device_tensor, write)`` starts the copy into a pooled pinned buffer and remembers ``write``;
+    :meth:`flush` waits for the copies (host side only), calls each ``write(host_tensor)`` and recycles the buffers.
+    A result larger than the whole pool is copied synchronously (with a one-time warning).
+    """
+
+    def __init__(self, max_bytes: int = PINNED_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self._warned = False
+        self.copier: AsyncCopier | None = None
+        self.pool: PinnedBufferPool | None = None
+        self.pending: list[tuple[Any, torch.Tensor, Callable[[torch.Tensor], None]]] = []
+
+    def submit(self, dev: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+        if self.copier is None or self.copier.device != dev.device:
+            self.flush()
+            self.copier = AsyncCopier(dev.device)
+            self.pool = PinnedBufferPool(self.max_bytes, pin=True)
+        dev = dev.contiguous()
+        try:
+            host = self.pool.acquire(dev.shape, dev.dtype)
+        except PinnedPoolExhausted:
+            self.flush()  # waits for this step's copies so far, frees their blocks
+            try:
+                host = self.pool.acquire(dev.shape, dev.dtype)
+            except PinnedPoolExhausted:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("vllm_attncap: pinned pool (%d bytes) too small for one result; "
+                                   "copying synchronously (raise VLLM_ATTNCAP_PINNED_BYTES)", self.max_bytes)
+                write(dev.cpu())
+                return
+        handle = self.copier.submit(dev, host)
+        self.pending.append((handle, host, write))
+
+    def flush(self) -> None:
+        """Wait for the submitted copies (host side only) and write them into the request buffers."""
+        pending, self.pending = self.pending, []
+        for handle, host, write in pending:
+            handle.wait()
+            try:
+                write(host)
+            finally:
+                self.pool.release(host)

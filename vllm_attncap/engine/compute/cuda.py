@@ -1,9 +1,9 @@
-"""CUDA path of capture: thin wrappers over the ``vllm_attncap._kernels`` extension.
+"""CUDA path of capture: thin wrappers over the ``vllm_attncap.engine.compute._kernels`` extension.
 
 Each function checks its tensors (device, dtype, shape, last-dimension
 contiguity), picks the kernel and launches it on the current CUDA stream; the
-math is that of :mod:`vllm_attncap.compute.reference` (probabilities, head
-mean, history statistics) and :mod:`vllm_attncap.compute.elide` (elided
+math is that of :mod:`vllm_attncap.engine.compute.reference` (probabilities, head
+mean, history statistics) and :mod:`vllm_attncap.engine.compute.elide` (elided
 columns), and tests/gpu/test_kernels.py compares the two.
 
 None of the functions synchronises or reads device data on the host (unless
@@ -46,14 +46,14 @@ _preloaded: set[int] = set()
 
 
 class KernelsUnavailable(ImportError):
-    """The compiled extension ``vllm_attncap._kernels`` is not importable."""
+    """The compiled extension ``vllm_attncap.engine.compute._kernels`` is not importable."""
 
 
 def _load():
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
         try:
-            from vllm_attncap import _kernels  # noqa: PLC0415 - optional, loaded on first use
+            from . import _kernels  # noqa: PLC0415 - optional, loaded on first use
 
             _ext = _kernels
         except ImportError as exc:
@@ -70,10 +70,10 @@ def _kernels():
     ext = _load()
     if ext is None:
         raise KernelsUnavailable(
-            "vllm_attncap._kernels is not built, so the CUDA capture kernels are unavailable "
+            "vllm_attncap.engine.compute._kernels is not built, so the CUDA capture kernels are unavailable "
             f"({_ext_error}). Build it with `ATTNCAP_BUILD_KERNELS=1 pip install -e .` (or "
             "`python setup.py build_ext --inplace`) on a machine with nvcc; see docs/kernels.md. "
-            "The torch reference (vllm_attncap.compute.reference) needs no extension."
+            "The torch reference (vllm_attncap.engine.compute.reference) needs no extension."
         )
     return ext
 
@@ -464,7 +464,7 @@ def elide_rows(
 
     Args:
         probs: ``(n, h, W)`` or ``(n, W)`` float32, last dimension contiguous.
-        plan: an :class:`~vllm_attncap.compute.elide.ElisionPlan` (its tables are
+        plan: an :class:`~vllm_attncap.engine.compute.elide.ElisionPlan` (its tables are
             copied to the device on each call: keep device tables for hot loops), or
             the ``(M, W_out)`` int32 source-column table on the device.
         elided: with a table ``plan``: ``(M, W_e)`` uint8/bool mask of elided columns.

@@ -4,16 +4,14 @@
 ``attention_backend`` is parsed. It:
 
 1. registers the platform's attncap backend class on the ``CUSTOM`` member of
-   ``AttentionBackendEnum`` (CPU: :class:`~vllm_attncap.backends.cpu.AttnCapCPUBackend`;
-   CUDA: :class:`~vllm_attncap.backends.flash.AttnCapFlashBackend`);
+   ``AttentionBackendEnum`` (CPU: :class:`~vllm_attncap.engine.backends.cpu.AttnCapCPUBackend`;
+   CUDA: :class:`~vllm_attncap.engine.backends.flash.AttnCapFlashBackend`);
 2. adds ``ATTNCAP`` as an alias name of that member, so ``attention_backend="attncap"``
    (any case) parses in every process — an alias pickles as ``CUSTOM``, which
    survives vLLM's spawned processes (a new enum member would not);
 3. on CPU, makes the platform honour the selection: ``CpuPlatform`` always
    returns CPU_ATTN, so its ``get_attn_backend_cls`` is wrapped to return the
    attncap backend when, and only when, ``CUSTOM``/``attncap`` was selected;
-4. in a ``vllm serve`` process only, installs the server's spec validation and
-   capture routes (:mod:`vllm_attncap.server`); elsewhere it patches nothing.
 
 Without ``attention_backend="attncap"`` nothing else changes: vLLM resolves its
 own backends exactly as if the plugin were not installed.
@@ -27,8 +25,8 @@ logger = logging.getLogger("vllm_attncap")
 
 __all__ = ["register", "backend_class_path"]
 
-CPU_BACKEND = "vllm_attncap.backends.cpu.AttnCapCPUBackend"
-CUDA_BACKEND = "vllm_attncap.backends.flash.AttnCapFlashBackend"
+CPU_BACKEND = "vllm_attncap.engine.backends.cpu.AttnCapCPUBackend"
+CUDA_BACKEND = "vllm_attncap.engine.backends.flash.AttnCapFlashBackend"
 
 
 def backend_class_path(platform) -> str | None:
@@ -76,7 +74,3 @@ def register() -> None:
     AttentionBackendEnum._member_map_.setdefault("ATTNCAP", AttentionBackendEnum.CUSTOM)
     if current_platform.is_cpu():
         _patch_cpu_platform(type(current_platform), AttentionBackendEnum)
-    # `vllm serve` only: validate specs in the API server (HTTP 400) and add the capture routes.
-    from .server import install_frontend_validation
-
-    install_frontend_validation()

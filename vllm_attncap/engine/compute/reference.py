@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "slots_for_positions",
     "gather_keys",
+    "gather_paged_keys",
     "attention_probs",
     "reduce_heads",
     "history_stats",
@@ -52,6 +53,25 @@ def gather_keys(
         ``(ctx_len, H_kv, D)``.
     """
     return key_slots[slots_for_positions(block_table_row, ctx_len, block_size)]
+
+
+def gather_paged_keys(key_cache: torch.Tensor, block_table_row: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """Keys of positions ``0..ctx_len-1`` of one request from a paged key cache.
+
+    Args:
+        key_cache: ``(num_blocks, block_size, H_kv, D)`` (any strides), e.g.
+            ``kv_cache.unbind(1)[0]`` for vLLM 0.23-0.25 FlashAttention.
+        block_table_row: this request's block ids (int32/int64, on the cache's device).
+        ctx_len: number of positions.
+
+    Returns:
+        ``(ctx_len, H_kv, D)``, a copy.
+    """
+    bs = key_cache.shape[1]
+    nblk = -(-ctx_len // bs)
+    blocks = block_table_row[:nblk].to(torch.long)
+    k = key_cache[blocks]  # (nblk, bs, H_kv, D)
+    return k.reshape(nblk * bs, key_cache.shape[2], key_cache.shape[3])[:ctx_len]
 
 
 def attention_probs(

@@ -37,7 +37,7 @@ def test_imports_with_heavy_packages_poisoned():
         for module in {NUMPY_ONLY_MODULES!r}:
             importlib.import_module(module)
         import cagsr_reward
-        assert cagsr_reward.__version__ == "0.1.0"
+        assert cagsr_reward.__version__ == "0.2.0"
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "vllm", "transformers", "trl")
                        and sys.modules[m] is not None)
         assert not heavy, heavy
@@ -74,4 +74,4 @@ def test_imports_in_a_bare_venv_with_only_numpy(tmp_path):
     )
     proc = _run(python, code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["0.1.0", "0.75"]
+    assert proc.stdout.split() == ["0.2.0", "0.75"]

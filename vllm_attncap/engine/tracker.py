@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import CaptureSpec, ResolvedSpec, resolve_spec
-from .store import CaptureWriter, write_error
+from ..spec import CaptureSpec, ResolvedSpec, resolve_spec
+from ..store import CaptureMeta, CaptureWriter, write_error
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -98,19 +98,21 @@ class CaptureTracker:
                 prompt_len=prompt_len,
                 max_tokens=max(1, t_max),
             )
-            meta = {
-                "mode": resolved.spec.mode,
-                "reduce": resolved.spec.reduce,
-                "layers": list(resolved.layers),
-                "heads": list(resolved.heads),
-                "prompt_len": prompt_len,
-                "max_tokens": resolved.max_tokens,
-                "history_len": resolved.history_len,
-                "sink": resolved.spec.sink,
-                "salient": list(resolved.spec.salient),
-                "spec": resolved.spec.to_dict(),
-            }
-            writer = CaptureWriter(key, req_id, resolved.shape, meta)
+            meta = CaptureMeta(
+                key,
+                req_id,
+                mode=resolved.spec.mode,
+                reduce=resolved.spec.reduce,
+                layers=list(resolved.layers),
+                heads=list(resolved.heads),
+                prompt_len=prompt_len,
+                max_tokens=resolved.max_tokens,
+                history_len=resolved.history_len,
+                sink=resolved.spec.sink,
+                salient=list(resolved.spec.salient),
+                spec=resolved.spec.to_dict(),
+            )
+            writer = CaptureWriter(meta)
         except (ValueError, OSError) as e:
             self.refused.add(req_id)
             logger.warning("vllm_attncap: capture refused for request %s: %s", req_id, e)

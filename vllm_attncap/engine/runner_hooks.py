@@ -102,7 +102,7 @@ def _wrap_execute_model(orig):
 
 
 class MRv2StepView:
-    """One Model Runner V2 step as the plan sees it (:func:`vllm_attncap.plan._requests_view`).
+    """One Model Runner V2 step as the plan sees it (:func:`vllm_attncap.engine.plan._requests_view`).
 
     Attributes:
         runner: the MRv2 ``GPUModelRunner``.

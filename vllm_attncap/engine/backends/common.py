@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 from ..tracker import ModelShape
 
-__all__ = ["layer_index_of", "model_shape_from_config"]
+__all__ = ["extend_metadata", "layer_index_of", "model_shape_from_config"]
+
+_M = TypeVar("_M")
+
+
+def extend_metadata(cls: type[_M], base: Any, **extra: Any) -> _M:
+    """An instance of ``cls`` (a dataclass subclass of ``type(base)``'s class) with ``base``'s fields plus ``extra``.
+
+    How a backend adds its fields to vLLM's metadata: by a declared subclass, never by attributes stuck onto vLLM's
+    object.
+    """
+    init = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    md = cls(**init, **extra)
+    for f in dataclasses.fields(base):
+        if not f.init:
+            object.__setattr__(md, f.name, getattr(base, f.name))
+    return md
 
 
 def layer_index_of(layer) -> int:

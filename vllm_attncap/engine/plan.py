@@ -42,8 +42,22 @@ class RowBatch:
 
 @dataclass
 class StepPlan:
+    """The captured rows of one step, and what the backends decide about them once per step.
+
+    Attributes:
+        batches: one :class:`RowBatch` per captured request.
+        layers: every layer some request of the step captures.
+        own_layers: the layers of the KV-cache group whose builder made the plan (None = all); set by the CUDA
+            builder (a model with several KV-cache groups gets one plan per group).
+        use_kernels: whether the CUDA kernels capture this step (decided at the first captured layer).
+        kernel_groups: the kernel path's row groups, built at the first captured layer.
+    """
+
     batches: list[RowBatch]
     layers: frozenset[int]
+    own_layers: frozenset[int] | None = None
+    use_kernels: bool | None = None
+    kernel_groups: list[Any] | None = None
 
     def wants(self, layer_index: int) -> bool:
         return layer_index in self.layers
@@ -52,7 +66,7 @@ class StepPlan:
 def _requests_view(runner: Any, num_reqs: int):
     """(req_id, prompt_token_count, sampling_params) per batch row.
 
-    Two runners, told apart by duck typing (:mod:`vllm_attncap.runner_hooks`):
+    Two runners, told apart by duck typing (:mod:`vllm_attncap.engine.runner_hooks`):
     the V1 runner (``input_batch.req_ids`` + ``requests[rid]``) and a Model
     Runner V2 step view (the step's transient ``InputBatch``, prompt lengths from
     ``req_states.prompt_len`` through ``idx_mapping_np``, sampling params

@@ -5,15 +5,15 @@ Backend / MetadataBuilder / Impl, as in vLLM's own backends:
 * :class:`AttnCapCPUBackend` only declares capabilities (inherited from
   ``CPUAttentionBackend``) and points at the builder and impl. Its name is
   ``CUSTOM``: vLLM looks backends up by enum member name, and ``attncap`` is an
-  alias of that member (see :mod:`vllm_attncap.plugin`).
+  alias of that member (see :mod:`vllm_attncap.engine.plugin`).
 * :class:`AttnCapCPUMetadataBuilder` builds the stock metadata and, once per
-  step, the capture plan (:mod:`vllm_attncap.plan`).
+  step, the capture plan (:mod:`vllm_attncap.engine.plan`).
 * :class:`AttnCapCPUImpl` runs the stock kernel first — generated tokens are
   exactly CPU_ATTN's — then captures the planned rows of its layer.
 
 Why a shadow key store: the CPU KV cache holds keys in an ISA-specific packed
 layout (column-major blocks for ``vec``, VNNI tiles for ``amx``); reading it
-back naively gives wrong keys (facts.md). ``do_kv_cache_update`` therefore also
+back naively gives wrong keys. ``do_kv_cache_update`` therefore also
 writes each token's key, unpacked, into a slot-indexed shadow tensor. Indexing
 by KV-cache slot keeps prefix-cache hits and recomputed blocks correct. It
 costs one extra key copy per token and memory equal to the key half of the KV
@@ -23,9 +23,9 @@ cache, only when this backend is selected.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -35,13 +35,14 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from .. import runner_hooks
 from ..capture import capture_layer
-from ..plan import build_step_plan
-from ..tracker import ModelShape, get_tracker
-from .common import layer_index_of, model_shape_from_config
+from ..compute.reference import gather_keys
+from ..plan import StepPlan, build_step_plan
+from ..tracker import get_tracker
+from .common import extend_metadata, layer_index_of, model_shape_from_config
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl"]
+__all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadata", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl"]
 
 
 class AttnCapCPUBackend(CPUAttentionBackend):
@@ -60,8 +61,19 @@ class AttnCapCPUBackend(CPUAttentionBackend):
         return AttnCapCPUMetadataBuilder
 
 
+@dataclass
+class AttnCapCPUMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata plus this step's capture plan.
+
+    Attributes:
+        attncap_plan: which query rows of the step are captured, for which request (None: nobody captures).
+    """
+
+    attncap_plan: StepPlan | None = None
+
+
 class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    """Stock CPU metadata plus ``attncap_plan`` (a :class:`~vllm_attncap.plan.StepPlan` or None)."""
+    """Stock CPU metadata plus the step's capture plan (:class:`AttnCapCPUMetadata`)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -70,10 +82,10 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         tracker.set_model_shape(model_shape_from_config(vllm_config))
         runner_hooks.install()
 
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> CPUAttentionMetadata:
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapCPUMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        md.attncap_plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker())
-        return md
+        plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker())
+        return extend_metadata(AttnCapCPUMetadata, md, attncap_plan=plan)
 
 
 class AttnCapCPUImpl(CPUAttentionBackendImpl):
@@ -119,10 +131,15 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
         output_block_scale=None,
     ):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        plan = getattr(attn_metadata, "attncap_plan", None) if attn_metadata is not None else None
+        plan = attn_metadata.attncap_plan if isinstance(attn_metadata, AttnCapCPUMetadata) else None
         if plan is not None and self._key_slots is not None:
             if self._layer_index is None:
                 self._layer_index = layer_index_of(layer)
             if plan.wants(self._layer_index):
-                capture_layer(self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan)
+                key_slots, block_size = self._key_slots, kv_cache.shape[2]
+                capture_layer(
+                    self, self._layer_index, query,
+                    lambda b: gather_keys(key_slots, b.block_table_row, b.ctx_len, block_size), plan,
+                    sliding_window=self.sliding_window if self.sliding_window is not None else -1,
+                )
         return output

@@ -1,0 +1,254 @@
+"""attncap on CUDA: vLLM 0.25.1's FLASH_ATTN backend plus capture.
+
+Same shape as :mod:`vllm_attncap.engine.backends.cpu` (Backend / MetadataBuilder / Impl,
+subclassing vLLM's own classes, which the runner requires: its builders check
+``isinstance(layer.impl, FlashAttentionImpl)``):
+
+* :class:`AttnCapFlashBackend` declares FLASH_ATTN's capabilities, minus fp8 KV
+  caches (capture reads keys as stored), and is named ``CUSTOM`` (vLLM looks
+  backends up by enum member name; ``attncap`` is an alias of that member, see
+  :mod:`vllm_attncap.engine.plugin`). ``CudaPlatform.get_attn_backend_cls`` validates
+  a selected backend with the class's own ``validate_configuration`` and
+  returns its path, so nothing else is needed for selection.
+* :class:`AttnCapFlashMetadataBuilder` builds FLASH_ATTN's metadata and, once
+  per step, the capture plan (:mod:`vllm_attncap.engine.plan`), returned in an
+  :class:`AttnCapFlashMetadata`. It declares ``AttentionCGSupport.NEVER``: vLLM
+  then downgrades ``FULL_AND_PIECEWISE`` to ``PIECEWISE``, so attention — and
+  capture — runs eagerly between the graphed pieces on every step (docs/gpu.md,
+  "CUDA graphs").
+* :class:`AttnCapFlashImpl` runs FlashAttention first — generated tokens are
+  exactly FLASH_ATTN's — then captures the planned rows of its layer.
+
+Keys are read straight from the paged KV cache (plain layout on CUDA, no shadow
+store), split exactly as ``FlashAttentionImpl`` does in vLLM 0.23-0.25:
+``kv_cache.unbind(1)[0]`` of ``[num_blocks, 2, block_size, H_kv, D]``.
+
+Two ways to compute a layer's rows, chosen once per step: the CUDA kernels
+(:mod:`vllm_attncap.engine.kernel_capture`), or the torch path shared with the CPU
+backend (:func:`vllm_attncap.engine.capture.capture_layer` over
+:func:`~vllm_attncap.engine.compute.reference.gather_paged_keys`).
+
+Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+
+from .. import runner_hooks
+from ..capture import capture_layer
+from ..compute.pinned import HostSink
+from ..compute.reference import gather_paged_keys
+from ..kernel_capture import capture_layer_kernels, step_uses_kernels
+from ..plan import StepPlan, build_step_plan
+from ..tracker import get_tracker
+from .common import extend_metadata, layer_index_of, model_shape_from_config
+
+logger = logging.getLogger("vllm_attncap")
+
+__all__ = [
+    "AttnCapFlashBackend",
+    "AttnCapFlashMetadata",
+    "AttnCapFlashMetadataBuilder",
+    "AttnCapFlashImpl",
+    "flush_pending",
+    "window_length",
+]
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+class AttnCapFlashBackend(FlashAttentionBackend):
+    """FLASH_ATTN with per-request attention capture (fp16/bf16 KV caches only)."""
+
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["AttnCapFlashImpl"]:
+        return AttnCapFlashImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["AttnCapFlashMetadataBuilder"]:
+        return AttnCapFlashMetadataBuilder
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        # fp8 caches would need dequantisation with layer._k_scale before capture (not implemented).
+        return kv_cache_dtype is None or kv_cache_dtype in cls.supported_kv_cache_dtypes
+
+
+@dataclass
+class AttnCapFlashMetadata(FlashAttentionMetadata):
+    """FLASH_ATTN's metadata plus this step's capture plan.
+
+    Attributes:
+        attncap_plan: which query rows of the step are captured, for which request (None: nobody captures).
+    """
+
+    attncap_plan: StepPlan | None = None
+
+
+class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
+    """FLASH_ATTN metadata plus the step's capture plan (:class:`AttnCapFlashMetadata`).
+
+    ``NEVER`` full-graph support keeps attention (and capture) out of full CUDA
+    graphs; see the module docstring and docs/gpu.md.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            raise ValueError("attention_backend='attncap' does not support speculative decoding yet")
+        tracker = get_tracker()
+        if hasattr(tracker, "reset"):
+            tracker.reset()  # a new engine in this process: earlier engines' captures are dead (as on CPU)
+        tracker.set_model_shape(model_shape_from_config(vllm_config))
+        runner_hooks.install()
+        runner_hooks.on_step_end(flush_pending)
+        # layer indices of this KV-cache group (several groups = several builders and plans per step)
+        try:
+            self._own_layers: frozenset[int] | None = frozenset(_layer_index_of_name(n) for n in layer_names)
+        except (AssertionError, ValueError):  # a layer name without an index: capture every planned layer
+            self._own_layers = None
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapFlashMetadata:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if _SINK.pending:  # a step whose end hook did not run; normally empty
+            _SINK.flush()
+        plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker())
+        if plan is not None:
+            plan.own_layers = self._own_layers
+        return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan)
+
+
+class AttnCapFlashImpl(FlashAttentionImpl):
+    """FlashAttention's computation, then capture of this layer's planned rows."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._layer_index: int | None = None
+        self._dev: dict[str, Any] = {}
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        plan = attn_metadata.attncap_plan if isinstance(attn_metadata, AttnCapFlashMetadata) else None
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return output
+        if self._layer_index is None:
+            self._layer_index = layer_index_of(layer)
+        if not plan.wants(self._layer_index):
+            return output
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return output  # never inside a graph capture (plans only exist in real steps anyway)
+        reason = _unsupported(self, attn_metadata)
+        if reason is not None:
+            _warn_once(reason, "vllm_attncap: capture skipped: %s", reason)
+            return output
+        key_cache = kv_cache.unbind(1)[0]  # vLLM 0.23-0.25 FlashAttention split
+        window = window_length(self, attn_metadata)
+        if step_uses_kernels(plan, self, query, key_cache):
+            capture_layer_kernels(self, self._layer_index, query, key_cache, attn_metadata.block_table, window, plan,
+                                  _SINK)
+        else:
+            capture_layer(self, self._layer_index, query,
+                          lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,
+                          sliding_window=window)
+        return output
+
+    # device copies of per-head parameters (kernels want float32 on the device)
+    def alibi_on(self, device: torch.device) -> torch.Tensor | None:
+        a = self.alibi_slopes
+        if a is None:
+            return None
+        t = self._dev.get("alibi")
+        if t is None or t.device != device:
+            t = self._dev["alibi"] = a.to(device=device, dtype=torch.float32).contiguous()
+        return t
+
+    def sinks_on(self, device: torch.device) -> torch.Tensor | None:
+        s = self.sinks
+        if s is None:
+            return None
+        key = (s.data_ptr(), s._version, device)
+        ent = self._dev.get("sinks")
+        if ent is None or ent[0] != key:  # weights reloaded (e.g. an RL weight sync): refresh
+            ent = self._dev["sinks"] = (key, s.detach().to(device=device, dtype=torch.float32).contiguous())
+        return ent[1]
+
+
+def _layer_index_of_name(name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(name)
+
+
+def _unsupported(impl: AttnCapFlashImpl, md: Any) -> str | None:
+    """Why this layer's capture would not match what FlashAttention computed, or None."""
+    if getattr(md, "causal", True) is not True:
+        return "non-causal or per-sequence causal attention"
+    if getattr(md, "mm_prefix_range_tensor", None) is not None:
+        return "bidirectional multimodal prefix ranges"
+    if getattr(md, "rswa_prefix_lens", None) is not None:
+        return "R-SWA attention"
+    if getattr(impl, "dcp_world_size", 1) > 1:
+        return "decode context parallelism"
+    return None
+
+
+def window_length(impl: FlashAttentionImpl, md: Any) -> int:
+    """The sliding window FlashAttention used, as :func:`reference.attention_probs` takes it.
+
+    FlashAttentionImpl (0.25.1) uses ``md.sliding_window`` when set, else its own
+    ``(left, right)`` tuple; a causal window ``(w - 1, 0)`` attends to keys
+    ``j >= pos - (w - 1)``, i.e. the reference's ``sliding_window = w``; ``-1`` = none.
+    """
+    window = getattr(md, "sliding_window", None)
+    if window is None:
+        window = impl.sliding_window
+    if window is None:
+        return -1
+    left = int(window[0])
+    return left + 1 if left >= 0 else -1
+
+
+_SINK = HostSink()
+
+
+def flush_pending() -> None:
+    """Write every copied row into its request's buffer (called after each step's forward)."""
+    if _SINK.pending:
+        _SINK.flush()

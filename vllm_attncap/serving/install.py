@@ -1,0 +1,168 @@
+"""Server mode's hooks into vLLM's OpenAI API server: request validation and the retrieval routes.
+
+1. **Request validation** wraps ``InputProcessor.process_inputs``, which every completion/chat request passes
+   through after tokenization, to run :func:`~vllm_attncap.serving.admission.admit_request`. A bad spec raises
+   :class:`vllm.exceptions.VLLMValidationError`, which the server answers with HTTP 400 naming the field
+   (``error.param`` is ``vllm_xargs.attncap.<field>``); the engine never sees the request and keeps serving.
+2. **Retrieval routes** (:mod:`~vllm_attncap.serving.routes`) are added to the FastAPI app by wrapping
+   ``attach_endpoint_plugins``, which ``build_app`` calls once after the core routes (no ``VLLM_PLUGINS``
+   allow-listing is needed).
+
+Outside an API-server process (``LLM`` offline, EngineCore, workers) nothing is patched and nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from http import HTTPStatus
+
+from ..spec import DEFAULT_MAX_BYTES
+from ..store import MAX_PENDING_BYTES
+from .admission import PendingCapError, admit_request
+from .routes import ROUTE, build_router
+from .xargs import SpecError
+
+logger = logging.getLogger("vllm_attncap")
+
+__all__ = ["install_frontend_validation"]
+
+# True once this process has built an OpenAI API app: validation runs only then, so the
+# offline ``LLM`` keeps its own behaviour (generate_with_attentions validates by itself).
+_SERVER_MODE = False
+_INSTALLED = False
+
+
+def _as_http_error(e: Exception) -> Exception:
+    """Map our errors to the exceptions vLLM's server turns into HTTP 400 / 503."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # older vLLM: plain ValueError -> 400
+        return ValueError(str(e))
+    if isinstance(e, PendingCapError):
+        try:
+            from vllm.exceptions import GracefulHTTPError
+
+            return GracefulHTTPError(str(e), HTTPStatus.SERVICE_UNAVAILABLE)
+        except ImportError:
+            return ValueError(str(e))
+    field = getattr(e, "field", None)
+    param = f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap"
+    return VLLMValidationError(str(e), parameter=param)
+
+
+def _wrap_process_inputs(orig):
+    @functools.wraps(orig)
+    def process_inputs(self, request_id, *args, **kwargs):
+        out = orig(self, request_id, *args, **kwargs)
+        if not _SERVER_MODE:
+            return out
+        request = out[-1] if isinstance(out, tuple) else out  # older vLLM returned (prompt_str, request)
+        sp = getattr(request, "sampling_params", None)
+        if sp is None or not sp.extra_args:
+            return out
+        mc, pc = self.vllm_config.model_config, self.vllm_config.parallel_config
+        try:
+            new_args = admit_request(
+                sp.extra_args,
+                request_id=str(request_id),
+                prompt_len=len(request.prompt_token_ids or []),
+                max_tokens=sp.max_tokens if sp.max_tokens is not None else mc.max_model_len,
+                n=getattr(sp, "n", 1) or 1,
+                num_layers=mc.get_num_layers(pc),
+                num_heads=mc.get_num_attention_heads(pc),
+                max_model_len=mc.max_model_len,
+            )
+        except (SpecError, PendingCapError) as e:
+            raise _as_http_error(e) from None
+        if new_args is not None:
+            sp.extra_args = new_args  # a fresh dict: the caller's params stay untouched
+        return out
+
+    process_inputs.__attncap_wrapped__ = True
+    return process_inputs
+
+
+def _attach(app) -> None:
+    global _SERVER_MODE
+    app.include_router(build_router())
+    _SERVER_MODE = True
+    logger.info(
+        "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
+        "(per-request cap %d bytes, in-flight cap %d bytes)", ROUTE, DEFAULT_MAX_BYTES, MAX_PENDING_BYTES,
+    )
+
+
+def _patch_app_builder() -> bool:
+    mod = sys.modules.get("vllm.entrypoints.launchers.app")
+    if mod is not None and hasattr(mod, "attach_endpoint_plugins"):
+        # vLLM >= 0.28: build_app() calls this module global once, after the core routers.
+        orig = mod.attach_endpoint_plugins
+        if getattr(orig, "__attncap_wrapped__", False):
+            return True
+
+        def attach_endpoint_plugins(app, *args, **kwargs):
+            result = orig(app, *args, **kwargs)
+            _attach(app)
+            return result
+
+        attach_endpoint_plugins.__attncap_wrapped__ = True
+        mod.attach_endpoint_plugins = attach_endpoint_plugins
+        return True
+    mod = sys.modules.get("vllm.entrypoints.openai.api_server")
+    if mod is not None and hasattr(mod, "build_app"):
+        # Older layout (untested here): build_app is a module global of api_server.
+        orig_build = mod.build_app
+        if getattr(orig_build, "__attncap_wrapped__", False):
+            return True
+
+        def build_app(*args, **kwargs):
+            app = orig_build(*args, **kwargs)
+            _attach(app)
+            return app
+
+        build_app.__attncap_wrapped__ = True
+        mod.build_app = build_app
+        return True
+    return False
+
+
+def _patch_input_processor() -> bool:
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor as cls
+    except ImportError:
+        try:
+            from vllm.v1.engine.processor import Processor as cls  # older vLLM
+        except ImportError:
+            return False
+    if not getattr(cls.process_inputs, "__attncap_wrapped__", False):
+        cls.process_inputs = _wrap_process_inputs(cls.process_inputs)
+    return True
+
+
+def install_frontend_validation() -> bool:
+    """Install server mode in an OpenAI API-server process; a no-op anywhere else.
+
+    Called from ``vllm_attncap.engine.plugin.register()``, which vLLM runs in every process
+    before the engine is built. The API-server process is recognised by its app
+    module being imported already (``vllm serve`` imports it before parsing the
+    engine arguments); EngineCore, workers and offline ``LLM`` processes are left
+    alone. Idempotent.
+
+    Returns:
+        True when the hooks are in place in this process.
+    """
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if "vllm.entrypoints.launchers.app" not in sys.modules and "vllm.entrypoints.openai.api_server" not in sys.modules:
+        return False
+    if not _patch_input_processor():
+        logger.warning("vllm_attncap: this vLLM has no InputProcessor to hook; server-side capture validation is off")
+        return False
+    if not _patch_app_builder():
+        logger.warning("vllm_attncap: could not find vLLM's app builder; GET %s is not available", ROUTE)
+        return False
+    _INSTALLED = True
+    return True

@@ -1,0 +1,147 @@
+"""The retrieval routes: ``GET /v1/attncap/{key}`` (the capture as JSON, deleted once read) and ``DELETE``.
+
+The key is the spec's ``key`` when the request set one, else the server's request id: ``<response id>-<prompt
+index>`` for ``/v1/completions`` (the response id alone also works for a single prompt) and ``<response id>`` for
+``/v1/chat/completions``. Captures are read only through :mod:`vllm_attncap.store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+
+from ..store import STATUS_ERROR, STATUS_OPEN, CaptureRecord, discard_capture, key_exists, list_captures, read_capture
+from .admission import release
+
+__all__ = ["ROUTE", "build_router", "capture_payload"]
+
+ROUTE = "/v1/attncap/{key}"
+_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_INDEXED = re.compile(r"^(?P<base>.+)-(?P<index>\d+)$")
+
+
+def capture_payload(record: CaptureRecord, *, encoding: str = "base64") -> dict[str, Any]:
+    """JSON body of one capture record (see docs/server.md for the fields)."""
+    meta = record.meta
+    body: dict[str, Any] = {
+        "object": "attncap.capture",
+        "key": meta.key,
+        "engine_request_id": meta.req_id,
+        "mode": meta.mode,
+        "reduce": meta.reduce,
+        "layers": meta.layers,
+        "heads": meta.heads,
+        "prompt_len": meta.prompt_len,
+        "spec": meta.spec,
+        "num_tokens": record.num_tokens,
+    }
+    arr = record.array
+    if meta.mode == "stats":
+        body["history_len"] = meta.history_len
+        body["shape"] = list(record.coverage.shape)
+        body["coverage"] = record.coverage.tolist()
+        body["entropy"] = record.entropy.tolist()
+        return body
+    body["shape"] = list(arr.shape)
+    body["dtype"] = "float32"
+    body["encoding"] = encoding
+    if encoding == "list":
+        body["data"] = arr.tolist()
+    else:
+        body["data"] = base64.b64encode(np.ascontiguousarray(arr, dtype="<f4").tobytes()).decode("ascii")
+    return body
+
+
+def _resolve_key(key: str) -> tuple[str | None, list[str]]:
+    """The stored key for ``key``: itself, or ``key-<i>`` when a completion response id has
+    exactly one prompt capture. Returns ``(key or None, the candidate keys found)``."""
+    if key_exists(key):
+        return key, [key]
+    indexed = set()
+    for meta in list_captures():
+        m = _INDEXED.match(meta.key)
+        if m and m.group("base") == key:
+            indexed.add(meta.key)
+    indexed_keys = sorted(indexed)
+    return (indexed_keys[0] if len(indexed_keys) == 1 else None), indexed_keys
+
+
+def _error(status: HTTPStatus, message: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        status_code=status.value,
+        content={"error": {"message": message, "type": status.phrase.replace(" ", ""), "param": param, "code": status.value}},
+    )
+
+
+def build_router():
+    """The FastAPI router with the retrieval routes."""
+    from fastapi import APIRouter, Query
+    from fastapi.responses import JSONResponse
+
+    router = APIRouter()
+
+    @router.get(ROUTE)
+    async def get_capture(
+        key: str,
+        num_tokens: int | None = Query(None, ge=1, description="trim to this many generated tokens"),
+        wait: float = Query(10.0, ge=0.0, le=60.0, description="seconds to wait for the capture to be closed"),
+        encoding: str = Query("base64", pattern="^(base64|list)$"),
+    ):
+        if not _KEY_RE.match(key):
+            return _error(HTTPStatus.BAD_REQUEST, "key must be 1-128 characters from [A-Za-z0-9._-]", "key")
+        deadline = time.monotonic() + wait
+        stored, candidates = _resolve_key(key)
+        while stored is None and not candidates and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            stored, candidates = _resolve_key(key)
+        if stored is None and candidates:
+            return _error(
+                HTTPStatus.CONFLICT,
+                f"{key!r} names several captures (one per prompt): {candidates}; fetch each of them", "key",
+            )
+        if stored is None:
+            return _error(HTTPStatus.NOT_FOUND, f"no capture under {key!r} (already fetched, never requested, or evicted)", "key")
+        # The worker closes a capture (recording how many rows it wrote) on the engine step
+        # after the request finishes; wait for that unless the caller gave the token count.
+        while True:
+            metas = list_captures(stored)
+            if num_tokens is not None or all(m.status != STATUS_OPEN for m in metas):
+                break
+            if time.monotonic() >= deadline:
+                return _error(
+                    HTTPStatus.CONFLICT,
+                    f"the capture under {stored!r} is still being written; retry, or pass num_tokens "
+                    "(usage.completion_tokens of the response)",
+                    "key",
+                )
+            await asyncio.sleep(0.02)
+        errors = [m.error for m in metas if m.status == STATUS_ERROR]
+        if errors:
+            discard_capture(stored)
+            release(stored)
+            return _error(HTTPStatus.UNPROCESSABLE_ENTITY, f"capture refused by the engine: {errors[0]}", "key")
+        counts = [max(0, min(num_tokens if num_tokens is not None else m.rows_written, m.max_tokens)) for m in metas]
+        release(stored)
+        records = await asyncio.get_running_loop().run_in_executor(None, lambda: read_capture(stored, counts, wait_s=0.0))
+        bodies = [capture_payload(r, encoding=encoding) for r in records]
+        if len(bodies) == 1:
+            return JSONResponse(bodies[0])
+        return JSONResponse({"object": "list", "key": stored, "data": bodies})
+
+    @router.delete(ROUTE)
+    async def delete_capture(key: str):
+        if not _KEY_RE.match(key):
+            return _error(HTTPStatus.BAD_REQUEST, "key must be 1-128 characters from [A-Za-z0-9._-]", "key")
+        stored = _resolve_key(key)[0] or key
+        release(stored)
+        return JSONResponse({"object": "attncap.deleted", "key": stored, "deleted_files": discard_capture(stored)})
+
+    return router
