@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,6 +119,23 @@ class CapturedAttention:
             raise ValueError(f"token_ids: {len(self.token_ids)} ids for {self.num_tokens} attention rows")
         if self.prompt_token_ids is not None and len(self.prompt_token_ids) != self.prompt_len:
             raise ValueError(f"prompt_token_ids: {len(self.prompt_token_ids)} ids for prompt_len={self.prompt_len}")
+
+    # -- the 0.1 dict interface (one release) -------------------------------------------------------------------
+    _DICT_KEYS = ("attention", "prompt_len", "layer_ids", "num_layers", "reduce", "selected_layer_ids")
+
+    def __getitem__(self, key: str) -> Any:
+        """``capture["attention"]`` etc., as the 0.1 ``attncap_attention`` dicts were read; warns (use attributes)."""
+        if key not in self._DICT_KEYS:
+            raise KeyError(key)
+        warnings.warn(
+            f"CapturedAttention[{key!r}] is the 0.1 dict interface of attncap_attention entries; use the attribute "
+            f"(.{'layer_ids' if key == 'selected_layer_ids' else key}); item access goes away in the next release",
+            DeprecationWarning, stacklevel=2,
+        )
+        if key == "selected_layer_ids":
+            return list(self.layer_ids) if self.reduce == "layer_head_mean" and self.layer_ids is not None else None
+        value = getattr(self, key)
+        return list(value) if isinstance(value, tuple) else value
 
     # -- what it holds ------------------------------------------------------------------------------------------
     @property

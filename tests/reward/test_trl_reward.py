@@ -421,3 +421,19 @@ def test_rloo_trains_two_steps_with_the_cagsr_reward(tmp_path, saved, tokenizer,
     assert all(log["rewards/cagsr/mean"] == pytest.approx(log["cagsr/reward"], abs=1e-5) for log in steps)
     trl_ids = trainer._tokenize_prompts([TEXTS[0], TEXTS[2]])[0]
     assert [reward.encode(t).input_ids for t in (TEXTS[0], TEXTS[2])] == [list(ids) for ids in trl_ids]
+
+
+def test_captured_attention_keeps_the_01_dict_interface_with_a_warning():
+    """attncap_attention entries were dicts in 0.1; user reward functions that index them keep working for a release."""
+    from cagsr_reward import CapturedAttention
+
+    a = np.zeros((1, 1, 2, 4), np.float32)
+    a[0, 0, 0, :3] = 1 / 3
+    a[0, 0, 1, :4] = 1 / 4
+    cap = CapturedAttention(3, a, reduce="layer_head_mean", layer_ids=(1, 2), num_layers=3)
+    with pytest.warns(DeprecationWarning, match="attribute"):
+        assert cap["attention"] is cap.attention
+    with pytest.warns(DeprecationWarning):
+        assert (cap["prompt_len"], cap["reduce"], cap["selected_layer_ids"]) == (3, "layer_head_mean", [1, 2])
+    with pytest.raises(KeyError):
+        cap["shape"]

@@ -59,6 +59,7 @@ def test_grpo_reward_sees_captured_attention_and_weights_sync(tiny_llama, tmp_pa
         assert row["shape"] == [1, 1, row["T"], row["P"] + row["T"] - 1]
         assert row["prompt_len"] == row["P"]
         assert row["layer_ids"] == [2]  # the last of 3 layers
+        assert row["token_ids_match"]  # the capture knows the completion it belongs to
         assert row["err_now"] < 1e-4, row  # captured while generating == eager attention of the current policy
     # step 2 generated after a large update: the engine generated with the updated weights, not the initial ones
     assert max(r["err_initial"] for r in rows[4:]) > 1e-3

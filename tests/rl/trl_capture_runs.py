@@ -80,13 +80,14 @@ def grpo(model_dir: str, out_dir: str) -> dict:
             first = eager_rows(initial, p_ids, ids)[-1].mean(0)
             seen.append(
                 {
-                    "shape": list(entry["attention"].shape),
+                    "shape": list(entry.attention.shape),
                     "P": len(p_ids),
                     "T": len(ids),
-                    "prompt_len": entry["prompt_len"],
-                    "layer_ids": entry["layer_ids"],
-                    "err_now": float(np.abs(entry["attention"][0, 0] - now).max()),
-                    "err_initial": float(np.abs(entry["attention"][0, 0] - first).max()),
+                    "prompt_len": entry.prompt_len,
+                    "layer_ids": list(entry.layer_ids),
+                    "token_ids_match": list(entry.token_ids) == [int(t) for t in ids],
+                    "err_now": float(np.abs(entry.attention[0, 0] - now).max()),
+                    "err_initial": float(np.abs(entry.attention[0, 0] - first).max()),
                 }
             )
         return [0.0] * len(completion_ids)
@@ -142,7 +143,7 @@ def rloo(model_dir: str, out_dir: str) -> dict:
     def spy(prompts, completions, completion_ids, attncap_attention=None, **kwargs):
         for prompt, ids, entry in zip(prompts, completion_ids, attncap_attention):
             P = len(_prompt_ids(tok, prompt))
-            seen.append(list(entry["attention"].shape) == [1, 1, len(ids), P + len(ids) - 1])
+            seen.append(list(entry.attention.shape) == [1, 1, len(ids), P + len(ids) - 1])
         return [float(len(i)) for i in completion_ids]
 
     args = RLOOConfig(
