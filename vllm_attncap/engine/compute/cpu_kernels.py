@@ -99,6 +99,7 @@ class CaptureTables:
     num_layers: int
     max_batch_row: int = 0
     max_ctx_len: int = 0
+    max_head: int = 0
 
 
 def _strides(a: np.ndarray) -> tuple[int, ...]:
@@ -168,6 +169,7 @@ def build_tables(requests: Sequence[KernelRequest], num_layers: int) -> CaptureT
         num_layers=num_layers,
         max_batch_row=max((kr.batch_row for kr in requests), default=0),
         max_ctx_len=max((kr.ctx_len for kr in requests), default=0),
+        max_head=max(heads, default=0),
     )
 
 
@@ -218,7 +220,7 @@ def capture_layer(
         raise ValueError(f"cpu capture: query {tuple(q.shape)} does not fit keys {tuple(key_slots.shape)}")
     if tables.rows.shape[0] == 0:
         return
-    if int(tables.heads.max()) >= num_heads:
+    if tables.max_head >= num_heads:
         raise ValueError(f"cpu capture: a selected head is >= the {num_heads} query heads")
     qf = q.index_select(0, tables.q_index).to(torch.float32).contiguous()
     bt = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
