@@ -1,5 +1,10 @@
 """Build script. Metadata, packages and dependencies come from pyproject.toml;
-this file only adds the optional CUDA extension ``vllm_attncap.engine.compute._kernels``.
+this file only adds the compiled extensions: the CPU capture kernel ``vllm_attncap.engine.compute._cpu_kernels``
+(kernels/cpu_capture.cpp, C++/OpenMP, built on every machine with a C++ compiler) and the optional CUDA
+extension ``vllm_attncap.engine.compute._kernels``.
+
+The CPU kernel: ``ATTNCAP_BUILD_CPU_KERNELS=0`` skips it, ``=1`` fails the install if it cannot be built;
+unset: try, and on failure warn (capture then uses the torch path).
 
 The extension is built when nvcc is found (kernels/build.py has the commands
 and the environment variables; docs/kernels.md the design):
@@ -48,7 +53,15 @@ class BuildExtWithCuda(build_ext):
     """build_ext that compiles the .cu sources with nvcc, then links them with the binding."""
 
     def build_extension(self, ext: Extension) -> None:
-        if ext.name != kb.EXTENSION_NAME:
+        if ext.name == CPU_EXTENSION_NAME:
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - optional unless required
+                if CPU_MODE == "require":
+                    raise
+                _warn(f"building the CPU capture kernel failed, installing without it (torch path): {exc}")
+                return None
+        if kb is None or ext.name != kb.EXTENSION_NAME:
             return super().build_extension(ext)
         try:
             ext.extra_objects = kb.compile_cuda_objects(self.build_temp, nvcc=NVCC, archs=ARCHS)
@@ -59,7 +72,34 @@ class BuildExtWithCuda(build_ext):
             _warn(f"building the CUDA extension failed, installing without it (torch fallback): {exc}")
 
 
+CPU_EXTENSION_NAME = "vllm_attncap.engine.compute._cpu_kernels"
+CPU_MODE = {"0": "off", "1": "require"}.get(os.environ.get("ATTNCAP_BUILD_CPU_KERNELS", "").strip(), "try")
+
+
+def _cpu_extension() -> Extension | None:
+    """The CPU capture kernel: plain pybind11 (no torch headers), OpenMP, -O3 with AVX-512/AVX2 clones."""
+    try:
+        import pybind11
+    except ImportError:
+        if CPU_MODE == "require":
+            raise SystemExit("vllm-attncap: ATTNCAP_BUILD_CPU_KERNELS=1 but pybind11 is not installed")
+        _warn("not building the CPU capture kernel: pybind11 is not installed")
+        return None
+    return Extension(
+        CPU_EXTENSION_NAME,
+        sources=[os.path.join("kernels", "cpu_capture.cpp")],
+        include_dirs=[pybind11.get_include()],
+        language="c++",
+        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-g0"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
 ext_modules = []
+if CPU_MODE != "off" and os.path.isfile(os.path.join(HERE, "kernels", "cpu_capture.cpp")):
+    _cpu = _cpu_extension()
+    if _cpu is not None:
+        ext_modules.append(_cpu)
 NVCC = ARCHS = None
 if MODE != "off":
     problem = None

@@ -51,6 +51,8 @@ class StepPlan:
             builder (a model with several KV-cache groups gets one plan per group).
         use_kernels: whether the CUDA kernels capture this step (decided at the first captured layer).
         kernel_groups: the kernel path's row groups, built at the first captured layer.
+        block_table: the step's block table (rows indexed by ``RowBatch.batch_row``).
+        cpu_step: the CPU kernel path's tables (:class:`~.cpu_capture.CpuStep`), built at the first captured layer.
     """
 
     batches: list[RowBatch]
@@ -58,6 +60,8 @@ class StepPlan:
     own_layers: frozenset[int] | None = None
     use_kernels: bool | None = None
     kernel_groups: list[Any] | None = None
+    block_table: torch.Tensor | None = None
+    cpu_step: Any = None
 
     def wants(self, layer_index: int) -> bool:
         return layer_index in self.layers
@@ -152,4 +156,4 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
         layers.update(rc.resolved.layers)
     if not batches:
         return None
-    return StepPlan(batches, frozenset(layers))
+    return StepPlan(batches, frozenset(layers), block_table=cm.block_table_tensor)

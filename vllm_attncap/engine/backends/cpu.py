@@ -9,7 +9,8 @@ Backend / MetadataBuilder / Impl, as in vLLM's own backends:
 * :class:`AttnCapCPUMetadataBuilder` builds the stock metadata and, once per
   step, the capture plan (:mod:`vllm_attncap.engine.plan`).
 * :class:`AttnCapCPUImpl` runs the stock kernel first — generated tokens are
-  exactly CPU_ATTN's — then captures the planned rows of its layer.
+  exactly CPU_ATTN's — then captures the planned rows of its layer, all rows of
+  the step in one call of the CPU capture kernel (:mod:`vllm_attncap.engine.cpu_capture`).
 
 Why a shadow key store: the CPU KV cache holds keys in an ISA-specific packed
 layout (column-major blocks for ``vec``, VNNI tiles for ``amx``); reading it
@@ -34,8 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .. import runner_hooks
-from ..capture import capture_layer
-from ..compute.reference import gather_keys
+from ..cpu_capture import capture_layer_cpu
 from ..plan import StepPlan, build_step_plan
 from ..tracker import get_tracker
 from .common import extend_metadata, layer_index_of, model_shape_from_config
@@ -136,10 +136,8 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
             if self._layer_index is None:
                 self._layer_index = layer_index_of(layer)
             if plan.wants(self._layer_index):
-                key_slots, block_size = self._key_slots, kv_cache.shape[2]
-                capture_layer(
-                    self, self._layer_index, query,
-                    lambda b: gather_keys(key_slots, b.block_table_row, b.ctx_len, block_size), plan,
+                capture_layer_cpu(
+                    self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan,
                     sliding_window=self.sliding_window if self.sliding_window is not None else -1,
                 )
         return output
