@@ -103,7 +103,7 @@ def grpo_args(run: Run, **overrides: Any):
         max_completion_length=args.max_new_tokens,
         learning_rate=args.learning_rate,
         temperature=args.temperature,
-        top_p=args.top_p,
+        top_p=getattr(args, "top_p", 1.0),  # < 1 biases TRL's vLLM importance-sampling ratio (issue #6789)
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=args.max_model_len,
