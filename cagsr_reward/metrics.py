@@ -6,7 +6,7 @@
   history's, with any ``texts -> (n, d)`` embedder (:class:`~cagsr_reward.integrations.embedding.SentenceEmbedder`
   runs the offline all-MiniLM-L6-v2).
 - :func:`ngram_overlap` (the heuristic baseline reward against a gold reply), :func:`distinct_n`, :func:`word_count`.
-- :func:`auroc`, :func:`bootstrap_ci`, :func:`bootstrap_auroc`: the statistics of ``docs/experiments.md``.
+- :func:`auroc`, :func:`paired_auroc`, :func:`bootstrap_ci`, :func:`bootstrap_auroc`: the statistics of ``docs/experiments.md``.
 
 numpy and the standard library only.
 """
@@ -29,6 +29,7 @@ __all__ = [
     "distinct_n",
     "word_count",
     "auroc",
+    "paired_auroc",
     "bootstrap_ci",
     "bootstrap_auroc",
 ]
@@ -232,11 +233,34 @@ def bootstrap_ci(
     return float(stat(x)), float(low), float(high)
 
 
+def paired_auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """AUROC of the two-alternative choice: P(positive_i > negative_i) over pairs i, ties counting 1/2.
+
+    The right statistic when each negative is built from the same item as its positive (the same prompt with a
+    wrong continuation): prompt-to-prompt variation then cannot hide or fake a preference.
+
+    Example:
+        >>> paired_auroc([2.0, 1.0, 3.0], [1.0, 1.0, 4.0])  # win, tie, loss
+        0.5
+    """
+    pos, neg = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
+    if pos.shape != neg.shape or pos.size == 0:
+        raise ValueError(f"paired_auroc: expected two non-empty arrays of one length, got {pos.size} and {neg.size}")
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
 def bootstrap_auroc(
-    positive: Sequence[float], negative: Sequence[float], *, num_samples: int = 2000, level: float = 0.95, seed: int = 0
+    positive: Sequence[float],
+    negative: Sequence[float],
+    *,
+    paired: bool = True,
+    num_samples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
-    """:func:`auroc` with a percentile bootstrap interval; positives and negatives are paired by index (item i's
-    real reply and item i's negative), so items are resampled as pairs.
+    """:func:`paired_auroc` (default) or the pooled :func:`auroc`, with a percentile bootstrap interval; positives
+    and negatives are paired by index (item i's real continuation and item i's negative), so items are resampled
+    as pairs either way.
 
     Example:
         >>> bootstrap_auroc([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])[0]
@@ -246,6 +270,5 @@ def bootstrap_auroc(
     if pos.shape != neg.shape or pos.ndim != 1:
         raise ValueError(f"bootstrap_auroc: expected two 1-D arrays of one shape, got {pos.shape} and {neg.shape}")
     pairs = np.stack([pos, neg], axis=1)
-    return bootstrap_ci(
-        pairs, lambda a: auroc(a[:, 0], a[:, 1]), num_samples=num_samples, level=level, seed=seed
-    )
+    stat = paired_auroc if paired else auroc
+    return bootstrap_ci(pairs, lambda a: stat(a[:, 0], a[:, 1]), num_samples=num_samples, level=level, seed=seed)

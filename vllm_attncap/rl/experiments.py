@@ -274,15 +274,9 @@ def unit_validity_dialogue(ctx: Context) -> dict[str, Any]:
     }
     source = HFAttentionSource(ctx.model, layers=(-1,), reduce="head_mean", dtype="float32")
     scores = score_continuations(source, [it.messages for it in items], conts, configs, tokenizer=tok, selector=selector)
-    table = validity_table(scores, seed=ctx.seed)
-    by_source = {}
-    for src in SOURCES:
-        idx = [i for i, it in enumerate(items) if it.source == src]
-        if len(idx) >= 2:
-            sub = {"full": {k: {c: [v[i] for i in idx] for c, v in comp.items()} for k, comp in scores["full"].items()}}
-            by_source[src] = [r for r in validity_table(sub, seed=ctx.seed) if r["component"] == "reward"]
     lengths = {k: float(np.mean([len(c) for c in v])) for k, v in conts.items()}
-    return {"table": table, "by_source": by_source, "mean_tokens": lengths, "num_items": len(items),
+    return {"table": validity_table(scores, seed=ctx.seed), "mean_tokens": lengths, "num_items": len(items),
+            "item_sources": [it.source for it in items], "item_ids": [it.item_id for it in items],
             "configs": {k: v.to_dict() for k, v in configs.items()}, "scores": scores}
 
 
@@ -602,14 +596,27 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
         r = _load(out, name)
         if r is None:
             continue
+        from .validity import validity_table
+
+        r["table"] = validity_table(r["scores"], seed=seed)  # recomputed from the stored scores
+        if name == "validity_dialogue":
+            r["by_source"] = {}
+            for src in SOURCES:
+                idx = [i for i, s in enumerate(r.get("item_sources", [])) if s == src]
+                if len(idx) >= 2:
+                    sub = {"full": {k: {c: [v[i] for i in idx] for c, v in comp.items()}
+                                    for k, comp in r["scores"]["full"].items()}}
+                    r["by_source"][src] = [x for x in validity_table(sub, seed=seed) if x["component"] == "reward"]
         lines += [f"## {title} ({r['num_items']} items, {r['wall_seconds']:.0f} s)", "",
                   "mean tokens: " + ", ".join(f"{k} {v:.1f}" for k, v in r["mean_tokens"].items()), "",
-                  "| config | component | negative | AUROC [95% CI] | win rate | mean real | mean negative |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| config | component | negative | paired AUROC [95% CI] | pooled AUROC [95% CI] | win rate | "
+                  "mean real | mean negative |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in r["table"]:
             lines.append(f"| {row['config']} | {row['component']} | {row['negative']} | "
-                         f"{_fmt(row['auroc'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | {_fmt(row['win_rate'])} | "
-                         f"{_fmt(row['mean_real'])} | {_fmt(row['mean_negative'])} |")
+                         f"{_fmt(row['auroc'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | "
+                         f"{_fmt(row['pooled_auroc'])} [{_fmt(row['pooled_low'])}, {_fmt(row['pooled_high'])}] | "
+                         f"{_fmt(row['win_rate'])} | {_fmt(row['mean_real'])} | {_fmt(row['mean_negative'])} |")
         for src, rows in (r.get("by_source") or {}).items():
             lines.append("")
             lines.append(f"{src}, full reward: " + "; ".join(

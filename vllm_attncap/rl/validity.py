@@ -10,9 +10,11 @@ puts on the history while reading the continuation, exactly the capture layout):
 - ``shuffled``: the real continuation with its tokens in a random order (same tokens, no syntax).
 
 All three are cut to the same token cap. For the total reward and for each component as it enters the reward
-(coverage, focus, minus repetition), :func:`validity_table` reports the AUROC of real against each negative (the
-probability that a real continuation scores above a negative one; 0.5 = no signal), with a 95% bootstrap interval
-over items, and the paired win rate (real above its own negative).
+(coverage, focus, minus repetition), :func:`validity_table` reports the paired AUROC of real against each negative
+(the probability that, for the same prompt, the real continuation scores above the wrong one, ties 1/2; 0.5 = no
+signal) with a 95% bootstrap interval over items, and the pooled AUROC (all real vs all negative scores, across
+prompts). The paired one is the test: an ``other`` negative is another item's real reply, so the pooled score
+distributions contain the same texts and pooled AUROC is pulled towards 0.5 by construction.
 
 numpy only at import time; torch and transformers load inside :class:`HFAttentionSource`.
 """
@@ -93,8 +95,9 @@ def score_continuations(
 def validity_table(
     scores: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], *, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """One row per (config, component, negative): ``auroc``, ``low``, ``high`` (95% bootstrap over items),
-    ``win_rate`` (paired: real > its negative), and the mean of real and negative."""
+    """One row per (config, component, negative): ``auroc`` (paired), ``low``, ``high`` (95% bootstrap over items),
+    ``pooled_auroc`` with ``pooled_low`` / ``pooled_high``, ``win_rate`` (real strictly above its negative), and
+    the mean of real and negative."""
     rows = []
     for name, kinds in scores.items():
         for neg in NEGATIVES:
@@ -103,6 +106,7 @@ def validity_table(
             for comp in COMPONENTS:
                 pos, negv = np.asarray(kinds["real"][comp]), np.asarray(kinds[neg][comp])
                 est, lo, hi = bootstrap_auroc(pos, negv, seed=seed)
+                pooled, plo, phi = bootstrap_auroc(pos, negv, paired=False, seed=seed, num_samples=500)
                 rows.append(
                     {
                         "config": name,
@@ -111,6 +115,9 @@ def validity_table(
                         "auroc": est,
                         "low": lo,
                         "high": hi,
+                        "pooled_auroc": pooled,
+                        "pooled_low": plo,
+                        "pooled_high": phi,
                         "win_rate": float(np.mean(pos > negv)),
                         "mean_real": float(np.mean(pos)),
                         "mean_negative": float(np.mean(negv)),
