@@ -118,7 +118,7 @@ def consistency_scores(
 
     Example:
         >>> fake = lambda texts: [[len(t), 1.0] for t in texts]  # stand-in embedding for the arithmetic only
-        >>> consistency_scores(["ab"], ["ab"], fake).tolist()
+        >>> consistency_scores(["ab"], ["ab"], fake).round(6).tolist()
         [1.0]
     """
     if len(responses) != len(histories):

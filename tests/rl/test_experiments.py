@@ -119,3 +119,12 @@ def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path, capsys):
     assert main(["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]) == 0
     assert json.loads((out / "status.json").read_text()) == {u: "skipped (done before)" for u in UNITS}
     assert {u: (out / f"{u}.json").stat().st_mtime_ns for u in UNITS} == before
+
+
+def test_metrics_doctests():
+    import doctest
+
+    import cagsr_reward.metrics
+
+    result = doctest.testmod(cagsr_reward.metrics)
+    assert result.failed == 0 and result.attempted >= 14
