@@ -320,21 +320,24 @@ def summarize_rows(
     rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, group: str, text_key: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
     """Per key: ``{"mean", "low", "high"}``, the mean over groups of the per-group means with a 95% bootstrap interval
-    over groups; with ``text_key``, also ``distinct_1`` / ``distinct_2`` over the pooled texts (bootstrap over groups)."""
+    over groups; with ``text_key``, also ``distinct_1`` / ``distinct_2`` (per group, same interval) and
+    ``corpus_distinct_1`` / ``corpus_distinct_2`` (over all texts pooled, no interval)."""
     out: dict[str, Any] = {}
     for k in keys:
         est, lo, hi = bootstrap_ci(_group_means(rows, k, group), seed=seed)
         out[k] = {"mean": est, "low": lo, "high": hi}
     if text_key is not None:
+        # distinct-n cannot be bootstrapped over a pooled corpus (resampling with replacement duplicates n-grams and
+        # biases it down), so: per group (the n-grams of one dialogue's replies) with the usual interval, plus the
+        # pooled value over every reply as a point estimate
         groups: dict[str, list[str]] = {}
         for r in rows:
             groups.setdefault(r[group], []).append(r[text_key])
-        texts = list(groups.values())
-        index = np.arange(len(texts))
         for n in (1, 2):
-            stat = lambda idx, n=n: distinct_n([t for i in idx for t in texts[int(i)]], n)  # noqa: E731
-            est, lo, hi = bootstrap_ci(index.astype(np.float64), stat, seed=seed, num_samples=500)
+            per_group = np.array([distinct_n(t, n) for t in groups.values()], np.float64)
+            est, lo, hi = bootstrap_ci(per_group, seed=seed)
             out[f"distinct_{n}"] = {"mean": est, "low": lo, "high": hi}
+            out[f"corpus_distinct_{n}"] = distinct_n([t for ts in groups.values() for t in ts], n)
     out["num_groups"] = len({r[group] for r in rows})
     out["num_items"] = len(rows)
     return out

@@ -57,7 +57,7 @@ SIZES: dict[str, dict[str, Any]] = {
         heldout_chitchat=24, heldout_tech=8, turns_per_episode=2, eval_max_new_tokens=32,
         validity_dialogue_tokens=48, validity_problems=64, validity_cot_tokens=96,
         steps=10, batch_size=8, num_generations=4, max_new_tokens=24, learning_rate=2e-5, temperature=0.8,
-        max_prompt_tokens=256, is_steps=4,
+        max_prompt_tokens=256, is_steps=4, train_bf16_autocast=True,
         cot_problems=64, cot_steps=8, cot_max_new_tokens=40, cot_eval_max_new_tokens=64,
         ppo_steps=3, ppo_batch=2, ppo_minibatch=4,
     ),
@@ -65,7 +65,7 @@ SIZES: dict[str, dict[str, Any]] = {
         heldout_chitchat=2, heldout_tech=2, turns_per_episode=1, eval_max_new_tokens=8,
         validity_dialogue_tokens=12, validity_problems=4, validity_cot_tokens=16,
         steps=1, batch_size=4, num_generations=2, max_new_tokens=8, learning_rate=2e-5, temperature=0.8,
-        max_prompt_tokens=256, is_steps=1,
+        max_prompt_tokens=256, is_steps=1, train_bf16_autocast=True,
         cot_problems=2, cot_steps=1, cot_max_new_tokens=8, cot_eval_max_new_tokens=8,
         ppo_steps=1, ppo_batch=1, ppo_minibatch=4,
     ),
@@ -74,7 +74,8 @@ SIZES: dict[str, dict[str, Any]] = {
 #: unit -> rough wall seconds at full size on 2 cores (what the budget check uses before a unit has run).
 ESTIMATE_S = {
     "validity_dialogue": 150, "validity_cot": 240, "dialogue_untrained": 90, "dialogue_full": 300,
-    "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_top_p095": 150, "dialogue_no_history_coverage": 300,
+    "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_top_p095": 150, "is_ratio_fp32_top_p1": 150,
+    "is_ratio_fp32_top_p095": 150, "dialogue_no_history_coverage": 300,
     "dialogue_no_entropy_floor": 300, "cot_untrained": 120, "cot_block": 300, "cot_completion": 300,
     "cot_uniform_weights": 300, "ppo_full": 360,
 }
@@ -85,6 +86,12 @@ DIALOGUE_ARMS: dict[str, dict[str, Any]] = {
     "dialogue_single": {"reward": "cagsr", "config": {"mode": "single", "history_coverage": False, "entropy_floor": False}},
     "dialogue_ngram": {"reward": "ngram", "config": {}},
     "is_ratio_top_p095": {"reward": "cagsr", "config": {}, "top_p": 0.95, "steps_key": "is_steps", "evaluate": False},
+    # the same first steps with float32 training (TRL's GRPOConfig defaults to bf16=True, i.e. bf16 autocast even for
+    # a float32 model on CPU): the 2 x 2 of {nucleus 0.95, full distribution} x {bf16 autocast, float32}
+    "is_ratio_fp32_top_p1": {"reward": "cagsr", "config": {}, "top_p": 1.0, "steps_key": "is_steps", "evaluate": False,
+                             "bf16": False},
+    "is_ratio_fp32_top_p095": {"reward": "cagsr", "config": {}, "top_p": 0.95, "steps_key": "is_steps",
+                               "evaluate": False, "bf16": False},
     "dialogue_no_history_coverage": {"reward": "cagsr", "config": {"history_coverage": False}},
     "dialogue_no_entropy_floor": {"reward": "cagsr", "config": {"entropy_floor": False}},
 }
@@ -95,7 +102,7 @@ COT_ARMS: dict[str, dict[str, Any]] = {
 }
 UNITS: tuple[str, ...] = (
     "validity_dialogue", "validity_cot", "dialogue_untrained", "dialogue_full", "dialogue_single", "dialogue_ngram",
-    "is_ratio_top_p095", "dialogue_no_history_coverage", "dialogue_no_entropy_floor",
+    "is_ratio_top_p095", "is_ratio_fp32_top_p1", "is_ratio_fp32_top_p095", "dialogue_no_history_coverage", "dialogue_no_entropy_floor",
     "cot_untrained", "cot_block", "cot_completion", "cot_uniform_weights", "ppo_full",
 )
 SOURCES = ("chitchat", "tech_support")
@@ -231,6 +238,9 @@ def _grpo_config(ctx: Context, run_dir: Path, *, steps: int, max_new_tokens: int
         report_to=[],
         save_strategy="no",
         seed=ctx.seed,
+        # TRL's GRPOConfig default is bf16=True (bf16 autocast, also for a float32 model on CPU); the grid as run kept
+        # it (SIZES["train_bf16_autocast"]), the is_ratio_fp32_* units measure float32 training
+        bf16=bool(s["train_bf16_autocast"]),
     )
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
@@ -366,8 +376,9 @@ def _dialogue_arm(ctx: Context, name: str) -> dict[str, Any]:
     run_dir = ctx.out / "work" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     data = _dialogue_prompts(ctx, steps)
+    extra = {"bf16": arm["bf16"]} if "bf16" in arm else {}
     args = _grpo_config(ctx, run_dir, steps=steps, max_new_tokens=ctx.s["max_new_tokens"],
-                        top_p=arm.get("top_p", 1.0), reward_weights=weights)
+                        top_p=arm.get("top_p", 1.0), reward_weights=weights, **extra)
     trainer = CaptureGRPOTrainer(model=ctx.model, reward_funcs=funcs, args=args,
                                  train_dataset=Dataset.from_dict(data),
                                  vllm_engine_kwargs={"dtype": "float32", "seed": ctx.seed})
@@ -377,6 +388,7 @@ def _dialogue_arm(ctx: Context, name: str) -> dict[str, Any]:
     history = _train_history(trainer.state.log_history, [f.__name__ for f in funcs if f.__name__.startswith("cagsr")])
     out: dict[str, Any] = {
         "train_reward": arm["reward"], "train_config": train_config.to_dict(), "top_p": arm.get("top_p", 1.0),
+        "bf16_autocast": bool(args.bf16),
         "steps": steps, "num_train_prompts": len(data["prompt"]), "train_seconds": train_s,
         "seconds_per_step": train_s / max(1, steps), "history": history,
     }
@@ -552,9 +564,20 @@ def run_grid(
 # ----------------------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------------------
-def _load(out: Path, name: str) -> dict[str, Any] | None:
+def _load(out: Path, name: str, seed: int = 0) -> dict[str, Any] | None:
+    """A unit's result; dialogue summaries are recomputed from the stored rows (so the statistics follow the code)."""
     path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    ev = r.get("eval")
+    if isinstance(ev, dict) and ev.get("rows") and "reply" in ev["rows"][0]:
+        from .evaluation import REPLY_METRICS, summarize_rows
+
+        corpus = ev["summary"].get("corpus_bleu")
+        ev["summary"] = summarize_rows(ev["rows"], REPLY_METRICS, group="episode_id", text_key="reply", seed=seed)
+        ev["summary"]["corpus_bleu"] = corpus
+    return r
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -630,12 +653,13 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
     arms = {n: r for n, r in arms.items() if r is not None and "eval" in r}
     if arms:
         lines += ["## Dialogue: held-out replies (means over dialogues)", "",
-                  "| arm | steps | train s | " + " | ".join(HELDOUT_KEYS) + " | corpus BLEU |",
-                  "|---|---|---|" + "---|" * len(HELDOUT_KEYS) + "---|"]
+                  "| arm | steps | train s | " + " | ".join(HELDOUT_KEYS) + " | corpus BLEU | corpus distinct-2 |",
+                  "|---|---|---|" + "---|" * len(HELDOUT_KEYS) + "---|---|"]
         for n, r in arms.items():
             s = r["eval"]["summary"]
             lines.append(f"| {n} | {r.get('steps', 0)} | {_fmt(r.get('train_seconds'), 0)} | "
-                         + " | ".join(_ci(s.get(k)) for k in HELDOUT_KEYS) + f" | {_fmt(s.get('corpus_bleu'), 2)} |")
+                         + " | ".join(_ci(s.get(k)) for k in HELDOUT_KEYS) + f" | {_fmt(s.get('corpus_bleu'), 2)} | "
+                         f"{_fmt(s.get('corpus_distinct_2'))} |")
         lines.append("")
         if base is not None:
             lines += ["Paired difference arm − untrained (same held-out replies; mean over dialogues):", "",
@@ -655,24 +679,28 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
         report["dialogue"] = {n: r["eval"]["summary"] for n, r in arms.items()}
 
     is_rows = []
-    for n in ("is_ratio_top_p095", "dialogue_full", "dialogue_single", "dialogue_ngram", "dialogue_no_history_coverage",
+    for n in ("is_ratio_top_p095", "is_ratio_fp32_top_p095", "is_ratio_fp32_top_p1", "dialogue_full", "dialogue_single", "dialogue_ngram", "dialogue_no_history_coverage",
               "dialogue_no_entropy_floor", "cot_block", "cot_completion", "cot_uniform_weights"):
         r = _load(out, n)
         if r is None or not r.get("history"):
             continue
         ratios = [h["is_ratio_mean"] for h in r["history"] if h.get("is_ratio_mean") is not None]
         diffs = [h["logp_diff_mean"] for h in r["history"] if h.get("logp_diff_mean") is not None]
-        is_rows.append((n, r.get("top_p", 1.0), len(ratios), ratios, diffs, r.get("seconds_per_step")))
+        bf16 = r.get("bf16_autocast", True)  # units that predate the field ran with TRL's default bf16=True
+        is_rows.append((n, r.get("top_p", 1.0), bf16, len(ratios), ratios, diffs, r.get("seconds_per_step")))
     if is_rows:
         lines += ["## TRL's vLLM importance-sampling ratio (sequence level, per training step)", "",
-                  "| run | top_p | steps | IS ratio mean (per-step values) | mean abs log-prob diff per token | s/step |",
-                  "|---|---|---|---|---|---|"]
-        for n, tp, k, ratios, diffs, sps in is_rows:
-            lines.append(f"| {n} | {tp} | {k} | {_fmt(np.mean(ratios) if ratios else None)} "
+                  "| run | top_p | trainer precision | steps | IS ratio mean (per-step values) | "
+                  "mean abs log-prob diff per token | s/step |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, tp, bf16, k, ratios, diffs, sps in is_rows:
+            prec = "bf16 autocast" if bf16 else "float32"
+            lines.append(f"| {n} | {tp} | {prec} | {k} | {_fmt(np.mean(ratios) if ratios else None)} "
                          f"({', '.join(_fmt(x, 2) for x in ratios)}) | {_fmt(np.mean(diffs) if diffs else None, 4)} | "
                          f"{_fmt(sps, 1)} |")
         lines.append("")
-        report["is_ratio"] = {n: {"top_p": tp, "ratios": ratios, "logp_diff": diffs} for n, tp, _, ratios, diffs, _ in is_rows}
+        report["is_ratio"] = {n: {"top_p": tp, "bf16_autocast": b, "ratios": ratios, "logp_diff": diffs}
+                              for n, tp, b, _, ratios, diffs, _ in is_rows}
 
     cots = {n: _load(out, n) for n in COT_REPORT}
     cots = {n: r for n, r in cots.items() if r is not None}
@@ -751,7 +779,7 @@ def _plots(out: Path) -> None:
         for ax, k in zip(axes, keys):
             vals = [r["eval"]["summary"][k] for _, r in arms]
             means = np.array([v["mean"] for v in vals], float)
-            err = np.array([[v["mean"] - v["low"], v["high"] - v["mean"]] for v in vals], float).T
+            err = np.maximum(np.array([[v["mean"] - v["low"], v["high"] - v["mean"]] for v in vals], float).T, 0)
             ax.bar(range(len(arms)), means, yerr=err, capsize=2, color=[f"C{i}" for i in range(len(arms))])
             ax.set_xticks(range(len(arms)), [n.replace("dialogue_", "").replace("no_", "no ") for n, _ in arms],
                           rotation=70, fontsize=7)
