@@ -606,7 +606,7 @@ def _paired_delta(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], key: str
 
 DIALOGUE_REPORT = ("dialogue_untrained", "dialogue_full", "dialogue_single", "dialogue_ngram",
                    "dialogue_no_history_coverage", "dialogue_no_entropy_floor", "ppo_full")
-HELDOUT_KEYS = ("bleu", "embed_sim", "consistency", "reward", "coverage", "reply_words", "distinct_2")
+HELDOUT_KEYS = ("bleu", "ngram_overlap", "embed_sim", "consistency", "reward", "coverage", "reply_words", "distinct_2")
 COT_REPORT = ("cot_untrained", "cot_block", "cot_completion", "cot_uniform_weights")
 
 
