@@ -88,7 +88,7 @@ def test_example_defaults_keep_the_full_distribution():
 
 @pytest.mark.engine
 @pytest.mark.slow
-def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path, capsys):
+def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("sacrebleu")
     pytest.importorskip("chitchat_dataset")
