@@ -59,7 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
         steps=10, batch_size=8, num_generations=4, max_new_tokens=24, learning_rate=2e-5, temperature=0.8,
         max_prompt_tokens=256, is_steps=4, train_bf16_autocast=True,
         cot_problems=64, cot_steps=8, cot_max_new_tokens=40, cot_eval_max_new_tokens=64,
-        ppo_steps=3, ppo_batch=2, ppo_minibatch=4,
+        ppo_steps=2, ppo_batch=1, ppo_minibatch=4,
     ),
     "quick": dict(
         heldout_chitchat=2, heldout_tech=2, turns_per_episode=1, eval_max_new_tokens=8,
@@ -77,7 +77,7 @@ ESTIMATE_S = {
     "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_top_p095": 150, "is_ratio_fp32_top_p1": 150,
     "is_ratio_fp32_top_p095": 150, "dialogue_no_history_coverage": 300,
     "dialogue_no_entropy_floor": 300, "cot_untrained": 120, "cot_block": 300, "cot_completion": 300,
-    "cot_uniform_weights": 300, "ppo_full": 360,
+    "cot_uniform_weights": 300, "ppo_full": 300,
 }
 
 DIALOGUE_ARMS: dict[str, dict[str, Any]] = {
