@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=40, help="reasoning + answer tokens (paper: ~20 reasoning)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus; keep 1.0: with < 1 TRL's vLLM importance-sampling ratio is biased low (docs/experiments.md)")
     p.add_argument("--no-block-advantages", action="store_true", help="one advantage per completion (plain GRPO)")
     p.add_argument("--eval-problems", type=int, default=8, help="held-out problems evaluated before and after")
     p.add_argument("--eval-max-new-tokens", type=int, default=64)

@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use dialogues whose user turns are at most this long (0: no limit)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus; keep 1.0: with < 1 TRL's vLLM importance-sampling ratio is biased low (docs/experiments.md)")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4, help="held-out dialogues evaluated before and after")
     p.add_argument("--eval-max-new-tokens", type=int, default=32)

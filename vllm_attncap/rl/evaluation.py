@@ -50,7 +50,16 @@ from cagsr_reward.integrations.cot import (
 from cagsr_reward.integrations.embedding import SentenceEmbedder
 from cagsr_reward.integrations.trl import cagsr_reward_func
 from cagsr_reward.integrations.user_sim import UserSimulator
-from cagsr_reward.metrics import consistency_scores, rouge_l, token_f1
+from cagsr_reward.metrics import (
+    bootstrap_ci,
+    consistency_scores,
+    cosine_similarity,
+    distinct_n,
+    ngram_overlap,
+    rouge_l,
+    token_f1,
+    word_count,
+)
 from cagsr_reward.encoding import encode_prompt
 from cagsr_reward.salient import SalientSelector
 from cagsr_reward.scoring import DialogueScore, TurnInput, score_dialogue
@@ -59,6 +68,10 @@ from ..dialogue import chat_with_attentions
 from .runs import add_ablation_flags, config_from_flags, write_json
 
 __all__ = [
+    "ReplyItem",
+    "reply_items",
+    "evaluate_replies",
+    "sentence_bleu",
     "DialogueRollout",
     "rollout_dialogues",
     "score_dialogue_rollout",
@@ -237,6 +250,181 @@ def evaluate_dialogues(
     )
     per_turn_index = [{"turn": t, **{k: _mean([row[k] for row in rows]) for k in keys}} for t, rows in sorted(by_index.items())]
     return {"summary": summary, "per_turn_index": per_turn_index, "dialogues": dialogues, "config": config.to_dict()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# next replies against the recorded gold reply (the experiments' held-out dialogue metrics)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ReplyItem:
+    """One held-out reply to write: a recorded history cut at user turn ``turn_index`` and the recorded reply.
+
+    Attributes:
+        item_id (`str`): ``"<episode_id>#<turn>"``.
+        episode_id (`str`): the dialogue (the unit the bootstrap resamples).
+        source (`str`): ``"chitchat"`` or ``"tech_support"``.
+        messages (`list[dict]`): system prompt, user turns and the *recorded* earlier replies, ending with the user.
+        gold (`str`): the recorded reply to the last user turn.
+        turn_index (`int`): assistant turns already in ``messages``.
+    """
+
+    item_id: str
+    episode_id: str
+    source: str
+    messages: list
+    gold: str
+    turn_index: int
+
+
+def reply_items(episodes: Sequence[Any], *, turns_per_episode: int | None = None, seed: int = 0) -> list[ReplyItem]:
+    """The held-out replies of ``episodes``: every user turn that has a recorded reply (or ``turns_per_episode`` of
+    them, drawn with ``seed``), as :meth:`UserSimulator.reference_prefix` histories."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for ep in episodes:
+        turns = list(range(min(ep.num_turns, len(ep.reference_replies))))
+        if turns_per_episode is not None and len(turns) > turns_per_episode:
+            turns = sorted(int(t) for t in rng.choice(turns, size=turns_per_episode, replace=False))
+        for t in turns:
+            items.append(
+                ReplyItem(
+                    f"{ep.episode_id}#{t}", ep.episode_id, ep.source, UserSimulator.reference_prefix(ep, t),
+                    ep.reference_replies[t], t,
+                )
+            )
+    return items
+
+
+def sentence_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[list[float], float]:
+    """Sentence BLEU of each hypothesis against its one reference (sacrebleu, exponential smoothing) and corpus BLEU,
+    both on sacrebleu's 0-100 scale. Needs ``sacrebleu`` (``pip install 'vllm-attncap[experiments]'``)."""
+    try:
+        import sacrebleu
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("BLEU needs the 'sacrebleu' package: pip install 'vllm-attncap[experiments]'") from exc
+    sentence = [float(sacrebleu.sentence_bleu(h, [r]).score) for h, r in zip(hypotheses, references)]
+    corpus = float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score) if hypotheses else float("nan")
+    return sentence, corpus
+
+
+def _group_means(rows: Sequence[Mapping[str, Any]], key: str, group: str) -> np.ndarray:
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        v = r.get(key)
+        if v is not None and np.isfinite(v):
+            by.setdefault(r[group], []).append(float(v))
+    return np.array([np.mean(v) for v in by.values()])
+
+
+def summarize_rows(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, group: str, text_key: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Per key: ``{"mean", "low", "high"}``, the mean over groups of the per-group means with a 95% bootstrap interval
+    over groups; with ``text_key``, also ``distinct_1`` / ``distinct_2`` (per group, same interval) and
+    ``corpus_distinct_1`` / ``corpus_distinct_2`` (over all texts pooled, no interval)."""
+    out: dict[str, Any] = {}
+    for k in keys:
+        est, lo, hi = bootstrap_ci(_group_means(rows, k, group), seed=seed)
+        out[k] = {"mean": est, "low": lo, "high": hi}
+    if text_key is not None:
+        # distinct-n cannot be bootstrapped over a pooled corpus (resampling with replacement duplicates n-grams and
+        # biases it down), so: per group (the n-grams of one dialogue's replies) with the usual interval, plus the
+        # pooled value over every reply as a point estimate
+        groups: dict[str, list[str]] = {}
+        for r in rows:
+            groups.setdefault(r[group], []).append(r[text_key])
+        for n in (1, 2):
+            per_group = np.array([distinct_n(t, n) for t in groups.values()], np.float64)
+            est, lo, hi = bootstrap_ci(per_group, seed=seed)
+            out[f"distinct_{n}"] = {"mean": est, "low": lo, "high": hi}
+            out[f"corpus_distinct_{n}"] = distinct_n([t for ts in groups.values() for t in ts], n)
+    out["num_groups"] = len({r[group] for r in rows})
+    out["num_items"] = len(rows)
+    return out
+
+
+REPLY_METRICS = (
+    "bleu", "embed_sim", "consistency", "ngram_overlap", "reply_words", "reply_tokens", "reward", "coverage",
+    "focus", "repetition",
+)
+
+
+def evaluate_replies(
+    llm: Any,
+    items: Sequence[ReplyItem],
+    config: CAGSRConfig,
+    *,
+    selector: SalientSelector | None = None,
+    sampling_params: Any = None,
+    spec: Mapping[str, Any] | None = None,
+    embedder: Callable[[Sequence[str]], Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write one reply per held-out item with the policy and measure it against the recorded gold reply.
+
+    Per reply: sentence BLEU vs gold (sacrebleu, 0-100), embedding similarity vs gold (cosine of MiniLM embeddings),
+    consistency (cosine reply vs history text, system prompt excluded), the n-gram overlap baseline vs gold, reply
+    length in words and tokens, and the CAGSR reward with its components under ``config`` (attention captured while
+    generating; turn index = assistant turns in the history). Summary: means over dialogues with 95% bootstrap
+    intervals over dialogues, distinct-1/2 over all replies, corpus BLEU.
+
+    Args:
+        llm: the policy as a ``vllm.LLM`` with attncap.
+        items: :func:`reply_items`.
+        config: the reward to score with (use the full ``CAGSRConfig()`` so that arms compare).
+        selector: salience rules (default ``SalientSelector()``).
+        sampling_params: default ``SamplingParams(temperature=0, max_tokens=32)`` (greedy).
+        spec: capture spec (default last layer, head mean).
+        embedder: texts -> unit vectors (default :class:`SentenceEmbedder`).
+    """
+    from vllm import SamplingParams
+
+    sampling_params = sampling_params or SamplingParams(temperature=0.0, max_tokens=32)
+    tokenizer = llm.get_tokenizer()
+    reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector or SalientSelector())
+    msgs = [it.messages for it in items]
+    turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": [-1], "reduce": "head_mean"}))
+    for it, turn in zip(items, turns):
+        if turn.captured.error is not None:
+            raise RuntimeError(f"evaluate_replies: capture failed for {it.item_id}: {turn.captured.error}")
+    ids = [list(t.captured.token_ids) for t in turns]
+    rewards = reward(msgs, [t.text for t in turns], ids, attncap_attention=[t.captured.captured for t in turns])
+    scores = list(reward.last_scores)
+    replies = [t.text.strip() for t in turns]
+    golds = [it.gold for it in items]
+    bleu, corpus_bleu = sentence_bleu(replies, golds)
+    embed = embedder if embedder is not None else SentenceEmbedder()
+    histories = ["\n".join(m["content"] for m in it.messages if m["role"] != "system") for it in items]
+    vec = np.asarray(embed(replies + golds + histories), dtype=np.float64)
+    n = len(items)
+    sim_gold = cosine_similarity(vec[:n], vec[n : 2 * n]) if n else np.zeros(0)
+    cons = cosine_similarity(vec[:n], vec[2 * n :]) if n else np.zeros(0)
+    rows = []
+    for i, it in enumerate(items):
+        sc = scores[i]
+        rows.append(
+            {
+                "item_id": it.item_id,
+                "episode_id": it.episode_id,
+                "source": it.source,
+                "turn_index": it.turn_index,
+                "reply": replies[i],
+                "gold": it.gold,
+                "bleu": bleu[i],
+                "embed_sim": float(sim_gold[i]),
+                "consistency": float(cons[i]),
+                "ngram_overlap": ngram_overlap(replies[i], it.gold),
+                "reply_words": word_count(replies[i]),
+                "reply_tokens": len(ids[i]),
+                "reward": None if rewards[i] is None else float(rewards[i]),
+                "coverage": None if sc is None else float(sc.coverage),
+                "focus": None if sc is None else float(sc.focus),
+                "repetition": None if sc is None else float(sc.repetition),
+            }
+        )
+    summary = summarize_rows(rows, REPLY_METRICS, group="episode_id", text_key="reply", seed=seed)
+    summary["corpus_bleu"] = corpus_bleu
+    return {"summary": summary, "rows": rows, "config": config.to_dict()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

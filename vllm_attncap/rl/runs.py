@@ -103,12 +103,15 @@ def grpo_args(run: Run, **overrides: Any):
         max_completion_length=args.max_new_tokens,
         learning_rate=args.learning_rate,
         temperature=args.temperature,
-        top_p=args.top_p,
+        top_p=getattr(args, "top_p", 1.0),  # < 1 biases TRL's vLLM importance-sampling ratio (issue #6789)
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=args.max_model_len,
         use_cpu=args.device == "cpu",
         model_init_kwargs={"dtype": getattr(torch, args.dtype)},
+        # TRL's GRPOConfig defaults to bf16=True: bf16 autocast even for a float32 policy, which (on CPU, against a
+        # float32 vLLM engine) puts TRL's importance-sampling ratio off 1 (docs/experiments.md)
+        bf16=args.dtype == "bfloat16",
         gradient_checkpointing=False,  # TRL's default recomputes activations; memory is not the limit here
         logging_steps=1,
         report_to=[],

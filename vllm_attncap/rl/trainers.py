@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ __all__ = [
     "CaptureRLOOTrainer",
     "attncap_colocate_engine",
     "capture_spec_for",
+    "truncated_sampling_settings",
 ]
 
 #: What the trainers capture unless told otherwise: the last layer, averaged over heads on the device (the MTC
@@ -237,11 +239,51 @@ def _check_args(args: Any, kwargs: Mapping[str, Any]) -> None:
             raise ValueError(f"capture trainers do not support {name}= (a completion must be one vLLM request)")
 
 
+def truncated_sampling_settings(args: Any) -> list[str]:
+    """The sampling settings of a TRL config that truncate vLLM's distribution: ``top_p < 1``, ``top_k > 0`` (or
+    any value but 0 / -1 / None), ``min_p > 0``, also when given through ``generation_kwargs``; ``[]`` when none."""
+    gen = dict(getattr(args, "generation_kwargs", None) or {})
+    top_p = gen.get("top_p", getattr(args, "top_p", 1.0))
+    top_k = gen.get("top_k", getattr(args, "top_k", 0))
+    min_p = gen.get("min_p", getattr(args, "min_p", None))
+    found = []
+    if top_p is not None and float(top_p) < 1.0:
+        found.append(f"top_p={top_p}")
+    if top_k not in (None, 0, -1):
+        found.append(f"top_k={top_k}")
+    if min_p not in (None, 0, 0.0):
+        found.append(f"min_p={min_p}")
+    return found
+
+
+def _warn_truncated_sampling(args: Any) -> None:
+    """Warn when TRL's vLLM importance-sampling correction meets a truncated sampling distribution.
+
+    vLLM returns log-probs renormalised over the kept tokens (nucleus / top-k / min-p), while the trainer's log-probs
+    are over the whole vocabulary, so TRL's ratio exp(sum_s (log pi_train - log pi_vllm)) is biased low by the kept
+    mass of every token (TRL issue #6789): measured in docs/experiments.md, sequence ratios of about 0.3-0.4 with
+    top_p=0.95, about 1.0 with top_p=1.0.
+    """
+    if not getattr(args, "vllm_importance_sampling_correction", False):
+        return
+    found = truncated_sampling_settings(args)
+    if found:
+        warnings.warn(
+            f"{', '.join(found)} with vllm_importance_sampling_correction=True: vLLM's log-probs are renormalised over "
+            "the truncated distribution and the trainer's are not, so the importance-sampling ratio is biased low "
+            "(TRL issue #6789; see docs/experiments.md). Use top_p=1.0, top_k=0, min_p=None, or set "
+            "vllm_importance_sampling_correction=False.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 class _CaptureMixin:
     """Shared engine set-up and capture hand-off; see the module docstring."""
 
     def _attncap_init(self, super_init, model, reward_funcs, args, capture_spec, vllm_engine_kwargs, kwargs):
         _check_args(args, kwargs)
+        _warn_truncated_sampling(args)
         spec = dict(capture_spec) if capture_spec is not None else capture_spec_for(reward_funcs)
         with attncap_colocate_engine(spec, vllm_engine_kwargs) as built:
             super_init(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
