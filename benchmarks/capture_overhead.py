@@ -82,11 +82,11 @@ def _check_gpu() -> None:
         _die("torch is not installed")
     if not torch.cuda.is_available():
         _die("needs a CUDA GPU (torch.cuda.is_available() is False); this benchmark measures vLLM 0.25.1 "
-             "on CUDA — run it on the lent GPU machine (scripts/gpu_check.sh bench)")
+             "on CUDA — run it on the lent GPU machine (scripts/gpu_check.sh OUTDIR phase2)")
     try:
         import vllm  # noqa: F401
     except ImportError:
-        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (shared/devkit)")
+        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (docs/gpu.md, "Running the GPU check")")
 
 
 def _plugin_setup() -> str:
