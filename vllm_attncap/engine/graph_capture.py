@@ -56,9 +56,24 @@ class GraphCapture:
         self._table = np.zeros((layout.max_rows, self.buffers.row_table.shape[1]), dtype=np.int32)
         self._table_on = False  # the device row table has a flag set
         self._step_rows: list[GraphRow] = []
-        self._done_reqs: set[str] = set()  # finished while results were in flight
         #: steps whose rows the fused kernel captured (diagnostics, tests)
         self.graph_steps = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the step being built has rows for the fused kernel (eager steps launch it only then)."""
+        return bool(self._step_rows)
+
+    def reset(self) -> None:
+        """A new engine in this process: forget the previous engine's requests (their captures are closed by the
+        tracker); the buffers, whose addresses graphs may hold, stay."""
+        self.flush()
+        self.slots = SlotTable(self.layout)
+        self._step_rows = []
+        self._table[:] = 0
+        if self._table_on:
+            self.uploader.upload([(self._table, self.buffers.row_table)])
+            self._table_on = False
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, plan: StepPlan | None, uniform_decode: bool) -> StepPlan | None:
@@ -106,8 +121,9 @@ class GraphCapture:
         sources = {}
         if any(r.kind == "stats" for r in rows):
             sources["stats"] = self.buffers.stats[:n]
-        if any(r.kind == "rows" for r in rows):
-            sources["rows"] = self.buffers.rows[:n]
+        widths = [r.ctx_len for r in rows if r.kind == "rows"]
+        if widths:  # only the columns some row uses (the buffer is max_model_len wide)
+            sources["rows"] = self.buffers.rows[:n, :max(widths)]
         self.ring.submit(rows, sources)
         self.graph_steps += 1
 

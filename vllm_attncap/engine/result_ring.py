@@ -104,7 +104,7 @@ class ResultRing:
             nbytes = src.numel() * src.element_size()
             if off + nbytes > self.slot_bytes:
                 raise ValueError(f"ResultRing.submit: {off + nbytes} bytes exceed the slot size {self.slot_bytes}")
-            dst = slot.host[off:off + nbytes].view(src.dtype).view(src.shape)
+            dst = slot.host[off:off + nbytes].view(src.dtype).view(src.shape)  # contiguous even if src is not
             views[name] = dst
             pairs.append((src, dst))
             off += -(-nbytes // 16) * 16  # keep every view 16-byte aligned
@@ -145,8 +145,8 @@ class ResultRing:
 
 
 def write_graph_rows(rows: list[GraphRow], views: dict[str, torch.Tensor]) -> None:
-    """Store one step's results (``views["stats"]`` ``(n, L, H, 2)``, ``views["rows"]`` ``(n, W)``, row ``i`` of
-    each = batch row ``i``) into the requests' capture buffers."""
+    """Store one step's results (``views["stats"]`` ``(n, L, H, 2)``, ``views["rows"]`` ``(n, w)`` with ``w`` the
+    widest captured row, row ``i`` of each = batch row ``i``) into the requests' capture buffers."""
     stats = views["stats"].numpy() if "stats" in views else None
     heads_cache: dict[int, np.ndarray] = {}
     for g in rows:

@@ -166,13 +166,18 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         elif self._graph is not None:
             uniform = getattr(common_attn_metadata, "max_query_len", 0) == 1
             plan = self._graph.begin_step(plan, uniform)
-            graph = self._graph if uniform else None
+            # eager / piecewise decode steps launch the fused kernel only when some row uses it; full-graph
+            # replays run it whatever the metadata says
+            graph = self._graph if uniform and self._graph.active else None
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> AttnCapFlashMetadata:
         """The metadata recorded into a full graph: the same static buffers, every row off (no active runner)."""
-        md = super().build_for_cudagraph_capture(common_attn_metadata)
-        if isinstance(md, AttnCapFlashMetadata) or self._graph is None:
+        md = super().build_for_cudagraph_capture(common_attn_metadata)  # calls build(): no active runner, no plan
+        if self._graph is None:
+            return md
+        if isinstance(md, AttnCapFlashMetadata):  # our declared fields: set them in place
+            md.attncap_plan, md.attncap_graph = None, self._graph
             return md
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=None, attncap_graph=self._graph)
 
@@ -210,10 +215,15 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
     from ..result_ring import ResultRing
 
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     max_rows = vllm_config.scheduler_config.max_num_seqs
     layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
                           num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
                           n_splits=int(os.environ.get("VLLM_ATTNCAP_SPLITS", "4")))
+    if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev:
+        _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
+        return _GRAPH
     ring_slots = int(os.environ.get("VLLM_ATTNCAP_RING_SLOTS", "4"))
     upload_bytes = max_rows * 8 * 4 + 64 + layout.n_slots * (shape.num_layers + shape.num_heads + layout.width + 48)
     attncap_cuda.preload(dev)  # no kernel module may load lazily inside a graph capture
