@@ -19,7 +19,8 @@ buffer                    shape, dtype                filled
 ``counters``              ``(B, H_kv)`` int32         kernel scratch (left at zero)
 ========================  ==========================  =====================================================
 
-``B`` = ``max_num_seqs``, ``slots`` = ``max_num_seqs`` (a request keeps its slot while its results are in flight),
+``B`` = ``max_num_seqs``, ``slots`` = ``2 * max_num_seqs`` by default (a request keeps its slot while it lives,
+preempted or not; when none is free its rows are captured by the eager path),
 ``W`` = ``max_model_len``. ``stats`` is row-major in the batch row so that the rows of a step are one contiguous
 device-to-host copy.
 
@@ -90,7 +91,7 @@ class BufferLayout:
 
     @property
     def n_slots(self) -> int:
-        return self.slots if self.slots is not None else self.max_rows
+        return self.slots if self.slots is not None else 2 * self.max_rows
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         B, L, H = self.max_rows, self.num_layers, self.num_heads
@@ -146,8 +147,9 @@ class GraphRow:
 class SlotTable:
     """Request slots of the per-request masks: assigned on first sight, freed when the request is done.
 
-    ``assign`` returns the slot and, the first time, the mask rows to upload (``(slot, layer_row, head_row,
-    salient_row)``); ``release`` frees a slot (called only once no result of the request is in flight).
+    ``assign`` returns the slot and, the first time, the mask rows to upload (``(layer_row, head_row,
+    salient_row)``), or ``(None, None)`` when every slot is taken; ``release`` frees a slot (called only once no
+    result of the request is in flight).
     """
 
     layout: BufferLayout
@@ -157,12 +159,12 @@ class SlotTable:
     def __post_init__(self) -> None:
         self.free = list(range(self.layout.n_slots - 1, -1, -1))
 
-    def assign(self, rc: Any) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]:
+    def assign(self, rc: Any) -> tuple[int | None, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]:
         slot = self.by_req.get(rc.req_id)
         if slot is not None:
             return slot, None
-        if not self.free:
-            raise RuntimeError("vllm_attncap: no free capture slot (more capturing requests than max_num_seqs)")
+        if not self.free:  # more live (running + preempted) capturing requests than slots: the caller goes eager
+            return None, None
         slot = self.free.pop()
         self.by_req[rc.req_id] = slot
         L, H, W = self.layout.num_layers, self.layout.num_heads, self.layout.width

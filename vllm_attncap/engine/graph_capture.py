@@ -56,6 +56,7 @@ class GraphCapture:
         self._table = np.zeros((layout.max_rows, self.buffers.row_table.shape[1]), dtype=np.int32)
         self._table_on = False  # the device row table has a flag set
         self._step_rows: list[GraphRow] = []
+        self._warned_slots = False
         #: steps whose rows the fused kernel captured (diagnostics, tests)
         self.graph_steps = 0
 
@@ -91,6 +92,13 @@ class GraphCapture:
                     rest.append(b)
                     continue
                 slot, masks = self.slots.assign(b.rc)
+                if slot is None:
+                    if not self._warned_slots:
+                        self._warned_slots = True
+                        logger.warning("vllm_attncap: every in-graph capture slot is taken; rows of further "
+                                       "requests are captured only in steps that run attention eagerly")
+                    rest.append(b)
+                    continue
                 if masks is not None:
                     lm, hm, sm = masks
                     uploads += [(lm, self.buffers.layer_mask[slot]), (hm, self.buffers.head_mask[slot])]

@@ -30,7 +30,7 @@ Two ways to compute a layer's rows, chosen once per step: the CUDA kernels
 backend (:func:`vllm_attncap.engine.capture.capture_layer` over
 :func:`~vllm_attncap.engine.compute.reference.gather_paged_keys`).
 
-Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md).
+Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md, "What awaits a GPU run").
 """
 
 from __future__ import annotations
@@ -225,7 +225,8 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
         _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
         return _GRAPH
     ring_slots = int(os.environ.get("VLLM_ATTNCAP_RING_SLOTS", "4"))
-    upload_bytes = max_rows * 8 * 4 + 64 + layout.n_slots * (shape.num_layers + shape.num_heads + layout.width + 48)
+    # one step's upload: the row table + the masks of at most max_rows requests seen for the first time
+    upload_bytes = max_rows * (8 * 4 + shape.num_layers + shape.num_heads + layout.width + 48) + 64
     attncap_cuda.preload(dev)  # no kernel module may load lazily inside a graph capture
     _GRAPH = GraphCapture(
         layout,
