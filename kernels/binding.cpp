@@ -347,6 +347,8 @@ PYBIND11_MODULE(_kernels, m) {
         require(p.n_splits >= 1 && p.n_splits <= 64, "decode_capture: n_splits must be 1..64");
         require(p.block_size >= 1 && p.layer >= 0 && p.layer < p.num_layers, "decode_capture: bad block size or layer");
         require(passes >= 1 && passes <= 3, "decode_capture: passes must be 1, 2 or 3");
+        require((passes & 2) == 0 || p.num_heads * (head_dim + 2) * 4 <= 48 * 1024,
+                "decode_capture: the rows pass keeps every head's query in 48 KiB of shared memory; too many heads");
         py::gil_scoped_release nogil;
         DeviceGuard guard(device, what);
         check(attncap::launch_decode_capture(p, dtype, head_dim, passes, as_stream(stream)), what);

@@ -58,11 +58,13 @@ __device__ __forceinline__ State empty_state() { return State{-CUDART_INF_F, 0.f
 
 __device__ __forceinline__ void add_key(State& st, float x, bool salient) {
   if (x > st.m) {
-    const float a = st.s > 0.f ? __expf(st.m - x) : 0.f;
-    const float d = st.m - x;  // <= 0
-    st.v = a * (st.v + d * st.s);
-    st.s = a * st.s;
-    st.c = a * st.c;
+    if (st.s > 0.f) {  // rescale to the new max (an empty state has m = -inf: nothing to rescale)
+      const float d = st.m - x;  // < 0
+      const float a = __expf(d);
+      st.v = a * (st.v + d * st.s);
+      st.s *= a;
+      st.c *= a;
+    }
     st.m = x;
   }
   const float e = __expf(x - st.m);

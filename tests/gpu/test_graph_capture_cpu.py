@@ -495,3 +495,65 @@ def test_mrv2_hooks_decide_the_step_before_dispatch(monkeypatch, tmp_path):
         assert graph_dispatch.policy is not pol  # the process policy was not touched
     finally:
         runner_hooks._ON_FINISH.remove(finished_seen.append)
+
+
+# --------------------------------------------------------------------------- the kernel's online-state algebra
+
+
+def _add_key(st, x, salient):  # line by line kernels/decode_capture.cu add_key
+    m, s, v, c = st
+    if x > m:
+        if s > 0:
+            d = m - x
+            a = math.exp(d)
+            v, s, c = a * (v + d * s), s * a, c * a
+        m = x
+    e = math.exp(x - m)
+    return (m, s + e, v + e * (x - m), c + (e if salient else 0.0))
+
+
+def _combine(a, b):  # kernels/decode_capture.cu combine
+    if a[1] <= 0:
+        return b
+    if b[1] <= 0:
+        return a
+    m = max(a[0], b[0])
+    ea, eb = math.exp(a[0] - m), math.exp(b[0] - m)
+    return (m, ea * a[1] + eb * b[1], ea * (a[2] + (a[0] - m) * a[1]) + eb * (b[2] + (b[0] - m) * b[1]),
+            ea * a[3] + eb * b[3])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_online_statistics_algebra_equals_the_direct_formula(seed):
+    """The fused kernel's statistics algorithm (online (max, S, V, C) per warp, combined across warps and splits in
+    any order; entropy = ln S - V/S, coverage = C/S), ported line by line, equals history_stats on the same logits.
+    The kernel itself is compared with the reference on a GPU (tests/gpu/test_decode_kernel.py)."""
+    from vllm_attncap.engine.compute.reference import history_stats
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    x = rng.normal(scale=rng.uniform(0.5, 8), size=n)
+    sal = rng.random(n) < 0.2
+    empty = (-math.inf, 0.0, 0.0, 0.0)
+    splits = int(rng.integers(1, 6))
+    per = -(-n // splits)
+    parts = []
+    for s0 in range(0, splits * per, per):
+        warps = [empty] * 4
+        for j in range(s0, min(n, s0 + per)):
+            w = (j - s0) % 4
+            warps[w] = _add_key(warps[w], x[j], sal[j])
+        tot = empty
+        for w in warps:
+            tot = _combine(tot, w)
+        parts.append(tot)
+    rng.shuffle(parts)
+    tot = empty
+    for p in parts:
+        tot = _combine(tot, p)
+    ent = math.log(tot[1]) - tot[2] / tot[1]
+    cov = tot[3] / tot[1]
+    probs = torch.softmax(torch.tensor(x), dim=0)[None]
+    ref_cov, ref_ent = history_stats(probs, n, 0, torch.tensor(np.nonzero(sal)[0]))
+    assert ent == pytest.approx(float(ref_ent[0]), rel=1e-5, abs=1e-6)  # the reference works in float32
+    assert cov == pytest.approx(float(ref_cov[0]), rel=1e-5, abs=1e-7)

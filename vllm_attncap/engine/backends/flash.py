@@ -202,6 +202,8 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
         reason = f"head size {shape.head_size} (compiled: {attncap_cuda.PROBS_HEAD_DIMS})"
     elif shape.num_heads // shape.num_kv_heads > 32:
         reason = "more than 32 query heads per KV head"
+    elif shape.num_heads * (shape.head_size + 2) * 4 > 48 * 1024:
+        reason = f"{shape.num_heads} query heads of size {shape.head_size} exceed the rows pass's shared memory"
     elif dtype not in (torch.float16, torch.bfloat16):
         reason = f"model dtype {dtype}"
     elif own_layers is not None and own_layers != frozenset(range(shape.num_layers)):
