@@ -557,3 +557,46 @@ def test_online_statistics_algebra_equals_the_direct_formula(seed):
     ref_cov, ref_ent = history_stats(probs, n, 0, torch.tensor(np.nonzero(sal)[0]))
     assert ent == pytest.approx(float(ref_ent[0]), rel=1e-5, abs=1e-6)  # the reference works in float32
     assert cov == pytest.approx(float(ref_cov[0]), rel=1e-5, abs=1e-7)
+
+
+def test_results_reach_the_buffers_before_the_step_output_leaves(monkeypatch):
+    """sample_tokens' output: a plain one flushes at once; an asynchronous one when vLLM fetches it, and only the
+    results submitted before it (a later step's copy is not waited for)."""
+    from vllm_attncap.engine import runner_hooks
+
+    ops = _FakeOps()
+    written = []
+    ring = ResultRing(ops, 4, 64, write=lambda rows, views: written.append(rows[0].rc.req_id))
+    calls = []
+
+    def mark():
+        m = ring.submitted
+        return lambda: (calls.append(m), ring.drain_through(m))
+
+    class Out:
+        def __init__(self):
+            self.fetched = False
+
+        def get_output(self):
+            self.fetched = True
+            return "output"
+
+    class Runner:
+        def sample_tokens(self, grammar_output, async_out=True):
+            return Out() if async_out else "plain"
+
+    runner_hooks._install_sample_tokens(Runner)
+    runner_hooks._install_sample_tokens(Runner)  # idempotent
+    monkeypatch.setattr(runner_hooks, "_ON_OUTPUT", [])
+    runner_hooks.on_output(mark)
+    r = Runner()
+    src = torch.zeros(2)
+    ring.submit([_row("a")], {"x": src})
+    out = r.sample_tokens(None)  # step 1's output: asynchronous
+    assert not written and not calls  # nothing waited for yet
+    ring.submit([_row("b")], {"x": src})  # step 2 runs ahead (async scheduling)
+    assert out.get_output() == "output" and out.fetched
+    assert written == ["a"] and calls == [1] and ring.in_flight == 1  # b's copy not waited for
+    assert ring.blocking_waits == 1
+    assert r.sample_tokens(None, async_out=False) == "plain"
+    assert written == ["a", "b"]

@@ -14,6 +14,8 @@ One :class:`GraphCapture` per worker process (the CUDA builder creates it when t
   (side-stream copy into a pinned slot).
 - ``finish(req_ids)`` (before vLLM's finished requests are closed): waits only for ring slots holding those
   requests, writes them, frees their slots.
+- ``mark()`` / ``flush_through(mark)`` (the runner hook on a step's output): the step's results are in the
+  request buffers before its output leaves the worker.
 
 Device specifics come in through ``alloc`` (device buffers), ``uploader`` and ``ring``; the tests drive the whole
 cycle with CPU tensors and a fake ring device.
@@ -149,6 +151,15 @@ class GraphCapture:
             self.ring.drain(block_for=ids)
         for rid in ids:
             self.slots.release(rid)
+
+    def mark(self) -> int:
+        """The number of result-ring slots submitted so far (see :meth:`flush_through`)."""
+        return self.ring.submitted if self.ring is not None else 0
+
+    def flush_through(self, mark: int) -> None:
+        """Write every result submitted up to ``mark`` (waiting for those only)."""
+        if self.ring is not None and mark > 0:
+            self.ring.drain_through(mark)
 
     def flush(self) -> None:
         """Write everything in flight (waits; engine shutdown and tests)."""

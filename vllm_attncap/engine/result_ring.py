@@ -9,7 +9,11 @@ first, into the requests' buffers and stops at the first unfinished one. The hos
 
 - the ring is full (``submit`` waits for the oldest slot), or
 - a request finishes while one of its slots is still in flight (``drain(block_for={req_id})``): its buffer is
-  closed right after, so its rows must be written first.
+  closed right after, so its rows must be written first, or
+- a step's output is about to leave the worker (``drain_through(seq)``, from the runner hook on the step's
+  output): the caller may read the buffers as soon as it sees the tokens, so that step's rows (and earlier ones)
+  are written first. vLLM waits for the step's sampled tokens at that point anyway, and the copy is queued right
+  behind the step's forward, so this wait is short; later steps' copies are not waited for.
 
 The device layer (:class:`DeviceOps`) is injected: on CUDA, pinned host tensors, events and a side stream
 (:class:`~vllm_attncap.engine.compute.pinned.CudaRingOps`); in the tests, a fake whose copies complete when the
@@ -52,6 +56,7 @@ class _Slot:
     rows: list[GraphRow] = field(default_factory=list)
     views: dict[str, torch.Tensor] = field(default_factory=dict)
     req_ids: frozenset[str] = frozenset()
+    seq: int = 0
 
 
 class ResultRing:
@@ -75,6 +80,8 @@ class ResultRing:
         self._busy: deque[_Slot] = deque()
         self._write = write or write_graph_rows
         self.last_event: Any = None
+        #: slots submitted so far (a slot's ``seq`` is its submission number, from 1)
+        self.submitted = 0
         #: times the host had to wait (ring full, or a finishing request's slot in flight)
         self.blocking_waits = 0
 
@@ -111,6 +118,8 @@ class ResultRing:
         slot.event = self.ops.copy(pairs)
         slot.rows, slot.views = rows, views
         slot.req_ids = frozenset(r.rc.req_id for r in rows)
+        self.submitted += 1
+        slot.seq = self.submitted
         self._busy.append(slot)
         self.last_event = slot.event
 
@@ -119,6 +128,18 @@ class ResultRing:
         if self.last_event is not None:
             self.ops.gpu_wait(self.last_event)
             self.last_event = None
+
+    def drain_through(self, seq: int) -> int:
+        """Write every slot submitted up to number ``seq``, waiting for them if needed (a step's output is about
+        to leave the worker: its rows must be in the request buffers first). Later slots are not waited for."""
+        last = None
+        for s in self._busy:
+            if s.seq <= seq:
+                last = s
+        if last is not None and not self.ops.done(last.event):
+            self.blocking_waits += 1
+            self.ops.wait(last.event)
+        return self.drain()
 
     def drain(self, block_for: set[str] | frozenset[str] | None = None) -> int:
         """Write finished slots (oldest first); wait only for slots holding rows of ``block_for``. Returns slots written."""
@@ -138,7 +159,7 @@ class ResultRing:
             try:
                 self._write(slot.rows, slot.views)
             finally:
-                slot.rows, slot.views, slot.event, slot.req_ids = [], {}, None, frozenset()
+                slot.rows, slot.views, slot.event, slot.req_ids, slot.seq = [], {}, None, frozenset(), 0
                 self._free.append(slot)
             written += 1
         return written

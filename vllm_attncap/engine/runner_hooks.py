@@ -26,7 +26,10 @@ runners exist, and both are hooked when present:
 Both wrappers of ``execute_model`` call the callbacks registered with
 :func:`on_step_end` after the step's forward (the CUDA backend submits its
 asynchronous device-to-host copies there), and those registered with
-:func:`on_finish` before the captures of finished requests are closed. Before
+:func:`on_finish` before the captures of finished requests are closed.
+``sample_tokens`` (both runners) is wrapped so that a step's copies are written
+into the request buffers before that step's output leaves the worker
+(:func:`on_output`; inside ``get_output()`` for an asynchronous output). Before
 the step they decide its CUDA-graph mode (:mod:`vllm_attncap.engine.graph_dispatch`):
 the runner's graph dispatch (MRv2 ``CudaGraphManager.dispatch``, V1
 ``CudagraphDispatcher.dispatch``) is wrapped to pick the PIECEWISE entry for
@@ -51,7 +54,7 @@ from .tracker import get_tracker
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["install", "active_runner", "on_step_end", "on_finish", "MRv2StepView", "mrv2_installed"]
+__all__ = ["install", "active_runner", "on_step_end", "on_finish", "on_output", "MRv2StepView", "mrv2_installed"]
 
 _ACTIVE: Any = None
 _INSTALLED = False
@@ -59,6 +62,7 @@ _MRV2_INSTALLED = False
 _IN_MRV2_STEP = False
 _STEP_END: list[Callable[[], None]] = []
 _ON_FINISH: list[Callable[[Any], None]] = []
+_ON_OUTPUT: list[Callable[[], Callable[[], None]]] = []
 _MRV2_DISPATCH = ("vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager")
 _V1_DISPATCH = ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher")
 _MRV2_MODULE = "vllm.v1.worker.gpu.model_runner"
@@ -80,6 +84,63 @@ def on_finish(fn: Callable[[Any], None]) -> None:
     """Call ``fn(finished_req_ids)`` before the tracker closes finished requests (idempotent per ``fn``)."""
     if fn not in _ON_FINISH:
         _ON_FINISH.append(fn)
+
+
+def on_output(fn: Callable[[], Callable[[], None]]) -> None:
+    """When a runner produces a step's output, call ``fn()`` (a mark of what was submitted so far); the callable it
+    returns runs before that output leaves the worker: at once for a plain output, inside ``get_output()`` for an
+    asynchronous one (idempotent per ``fn``)."""
+    if fn not in _ON_OUTPUT:
+        _ON_OUTPUT.append(fn)
+
+
+def _run_all(fns) -> None:
+    for f in fns:
+        try:
+            f()
+        except Exception:  # capture must never fail the engine step
+            logger.exception("vllm_attncap: output callback %r failed", f)
+
+
+def _wrap_sample_tokens(orig):
+    """``sample_tokens`` (V1 and MRv2): the step's captured results reach the request buffers before its output
+    leaves the worker; for an asynchronous output, when vLLM fetches it (``get_output``), not earlier."""
+
+    @functools.wraps(orig)
+    def sample_tokens(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if not _ON_OUTPUT:
+            return out
+        finishers = []
+        for fn in _ON_OUTPUT:
+            try:
+                finishers.append(fn())
+            except Exception:
+                logger.exception("vllm_attncap: output callback %r failed", fn)
+        get = getattr(out, "get_output", None)
+        if callable(get):
+            @functools.wraps(get)
+            def get_output(*a, **kw):
+                result = get(*a, **kw)
+                _run_all(finishers)
+                return result
+
+            try:
+                out.get_output = get_output
+                return out
+            except (AttributeError, TypeError):  # a slotted object: keep the promise synchronously
+                pass
+        _run_all(finishers)
+        return out
+
+    sample_tokens.__attncap_wrapped__ = True
+    return sample_tokens
+
+
+def _install_sample_tokens(cls: Any) -> None:
+    fn = getattr(cls, "sample_tokens", None)
+    if fn is not None and not getattr(fn, "__attncap_wrapped__", False):
+        cls.sample_tokens = _wrap_sample_tokens(fn)
 
 
 def _finish(finished) -> None:
@@ -283,6 +344,7 @@ def install_mrv2(runner_cls: Any) -> None:
         fn = getattr(runner_cls, name)
         if not getattr(fn, "__attncap_wrapped__", False):
             setattr(runner_cls, name, wrap(fn))
+    _install_sample_tokens(runner_cls)
 
 
 def _install_mrv2_if_loaded() -> bool:
@@ -312,4 +374,5 @@ def install() -> None:
 
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
+    _install_sample_tokens(GPUModelRunner)
     _INSTALLED = True

@@ -70,6 +70,7 @@ __all__ = [
     "AttnCapFlashImpl",
     "flush_pending",
     "finish_requests",
+    "output_mark",
     "window_length",
 ]
 
@@ -144,6 +145,7 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         runner_hooks.install()
         runner_hooks.on_step_end(flush_pending)
         runner_hooks.on_finish(finish_requests)
+        runner_hooks.on_output(output_mark)
         # layer indices of this KV-cache group (several groups = several builders and plans per step)
         try:
             self._own_layers: frozenset[int] | None = frozenset(_layer_index_of_name(n) for n in layer_names)
@@ -375,6 +377,24 @@ def flush_pending() -> None:
         _GRAPH.end_step()
     if _SINK.pending:
         _drain_sink()
+
+
+def output_mark():
+    """When a step's output is produced: a callable that writes every result submitted so far (waiting for those
+    only), run by the runner hook before that output leaves the worker."""
+    g = _GRAPH.mark() if _GRAPH is not None else 0
+    sink = getattr(_SINK, "submitted", None)
+    graph = _GRAPH
+
+    def flush() -> None:
+        if graph is not None:
+            graph.flush_through(g)
+        if sink is not None:
+            _SINK.flush_through(sink)
+        elif _SINK.pending:
+            _SINK.flush()
+
+    return flush
 
 
 def finish_requests(req_ids) -> None:

@@ -310,6 +310,9 @@ class HostSink:
         self.copier: AsyncCopier | None = None
         self.pool: PinnedBufferPool | None = None
         self.pending: list[tuple[Any, torch.Tensor, Callable[[torch.Tensor], None]]] = []
+        #: results submitted / written so far (``flush_through``)
+        self.submitted = 0
+        self.written = 0
 
     def submit(self, dev: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
         if self.copier is None or self.copier.device != dev.device:
@@ -332,6 +335,7 @@ class HostSink:
                 return
         handle = self.copier.submit(dev, host)
         self.pending.append((handle, host, write))
+        self.submitted += 1
 
     def drain_ready(self) -> None:
         """Write the copies that have completed, oldest first, stopping at the first one still in flight
@@ -339,6 +343,18 @@ class HostSink:
         while self.pending and self.pending[0][0].ready():
             handle, host, write = self.pending.pop(0)
             handle.wait()  # complete: returns at once, drops the device reference
+            self.written += 1
+            try:
+                write(host)
+            finally:
+                self.pool.release(host)
+
+    def flush_through(self, mark: int) -> None:
+        """Write the results submitted up to number ``mark``, waiting for those only."""
+        while self.pending and self.written < mark:
+            handle, host, write = self.pending.pop(0)
+            handle.wait()
+            self.written += 1
             try:
                 write(host)
             finally:
@@ -349,6 +365,7 @@ class HostSink:
         pending, self.pending = self.pending, []
         for handle, host, write in pending:
             handle.wait()
+            self.written += 1
             try:
                 write(host)
             finally:
