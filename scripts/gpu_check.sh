@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_check.sh OUTDIR            # phase 1 then phase 2
 #   bash scripts/gpu_check.sh OUTDIR phase1     # build, kernel tests vs the torch reference, bf16 e2e vs HF eager,
-#                                               # full graph vs eager, sync-debug test   (target <= 6 min)
+#                                               # full graph vs eager, sync-debug test, then the fused kernel's
+#                                               # timing in a CUDA graph (kernel_bench --decode --quick)   (<= 6 min)
 #   bash scripts/gpu_check.sh OUTDIR phase2     # capture_overhead.py --quick, SmolLM2 shape, batch 1 and 16,
 #                                               # vs stock default, stock PIECEWISE, HF eager (target <= 4.5 min)
 #   bash scripts/gpu_check.sh OUTDIR compiled   # extra: the default-compilation e2e test (cold torch.compile)
@@ -84,6 +85,7 @@ phase1() {
   step env 60 "$PY" -c "$ENV_PY"
   pytest_step kernel-tests "$T1" -m gpu tests/gpu/test_decode_kernel.py tests/gpu/test_kernels.py
   pytest_step e2e "$T1" -s -m "gpu and not slow" -k "bfloat16 or full_graph or mrv2" tests/gpu/test_flash_backend_e2e.py
+  step kernel-bench 60 "$PY" benchmarks/kernel_bench.py --decode --quick  # last: correctness first
   phase_summary phase1 "$t0"
 }
 
