@@ -367,7 +367,6 @@ def install() -> None:
         if _MRV2_INSTALLED and not _install_dispatch(*_MRV2_DISPATCH):
             logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
                            "the full decode graph cannot capture may lose those captures")
-    _install_dispatch(*_V1_DISPATCH)  # the V1 runner's dispatcher (when its module is loaded)
     if _INSTALLED:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -375,4 +374,5 @@ def install() -> None:
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
     _install_sample_tokens(GPUModelRunner)
+    _install_dispatch(*_V1_DISPATCH)  # the V1 runner's dispatcher (its module is loaded with the runner's)
     _INSTALLED = True
