@@ -600,3 +600,23 @@ def test_results_reach_the_buffers_before_the_step_output_leaves(monkeypatch):
     assert ring.blocking_waits == 1
     assert r.sample_tokens(None, async_out=False) == "plain"
     assert written == ["a", "b"]
+
+
+def test_stats_only_graph_sends_rows_requests_eager():
+    """With the rows pass off (VLLM_ATTNCAP_GRAPH_ROWS=0) head-mean rows requests leave the graph: the policy
+    forces their steps to PIECEWISE and begin_step keeps them in the eager plan."""
+    from vllm_attncap.engine.graph_capture import GraphCapture
+    from vllm_attncap.engine.plan import RowBatch, StepPlan
+
+    pol = StepGraphPolicy()
+    pol.num_layers, pol.in_graph, pol.kinds = 4, True, ("stats",)
+    specs = {"a": {"mode": "stats"}, "b": {"layers": [-1], "reduce": "head_mean"}}
+    assert not pol.decide(["a"], specs.get) and pol.decide(["a", "b"], specs.get)
+    lay = BufferLayout(max_rows=4, num_layers=4, num_heads=4, num_kv_heads=2, width=32)
+    gc = GraphCapture(lay, lambda s, d: torch.zeros(s, dtype=d), _CpuUploader(), lambda n: None, kinds=("stats",))
+    a, b = _rc("a", specs["a"]), _rc("b", specs["b"])
+    rb = [RowBatch(rc=a, token_index=None, q_pos=None, rows=[2], ctx_len=12, block_table_row=None, batch_row=0),
+          RowBatch(rc=b, token_index=None, q_pos=None, rows=[2], ctx_len=12, block_table_row=None, batch_row=1)]
+    rest = gc.begin_step(StepPlan(rb, frozenset(range(4))), uniform_decode=True)
+    assert [x.rc.req_id for x in rest.batches] == ["b"] and gc.active
+    assert gc.buffers.row_table[0, 0] == FLAG_STATS and gc.buffers.row_table[1, 0] == 0

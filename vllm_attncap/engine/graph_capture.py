@@ -45,11 +45,14 @@ class GraphCapture:
         alloc: ``alloc(shape, dtype)`` -> zeroed device tensor.
         uploader: ``upload(pairs)`` of ``(numpy array, device tensor)`` (:class:`~.compute.pinned.Uploader`).
         make_ring: ``make_ring(slot_bytes)`` -> :class:`~.result_ring.ResultRing` (made at the first capturing step).
+        kinds: what the graph captures (``"stats"``, ``"rows"``); without ``"rows"`` the head-mean rows pass is not
+            launched and such requests are captured eagerly (their steps run PIECEWISE).
     """
 
     def __init__(self, layout: BufferLayout, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
-                 uploader: Any, make_ring: Callable[[int], Any]) -> None:
+                 uploader: Any, make_ring: Callable[[int], Any], kinds: tuple[str, ...] = ("stats", "rows")) -> None:
         self.layout = layout
+        self.kinds = tuple(kinds)
         self.buffers = DecodeBuffers(layout, alloc)
         self.slots = SlotTable(layout)
         self.uploader = uploader
@@ -90,7 +93,7 @@ class GraphCapture:
         if plan is not None:
             for b in plan.batches:
                 kind = graph_kind(b.rc.spec, self.layout.num_layers)
-                if kind is None or len(b.rows) != 1:
+                if kind not in self.kinds or len(b.rows) != 1:
                     rest.append(b)
                     continue
                 slot, masks = self.slots.assign(b.rc)

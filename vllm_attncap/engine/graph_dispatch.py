@@ -47,6 +47,8 @@ class StepGraphPolicy:
         self.num_layers = 0
         self.force = False
         self.forced_steps = 0
+        #: what the graph captures (the CUDA builder sets it with :attr:`in_graph`)
+        self.kinds: tuple[str, ...] = ("stats", "rows")
         self._kinds: dict[str, str | None] = {}
 
     def kind_of(self, req_id: str, raw_spec: Any) -> str | None:
@@ -69,7 +71,7 @@ class StepGraphPolicy:
             k = self.kind_of(rid, raw)
             if k == "refused":
                 continue
-            if k is None or not self.in_graph:
+            if k not in self.kinds or not self.in_graph:
                 force = True
                 break
         self.force = force

@@ -154,6 +154,8 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self._graph = _make_graph_capture(vllm_config, shape, self._own_layers, device)
         graph_policy.num_layers = shape.num_layers
         graph_policy.in_graph = self._graph is not None
+        if self._graph is not None:
+            graph_policy.kinds = self._graph.kinds
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapFlashMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -225,7 +227,8 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
     layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
                           num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
                           n_splits=int(os.environ.get("VLLM_ATTNCAP_SPLITS", "4")))
-    if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev:
+    kinds = ("stats", "rows") if os.environ.get("VLLM_ATTNCAP_GRAPH_ROWS", "1") != "0" else ("stats",)
+    if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev and _GRAPH.kinds == kinds:
         _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
         return _GRAPH
     ring_slots = int(os.environ.get("VLLM_ATTNCAP_RING_SLOTS", "4"))
@@ -237,6 +240,7 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
         alloc=lambda shp, dt: torch.zeros(shp, dtype=dt, device=dev),
         uploader=Uploader(dev, upload_bytes),
         make_ring=lambda nbytes: ResultRing(CudaRingOps(dev), ring_slots, nbytes),
+        kinds=kinds,
     )
     logger.info("vllm_attncap: decode capture inside full CUDA graphs is on (%.1f MiB of static buffers)",
                 layout.nbytes() / 2**20)
@@ -300,7 +304,8 @@ class AttnCapFlashImpl(FlashAttentionImpl):
             dev = query.device
             dc = self._dev["decode"] = (graph, attncap_cuda.DecodeCapture(
                 graph.buffers, layer=self._layer_index, scale=self.scale, softcap=float(self.logits_soft_cap or 0.0),
-                window=window_length(self, md), alibi=self.alibi_on(dev), sinks=self.sinks_on(dev)))
+                window=window_length(self, md), alibi=self.alibi_on(dev), sinks=self.sinks_on(dev),
+                rows="rows" in graph.kinds))
         dc[1].launch(query, kv_cache.unbind(1)[0], md.block_table, md.seq_lens, query.shape[0])
 
     # device copies of per-head parameters (kernels want float32 on the device)
