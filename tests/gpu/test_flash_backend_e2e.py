@@ -819,7 +819,8 @@ def _graph_prompts(n=14):
 def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
     """Full decode graphs with in-graph capture vs the eager engine with the in-graph path off, on the same requests:
     mixed specs, odd prompt lengths, requests joining and leaving (14 requests, max_num_seqs=8, different
-    max_tokens). Rows are also checked against HF fp32; stats must equal the eager path's."""
+    max_tokens) and preemption (a KV cache of 48 blocks). Rows are also checked against HF fp32; stats must equal
+    the eager path's."""
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
@@ -833,12 +834,16 @@ def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
     def run(graph: bool):
         os.environ["VLLM_ATTNCAP_GRAPH"] = "1" if graph else "0"
         kw = dict(enforce_eager=False, compilation_config=FULL_ONLY) if graph else {}
+        kw.update(max_model_len=512, num_gpu_blocks_override=48)  # small KV cache: requests get preempted
         llm = _make(tiny_gpu_model, dtype="bfloat16", **kw)
         try:
-            forced0 = policy.forced_steps
+            from vllm_attncap.engine.tracker import get_tracker
+
+            forced0, recomputed0 = policy.forced_steps, get_tracker().recomputed_rows
             outs = generate_with_attentions(llm, prompts, sps, spec=specs, use_tqdm=False)
             info = dict(graph_steps=flash._GRAPH.graph_steps if flash._GRAPH is not None else 0,
-                        forced=policy.forced_steps - forced0)
+                        forced=policy.forced_steps - forced0,
+                        recomputed=get_tracker().recomputed_rows - recomputed0)
         finally:
             _free(llm)
             os.environ.pop("VLLM_ATTNCAP_GRAPH", None)
@@ -848,6 +853,7 @@ def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
     graph, ginfo = run(True)
     print(f"in-graph steps {ginfo['graph_steps']}, steps switched to PIECEWISE/eager {ginfo['forced']}; eager {einfo}")
     assert einfo["graph_steps"] == 0 and ginfo["graph_steps"] > 0 and ginfo["forced"] > 0
+    assert ginfo["recomputed"] > 0, "no request was preempted: lower num_gpu_blocks_override"
     worst = 0.0
     for i, (e, g, spec) in enumerate(zip(eager, graph, specs)):
         assert (e.error, g.error) == (None, None)
