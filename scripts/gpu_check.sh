@@ -14,7 +14,7 @@
 # (OUTDIR/<phase>.json: step, rc, seconds) and one summary line; a failed step never stops the phase.
 # Only GPU tests run here (-m gpu): the CPU-only tests belong to CI. Step caps: build 180 s, entry point 90 s,
 # kernel tests PHASE1_TIMEOUT_S/2, e2e PHASE1_TIMEOUT_S (default 300), kernel bench 60 s, phase 2
-# PHASE2_TIMEOUT_S (default 270): phase 1 is ~5.5 min when nothing hangs, at most 12 min if every step hits its
+# PHASE2_TIMEOUT_S (default 270): phase 1 is ~5.5 min when nothing hangs (an estimate, not measured), ~14 min if every step hits its
 # cap (logs are written as they go, so a device call cut short still returns them). Env: PY (default python3),
 # ATTNCAP_CUDA_ARCHS (default 9.0).
 set -uo pipefail
