@@ -5,10 +5,13 @@ tokens per request (greedy, ``ignore_eos``):
 
 - **stock**: vLLM 0.25.1 with its own backend (FLASH_ATTN, FULL_AND_PIECEWISE
   CUDA graphs unless ``--eager``);
+- **stock-pw**: stock forced to PIECEWISE graphs (``compilation_config={"cudagraph_mode": "PIECEWISE"}``):
+  attention eager between graphed pieces, which isolates what capture itself costs from what a graph mode costs
+  (skip with ``--no-piecewise``);
 - **attncap**: ``attention_backend="attncap"`` without any request asking for
-  capture (the cost of PIECEWISE graphs + the plugin's per-step bookkeeping);
-- **stats**: every request captures ``{"mode": "stats"}`` (all layers, all heads);
-- **rows-hm**: every request captures ``{"layers": [-1], "reduce": "head_mean"}``;
+  capture (full decode graphs holding the idle capture kernels + the plugin's per-step bookkeeping);
+- **stats**: every request captures ``{"mode": "stats"}`` (all layers, all heads; inside the full decode graph);
+- **rows-hm**: every request captures ``{"layers": [-1], "reduce": "head_mean"}`` (inside the full decode graph);
 - **HF**: ``transformers`` ``generate(output_attentions=True)`` with eager
   attention (attention maps left on the GPU), skipped where the prefill maps
   alone would exceed ``--hf-max-gib``.
@@ -27,7 +30,10 @@ cost does not depend on the values):
 
     python benchmarks/capture_overhead.py                         # both shapes (long: 4 engines)
     python benchmarks/capture_overhead.py --models smollm2-135m   # one shape per device call
-    python benchmarks/capture_overhead.py --quick                 # 2 repeats, batch 1 and 16 at prompt 512 only
+    python benchmarks/capture_overhead.py --quick --models smollm2-135m   # 3 repeats, batch 1 and 16, prompt 512
+
+The JSON (``--json``) is rewritten after every engine, so a run cut short keeps what it measured. Engines run in
+the order stock, attncap, HF, stock-pw (the no-capture ratio first).
 
 Engines start with ``torch.compile`` unless ``--eager``; a cold compile cache makes
 the first start of each engine take minutes (> 170 s on a fresh machine, docs/gpu.md).
@@ -76,11 +82,11 @@ def _check_gpu() -> None:
         _die("torch is not installed")
     if not torch.cuda.is_available():
         _die("needs a CUDA GPU (torch.cuda.is_available() is False); this benchmark measures vLLM 0.25.1 "
-             "on CUDA — run it on the lent GPU machine (scripts/gpu_check.sh bench)")
+             "on CUDA — run it on the lent GPU machine (scripts/gpu_check.sh OUTDIR phase2)")
     try:
         import vllm  # noqa: F401
     except ImportError:
-        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (shared/devkit)")
+        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (docs/gpu.md, "Running the GPU check")")
 
 
 def _plugin_setup() -> str:
@@ -130,7 +136,8 @@ def _prompts(rng, batch: int, prompt: int, vocab: int) -> list[dict]:
     return [{"prompt_token_ids": rng.integers(10, vocab - 10, size=prompt).tolist()} for _ in range(batch)]
 
 
-def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, eager: bool, mem: float) -> dict:
+def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, eager: bool, mem: float,
+               piecewise: bool = False) -> dict:
     """{(batch, prompt, mode): {"turn_ms", "prefill_ms", "decode_tps", "capture_ok"}} for one engine."""
     import numpy as np
     from vllm import LLM, SamplingParams
@@ -144,16 +151,18 @@ def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, e
               gpu_memory_utilization=mem, max_num_seqs=max(b for b, _ in cases), enforce_eager=eager)
     if attncap:
         kw["attention_backend"] = "attncap"
+    if piecewise:
+        kw["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
-    label = "attncap" if attncap else "stock"
+    label = "attncap" if attncap else ("stock-pw" if piecewise else "stock")
     try:
         cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
     except Exception:
         cg = "?"
     print(f"[{name}/{label}] engine up in {start_s:.0f} s (cudagraph_mode as configured: {cg})", flush=True)
-    modes = list(MODES) if attncap else ["stock"]
+    modes = list(MODES) if attncap else [label]
     rng = np.random.default_rng(0)
     res = {}
     try:
@@ -266,25 +275,41 @@ def _ratio(a, b) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-def report(name: str, cases, stock: dict, cap: dict, hf: dict) -> list[str]:
+def _tps_ratio(a: dict, b: dict) -> str:
+    x, y = (a or {}).get("decode_tps"), (b or {}).get("decode_tps")
+    return "n/a" if x is None or y is None or y == 0 else f"{x / y:.3f}"
+
+
+def report(name: str, cases, stock: dict, stock_pw: dict, cap: dict, hf: dict) -> list[str]:
+    """Decode-throughput ratios (the issue's criteria) and ms per turn, side by side."""
     lines = [
-        f"== {name}: ms per turn (prefill + {NEW_TOKENS} tokens, whole batch); decode tok/s; ratios to stock ==",
-        f"{'batch':>5} {'prompt':>6} | {'stock':>7} {'attncap':>7} {'stats':>7} {'rows-hm':>7} {'HF':>7} | "
-        f"{'cap/st':>6} {'stats/st':>8} {'rows/st':>7} {'HF/stats':>8} | "
-        f"{'tok/s st':>8} {'attncap':>8} {'stats':>8} {'rows-hm':>8}",
+        f"== {name}: decode throughput ratios (higher = faster; tok/s over {NEW_TOKENS - 1} decode steps) ==",
+        f"{'batch':>5} {'prompt':>6} | {'cap/st':>6} {'stats/pw':>8} {'rows/pw':>7} {'stats/st':>8} {'rows/st':>7} | "
+        f"{'HF/stats':>8} {'HF/rows':>7} (turn-time speed-ups over HF)",
     ]
     for batch, prompt in cases:
         st = stock.get((batch, prompt, "stock"), {})
+        pw = stock_pw.get((batch, prompt, "stock-pw"), {})
         a = {m: cap.get((batch, prompt, m), {}) for m in MODES}
         h = hf.get((batch, prompt))
         lines.append(
-            f"{batch:>5} {prompt:>6} | {_fmt(st.get('turn_ms')):>7} {_fmt(a['attncap'].get('turn_ms')):>7} "
-            f"{_fmt(a['stats'].get('turn_ms')):>7} {_fmt(a['rows-hm'].get('turn_ms')):>7} {_fmt(h):>7} | "
-            f"{_ratio(a['attncap'].get('turn_ms'), st.get('turn_ms')):>6} "
-            f"{_ratio(a['stats'].get('turn_ms'), st.get('turn_ms')):>8} "
-            f"{_ratio(a['rows-hm'].get('turn_ms'), st.get('turn_ms')):>7} "
-            f"{_ratio(h, a['stats'].get('turn_ms')):>8} | "
-            f"{_fmt(st.get('decode_tps')):>8} {_fmt(a['attncap'].get('decode_tps')):>8} "
+            f"{batch:>5} {prompt:>6} | {_tps_ratio(a['attncap'], st):>6} {_tps_ratio(a['stats'], pw):>8} "
+            f"{_tps_ratio(a['rows-hm'], pw):>7} {_tps_ratio(a['stats'], st):>8} {_tps_ratio(a['rows-hm'], st):>7} | "
+            f"{_ratio(h, a['stats'].get('turn_ms')):>8} {_ratio(h, a['rows-hm'].get('turn_ms')):>7}"
+        )
+    lines.append(f"-- {name}: ms per turn (prefill + {NEW_TOKENS} tokens, whole batch) and decode tok/s --")
+    lines.append(f"{'batch':>5} {'prompt':>6} | {'stock':>7} {'st-pw':>7} {'attncap':>7} {'stats':>7} {'rows-hm':>7} "
+                 f"{'HF':>7} | {'tok/s st':>8} {'st-pw':>8} {'attncap':>8} {'stats':>8} {'rows-hm':>8}")
+    for batch, prompt in cases:
+        st = stock.get((batch, prompt, "stock"), {})
+        pw = stock_pw.get((batch, prompt, "stock-pw"), {})
+        a = {m: cap.get((batch, prompt, m), {}) for m in MODES}
+        h = hf.get((batch, prompt))
+        lines.append(
+            f"{batch:>5} {prompt:>6} | {_fmt(st.get('turn_ms')):>7} {_fmt(pw.get('turn_ms')):>7} "
+            f"{_fmt(a['attncap'].get('turn_ms')):>7} {_fmt(a['stats'].get('turn_ms')):>7} "
+            f"{_fmt(a['rows-hm'].get('turn_ms')):>7} {_fmt(h):>7} | {_fmt(st.get('decode_tps')):>8} "
+            f"{_fmt(pw.get('decode_tps')):>8} {_fmt(a['attncap'].get('decode_tps')):>8} "
             f"{_fmt(a['stats'].get('decode_tps')):>8} {_fmt(a['rows-hm'].get('decode_tps')):>8}"
         )
     return lines
@@ -296,7 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 repeats, prompt 512 only")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, prompt 512 only")
+    ap.add_argument("--no-piecewise", action="store_true", help="skip the stock engine forced to PIECEWISE")
     ap.add_argument("--eager", action="store_true", help="enforce_eager for both engines (no torch.compile/graphs)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-max-gib", type=float, default=24.0)
@@ -307,7 +333,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not in the devkit
     how = _plugin_setup()
     if args.quick:
-        args.repeats, args.prompts = 2, "512"
+        args.repeats, args.prompts = 3, "512"
     models = [m for m in args.models.split(",") if m]
     for m in models:
         if m not in SHAPES:
@@ -321,24 +347,39 @@ def main(argv=None) -> int:
 
     print(f"capture kernels: {'built' if attncap_cuda.is_available() else 'NOT built (torch path)'}", flush=True)
     all_lines, dump = [], {}
+
+    def save() -> None:
+        try:
+            Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), eager=args.eager,
+                                                       repeats=args.repeats, results=dump), indent=1))
+        except OSError as e:
+            print(f"could not write {args.json}: {e}")
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             d = write_config(Path(tmp), name)
+            entry = dump[name] = {}
             stock = bench_vllm(d, name, False, cases, args.repeats, args.eager, args.mem)
+            entry["stock"] = {str(k): v for k, v in stock.items()}
+            save()
             cap = bench_vllm(d, name, True, cases, args.repeats, args.eager, args.mem)
+            entry["attncap"] = {str(k): v for k, v in cap.items()}
+            save()
             hf = {} if args.no_hf else bench_hf(name, cases, args.repeats, args.hf_max_gib)
-            lines = report(name, cases, stock, cap, hf)
+            entry["hf_ms"] = {str(k): v for k, v in hf.items()}
+            save()
+            stock_pw = {}
+            if not args.no_piecewise and not args.eager:
+                stock_pw = bench_vllm(d, name, False, cases, args.repeats, args.eager, args.mem, piecewise=True)
+                entry["stock_pw"] = {str(k): v for k, v in stock_pw.items()}
+                save()
+            lines = report(name, cases, stock, stock_pw, cap, hf)
+            entry["report"] = lines
+            save()
             print("\n".join(lines), flush=True)
             all_lines += lines + [""]
-            dump[name] = {"stock": {str(k): v for k, v in stock.items()}, "attncap": {str(k): v for k, v in cap.items()},
-                          "hf_ms": {str(k): v for k, v in hf.items()}}
     print("\n" + "\n".join(all_lines))
-    try:
-        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), eager=args.eager,
-                                                   repeats=args.repeats, results=dump), indent=1))
-        print(f"results: {args.json}")
-    except OSError as e:
-        print(f"could not write {args.json}: {e}")
+    print(f"results: {args.json}")
     return 0
 
 

@@ -18,6 +18,12 @@ contexts 512+64 and 2048+64 (prompt + generated tokens).
 
     python benchmarks/kernel_bench.py            # full table
     python benchmarks/kernel_bench.py --quick    # fewer iterations
+    python benchmarks/kernel_bench.py --decode   # the fused decode-capture kernel of full graphs (below)
+
+``--decode`` times, per decode step (all layers, replayed as one CUDA graph like vLLM's full decode graph), the
+fused kernel (``compute.cuda.DecodeCapture``) with every row capturing per-head statistics, with every row
+capturing last-layer head-mean rows only, and with every row off (what an engine pays when nobody captures),
+next to the eager kernel path for the same statistics (``paged_attention_probs`` + ``history_stats`` per layer).
 
 Random weights and keys: the kernels' cost does not depend on the values.
 """
@@ -208,14 +214,90 @@ def run(args) -> None:
                 torch.cuda.empty_cache()
 
 
+def run_decode(args) -> None:
+    """The fused decode kernel inside a CUDA graph: stats rows, head-mean rows, rows off; eager path for stats."""
+    import numpy as np
+
+    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.compute.decode_reference import F_FIRST_LAYER, F_HEADS, F_HISTORY, F_WEIGHT, FLAG_ROWS, FLAG_STATS
+    from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
+
+    if not attncap_cuda.is_available():
+        raise SystemExit("kernel_bench.py: the extension is not built")
+    iters, warmup = (5, 2) if args.quick else (args.iters, 3)
+    dev = torch.device("cuda")
+    print(f"# fused decode capture, one step = all layers replayed as one CUDA graph; medians of {iters} runs (ms)")
+    print(f"{'shape':<13} {'B':>3} {'ctx':>5} | {'off':>7} {'stats':>7} {'rows-hm':>7} | {'eager stats':>11} "
+          f"{'speed-up':>8}")
+    for name, shape in SHAPES.items():
+        for batch in BATCHES:
+            for prompt, gen in CONTEXTS:
+                wl = Workload(shape, batch, prompt, gen)
+                lay = BufferLayout(max_rows=batch, num_layers=wl.L, num_heads=wl.H, num_kv_heads=wl.H_kv,
+                                   width=wl.width + 1)
+                bufs = DecodeBuffers(lay, lambda s, d: torch.zeros(s, dtype=d, device=dev))
+                seq = wl.ctx_len.clone()
+                attncap_cuda.preload(dev)
+                dcs = [attncap_cuda.DecodeCapture(bufs, layer=l, scale=wl.scale) for l in range(wl.L)]
+
+                def step():
+                    for l, dc in enumerate(dcs):
+                        dc.launch(wl.q[l], wl.key_cache[l], wl.block_table, seq, batch)
+
+                step()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+
+                def table(kind: str) -> None:
+                    t = np.zeros((batch, 8), dtype=np.int32)
+                    if kind == "stats":
+                        t[:, 0], t[:, F_HISTORY] = FLAG_STATS, prompt
+                        bufs.layer_mask.fill_(1)
+                    elif kind == "rows":
+                        t[:, 0], t[:, F_FIRST_LAYER], t[:, F_HEADS] = FLAG_ROWS, wl.L - 1, wl.H
+                        t[:, F_WEIGHT] = np.float32(1.0).view(np.int32)
+                        bufs.layer_mask.zero_()
+                        bufs.layer_mask[:, wl.L - 1] = 1
+                        bufs.head_mask.fill_(1)
+                    t[:, 1] = np.arange(batch)
+                    bufs.row_table.copy_(torch.from_numpy(t))
+
+                res = {}
+                for kind in ("off", "stats", "rows"):
+                    table(kind)
+                    res[kind] = cuda_ms(graph.replay, iters, warmup)
+                hist = torch.full((batch,), prompt, dtype=torch.int32, device=dev)
+                sink = torch.zeros(batch, dtype=torch.int32, device=dev)
+                cov = torch.empty(batch, wl.H, device=dev)
+                ent = torch.empty(batch, wl.H, device=dev)
+
+                def eager_stats():
+                    for l in range(wl.L):
+                        probs = attncap_cuda.paged_attention_probs(
+                            wl.q[l], wl.key_cache[l], wl.block_table, wl.q_pos, wl.ctx_len, scale=wl.scale,
+                            heads=wl.heads, width=wl.width)
+                        attncap_cuda.history_stats(probs, hist, sink, None, coverage=cov, entropy=ent)
+
+                t_eager = cuda_ms(eager_stats, iters, warmup)
+                print(f"{name:<13} {batch:>3} {wl.ctx:>5} | {res['off']:>7.3f} {res['stats']:>7.3f} "
+                      f"{res['rows']:>7.3f} | {t_eager:>11.3f} {t_eager / res['stats']:>7.1f}x", flush=True)
+                del wl, bufs, graph
+                torch.cuda.empty_cache()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=20, help="timed runs per measurement (default 20)")
     parser.add_argument("--quick", action="store_true", help="5 timed runs per measurement")
+    parser.add_argument("--decode", action="store_true", help="the fused decode-capture kernel (see above)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing to measure here")
-    run(args)
+    if args.decode:
+        run_decode(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -136,4 +136,63 @@ cudaError_t preload_reduce_kernels();
 
 bool probs_head_dim_supported(int head_dim);
 
+// Fused decode capture (decode_capture.cu; reference: vllm_attncap/engine/compute/decode_reference.py).
+// Row table: one int32 record of kRowFields per padded batch row, uploaded once per step.
+enum RowField : int {
+  kRowFlags = 0,       // kFlagStats | kFlagRows; 0 = the row captures nothing (padded rows too)
+  kRowSlot = 1,        // request slot: row of layer_mask / head_mask / salient_mask
+  kRowHistory = 2,     // history_len (stats)
+  kRowSink = 3,        // sink (stats)
+  kRowFirstLayer = 4,  // rows: the layer that assigns (the others accumulate)
+  kRowWeight = 5,      // rows: float bits of the layer weight (1 / L for layer_head_mean, else 1)
+  kRowHeads = 6,       // rows: number of selected heads (the mean's divisor)
+  kRowFields = 8,
+};
+enum RowFlag : int { kFlagStats = 1, kFlagRows = 2 };
+
+struct DecodeCaptureParams {
+  const void* q;               // (>= n_rows, H, D): row b's query is token b
+  int64_t q_stride_token;
+  int64_t q_stride_head;
+  const void* k;               // key cache, as ProbsParams
+  int64_t k_stride_block;
+  int64_t k_stride_token;
+  int64_t k_stride_head;
+  int block_size;
+  const int32_t* block_table;  // (>= n_rows, max_blocks)
+  int64_t bt_stride;
+  const int32_t* seq_lens;     // (>= n_rows,): the query sits at seq_lens[b] - 1
+  const int32_t* row_table;    // (>= n_rows, kRowFields)
+  const uint8_t* layer_mask;   // (slots, layer_mask_stride)
+  int64_t layer_mask_stride;
+  const uint8_t* head_mask;    // (slots, head_mask_stride)
+  int64_t head_mask_stride;
+  const uint8_t* salient_mask; // (slots, salient_stride) or nullptr
+  int64_t salient_stride;
+  int salient_width;
+  int n_rows;                  // grid rows (the step's padded batch)
+  int num_heads;
+  int num_kv_heads;
+  int group;                   // num_heads / num_kv_heads, at most 32
+  int num_layers;              // stats' layer dimension
+  int layer;                   // this launch's layer
+  int n_splits;                // fixed key splits per row
+  float scale;
+  float softcap;
+  int window;
+  const float* alibi;          // (H,) or nullptr
+  const float* sinks;          // (H,) or nullptr
+  float* stats;                // (rows_max, num_layers, H, 2): coverage, entropy
+  float* rows;                 // (rows_max, rows_stride) head-mean rows
+  int64_t rows_stride;
+  float* partials;             // (rows_max, H, n_splits, 4)
+  int* counters;               // (rows_max, num_kv_heads), zero-initialised; left at zero
+};
+
+// passes: 1 = statistics and row partials, 2 = head-mean rows, 3 = both.
+cudaError_t launch_decode_capture(const DecodeCaptureParams& p, int dtype, int head_dim, int passes,
+                                  cudaStream_t stream);
+cudaError_t preload_decode_kernels();
+
+
 }  // namespace attncap

@@ -25,6 +25,7 @@
 #endif
 
 namespace py = pybind11;
+using attncap::DecodeCaptureParams;
 using attncap::ElideParams;
 using attncap::HeadMeanParams;
 using attncap::ProbsParams;
@@ -111,6 +112,7 @@ PYBIND11_MODULE(_kernels, m) {
     DeviceGuard guard(device, "preload");
     check(attncap::preload_probs_kernels(), "preload");
     check(attncap::preload_reduce_kernels(), "preload");
+    check(attncap::preload_decode_kernels(), "preload");
   }, py::arg("device"),
         "Load every kernel on `device` now, so that no module loads lazily inside a CUDA graph capture.");
 
@@ -279,4 +281,78 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("elided"), py::arg("elided_stride_row"), py::arg("elided_width"), py::arg("plan_row"),
       py::arg("out"), py::arg("out_stride_row"), py::arg("out_stride_head"), py::arg("out_width"),
       "Apply the elided-column rule to rows (see vllm_attncap/engine/compute/elide.py).");
+
+  // ---------------------------------------------------------------- fused decode capture
+  // The launch record is built once per layer (vllm_attncap/engine/compute/cuda.py, DecodeCapture) and only the
+  // fields that change are set before a launch, so an eager decode step pays one call per layer.
+  py::class_<DecodeCaptureParams> dp(m, "DecodeCaptureParams",
+                                     "Launch record of the fused decode capture (kernels/attncap_kernels.h).");
+  dp.def(py::init([]() { return DecodeCaptureParams{}; }));
+#define ATTNCAP_PTR(name, type)                                                                         \
+  dp.def_property(                                                                                      \
+      #name, [](const DecodeCaptureParams& p) { return reinterpret_cast<std::uintptr_t>(p.name); },     \
+      [](DecodeCaptureParams& p, std::uintptr_t v) { p.name = reinterpret_cast<type>(v); })
+#define ATTNCAP_VAL(name) dp.def_readwrite(#name, &DecodeCaptureParams::name)
+  ATTNCAP_PTR(q, const void*);
+  ATTNCAP_VAL(q_stride_token);
+  ATTNCAP_VAL(q_stride_head);
+  ATTNCAP_PTR(k, const void*);
+  ATTNCAP_VAL(k_stride_block);
+  ATTNCAP_VAL(k_stride_token);
+  ATTNCAP_VAL(k_stride_head);
+  ATTNCAP_VAL(block_size);
+  ATTNCAP_PTR(block_table, const int32_t*);
+  ATTNCAP_VAL(bt_stride);
+  ATTNCAP_PTR(seq_lens, const int32_t*);
+  ATTNCAP_PTR(row_table, const int32_t*);
+  ATTNCAP_PTR(layer_mask, const uint8_t*);
+  ATTNCAP_VAL(layer_mask_stride);
+  ATTNCAP_PTR(head_mask, const uint8_t*);
+  ATTNCAP_VAL(head_mask_stride);
+  ATTNCAP_PTR(salient_mask, const uint8_t*);
+  ATTNCAP_VAL(salient_stride);
+  ATTNCAP_VAL(salient_width);
+  ATTNCAP_VAL(n_rows);
+  ATTNCAP_VAL(num_heads);
+  ATTNCAP_VAL(num_kv_heads);
+  ATTNCAP_VAL(group);
+  ATTNCAP_VAL(num_layers);
+  ATTNCAP_VAL(layer);
+  ATTNCAP_VAL(n_splits);
+  ATTNCAP_VAL(scale);
+  ATTNCAP_VAL(softcap);
+  ATTNCAP_VAL(window);
+  ATTNCAP_PTR(alibi, const float*);
+  ATTNCAP_PTR(sinks, const float*);
+  ATTNCAP_PTR(stats, float*);
+  ATTNCAP_PTR(rows, float*);
+  ATTNCAP_VAL(rows_stride);
+  ATTNCAP_PTR(partials, float*);
+  ATTNCAP_PTR(counters, int*);
+#undef ATTNCAP_PTR
+#undef ATTNCAP_VAL
+  m.attr("ROW_FIELDS") = static_cast<int>(attncap::kRowFields);
+  m.attr("FLAG_STATS") = static_cast<int>(attncap::kFlagStats);
+  m.attr("FLAG_ROWS") = static_cast<int>(attncap::kFlagRows);
+
+  m.def(
+      "decode_capture",
+      [](const DecodeCaptureParams& p, int device, std::uintptr_t stream, int dtype, int head_dim, int passes) {
+        const char* what = "decode_capture";
+        require(dtype == attncap::kFloat16 || dtype == attncap::kBFloat16, "decode_capture: dtype must be fp16 or bf16");
+        require(attncap::probs_head_dim_supported(head_dim), "decode_capture: head_dim must be 64 or 128");
+        require(p.group >= 1 && p.group <= 32, "decode_capture: 1..32 query heads per KV head");
+        require(p.num_kv_heads >= 1 && p.num_kv_heads <= 65535, "decode_capture: bad num_kv_heads");
+        require(p.n_rows >= 0 && p.n_rows <= 65535, "decode_capture: at most 65535 rows");
+        require(p.n_splits >= 1 && p.n_splits <= 64, "decode_capture: n_splits must be 1..64");
+        require(p.block_size >= 1 && p.layer >= 0 && p.layer < p.num_layers, "decode_capture: bad block size or layer");
+        require(passes >= 1 && passes <= 3, "decode_capture: passes must be 1, 2 or 3");
+        require((passes & 2) == 0 || p.num_heads * (head_dim + 2) * 4 <= 48 * 1024,
+                "decode_capture: the rows pass keeps every head's query in 48 KiB of shared memory; too many heads");
+        py::gil_scoped_release nogil;
+        DeviceGuard guard(device, what);
+        check(attncap::launch_decode_capture(p, dtype, head_dim, passes, as_stream(stream)), what);
+      },
+      py::arg("params"), py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("head_dim"),
+      py::arg("passes"), "Fused decode capture of one layer (see kernels/decode_capture.cu).");
 }

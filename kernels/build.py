@@ -31,7 +31,7 @@ import subprocess
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent
-CUDA_SOURCES = ("probs.cu", "reduce.cu")
+CUDA_SOURCES = ("probs.cu", "reduce.cu", "decode_capture.cu")
 BINDING_SOURCE = "binding.cpp"
 HEADERS = ("attncap_kernels.h", "common.cuh")
 EXTENSION_NAME = "vllm_attncap.engine.compute._kernels"

@@ -758,9 +758,9 @@ def test_chunked_prefill_and_prefix_cache(eager_engine, hf_fp32):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_default_compilation_runs_capture_piecewise(tiny_gpu_model, hf_fp32):
-    """Default compilation (torch.compile + CUDA graphs): attncap resolves to PIECEWISE
-    graphs, capture still runs every step, and tokens match stock vLLM (FULL_AND_PIECEWISE)
-    up to near-ties (a full decode graph may split the FlashAttention reduction differently)."""
+    """Default compilation (torch.compile + CUDA graphs): attncap keeps stock's graph mode
+    (FULL_AND_PIECEWISE), full-rows steps switch to PIECEWISE, head-mean rows are captured
+    inside the full decode graphs, and tokens match stock vLLM up to near-ties."""
     from vllm import SamplingParams
     from vllm.config import CUDAGraphMode
 
@@ -778,7 +778,8 @@ def test_default_compilation_runs_capture_piecewise(tiny_gpu_model, hf_fp32):
     try:
         mode = _runner(llm).cudagraph_manager.cudagraph_mode
         print(f"cudagraph mode: stock {stock_mode}, attncap {mode}")
-        assert mode == CUDAGraphMode.PIECEWISE
+        # UNIFORM_SINGLE_TOKEN_DECODE support: the engine keeps stock's mode (full decode graphs)
+        assert mode == stock_mode and mode != CUDAGraphMode.PIECEWISE
         specs = [{} if i % 2 == 0 else {"layers": [-1], "reduce": "head_mean"} for i in range(len(PROMPTS))]
         outs = generate_with_attentions(llm, PROMPTS, sp, spec=specs, use_tqdm=False)
         plain = llm.generate(PROMPTS, sp, use_tqdm=False)
@@ -795,3 +796,79 @@ def test_default_compilation_runs_capture_piecewise(tiny_gpu_model, hf_fp32):
         _check_vs_hf(outs, specs, hf_fp32, BF16_TOL, "bf16 compiled")
     finally:
         _free(llm)
+
+
+# FULL decode graphs without torch.compile (seconds to start, not minutes)
+FULL_ONLY = {"cudagraph_mode": "FULL_DECODE_ONLY", "mode": 0}
+GRAPH_SPECS = [
+    {"mode": "stats", "salient": [0, 2, 3], "sink": 1},
+    {"layers": [-1], "reduce": "head_mean"},
+    {"reduce": "layer_head_mean", "heads": [0, 3]},
+    {"mode": "stats", "layers": [0, 2], "heads": [1]},
+    {"mode": "stats", "layers": [-1], "history_len": 4},
+    {"layers": [1]},  # full rows: its steps leave the full graph
+]
+
+
+def _graph_prompts(n=14):
+    return [_long_prompt(5 + 13 * i, seed=i) for i in range(n)]
+
+
+@gpu
+@pytest.mark.gpu
+def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
+    """Full decode graphs with in-graph capture vs the eager engine with the in-graph path off, on the same requests:
+    mixed specs, odd prompt lengths, requests joining and leaving (14 requests, max_num_seqs=8, different
+    max_tokens) and preemption (a KV cache of 48 blocks). Rows are also checked against HF fp32; stats must equal
+    the eager path's."""
+    from vllm import SamplingParams
+
+    from vllm_attncap import generate_with_attentions
+    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.graph_dispatch import policy
+
+    prompts = _graph_prompts()
+    specs = [GRAPH_SPECS[i % len(GRAPH_SPECS)] for i in range(len(prompts))]
+    sps = [SamplingParams(max_tokens=6 + 5 * (i % 4), temperature=0, ignore_eos=True) for i in range(len(prompts))]
+
+    def run(graph: bool):
+        os.environ["VLLM_ATTNCAP_GRAPH"] = "1" if graph else "0"
+        kw = dict(enforce_eager=False, compilation_config=FULL_ONLY) if graph else {}
+        kw.update(max_model_len=512, num_gpu_blocks_override=48)  # small KV cache: requests get preempted
+        llm = _make(tiny_gpu_model, dtype="bfloat16", **kw)
+        try:
+            from vllm_attncap.engine.tracker import get_tracker
+
+            forced0, recomputed0 = policy.forced_steps, get_tracker().recomputed_rows
+            outs = generate_with_attentions(llm, prompts, sps, spec=specs, use_tqdm=False)
+            info = dict(graph_steps=flash._GRAPH.graph_steps if flash._GRAPH is not None else 0,
+                        forced=policy.forced_steps - forced0,
+                        recomputed=get_tracker().recomputed_rows - recomputed0)
+        finally:
+            _free(llm)
+            os.environ.pop("VLLM_ATTNCAP_GRAPH", None)
+        return outs, info
+
+    eager, einfo = run(False)
+    graph, ginfo = run(True)
+    print(f"in-graph steps {ginfo['graph_steps']}, steps switched to PIECEWISE/eager {ginfo['forced']}; eager {einfo}")
+    assert einfo["graph_steps"] == 0 and ginfo["graph_steps"] > 0 and ginfo["forced"] > 0
+    assert ginfo["recomputed"] > 0, "no request was preempted: lower num_gpu_blocks_override"
+    worst = 0.0
+    for i, (e, g, spec) in enumerate(zip(eager, graph, specs)):
+        assert (e.error, g.error) == (None, None)
+        if e.token_ids != g.token_ids:
+            pytest.fail(f"request {i}: tokens differ between full-graph and eager engines")
+        if spec.get("mode") == "stats":
+            a = np.stack([g.stats["coverage"], g.stats["entropy"]])
+            b = np.stack([e.stats["coverage"], e.stats["entropy"]])
+        else:
+            a, b = np.asarray(g.attention), np.asarray(e.attention)
+        assert a.shape == b.shape, (i, a.shape, b.shape)
+        d = float(np.nanmax(np.abs(a - b)))
+        worst = max(worst, d)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), i
+        assert d <= 3e-2, (i, spec, d)
+    print(f"full graph vs eager: max |diff| {worst:.2e}")
+    rows = [(o, s) for o, s in zip(graph, specs) if s.get("mode") != "stats"]
+    _check_vs_hf([o for o, _ in rows], [s for _, s in rows], hf_fp32, BF16_TOL, "bf16 full graph")

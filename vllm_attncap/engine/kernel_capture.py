@@ -106,6 +106,15 @@ class _Group:
         return self.layers[-1]
 
 
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``a`` on ``device`` without blocking the host: a pinned staging copy (torch's caching host allocator keeps
+    it until the copy is done) and a non-blocking transfer; a plain copy off CUDA."""
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _build_groups(plan: StepPlan, device: torch.device, own_layers: frozenset[int] | None = None) -> list[_Group]:
     """Group the step's captured rows by spec and upload their indices (one copy per group).
 
@@ -141,7 +150,7 @@ def _build_groups(plan: StepPlan, device: torch.device, own_layers: frozenset[in
         n = start
         table = np.concatenate(cols, axis=1).astype(np.int32)  # (7, n)
         packed = np.concatenate([table.reshape(-1), np.asarray(heads, dtype=np.int32)])
-        dev = torch.from_numpy(packed).to(device)  # one host-to-device copy per group and step
+        dev = _upload(packed, device)  # one host-to-device copy per group and step
         q_index, bt_row, q_pos, ctx_len, hist, sink, sal_row = dev[: 7 * n].view(7, n).unbind(0)
         salient = None
         if mode == "stats" and any(b.rc.spec.salient for b in bs):
@@ -149,7 +158,7 @@ def _build_groups(plan: StepPlan, device: torch.device, own_layers: frozenset[in
             mask = np.zeros((len(bs), ws), dtype=np.uint8)
             for m, b in enumerate(bs):
                 mask[m, [x for x in b.rc.spec.salient if x < ws]] = 1
-            salient = torch.from_numpy(mask).to(device)
+            salient = _upload(mask, device)
         groups.append(_Group(
             batches=bs, spans=spans, mode=mode, reduce=reduce, all_layers=all_layers, layers=layers, n=n,
             width=max(b.ctx_len for b in bs),

@@ -101,6 +101,25 @@ def _mrv2_requests_view(view: Any, num_reqs: int):
         yield rid, int(prompt_len[slots[i]]), sp
 
 
+def _real_rows(batch: Any) -> int:
+    """Rows of the step's batch that hold a request (MRv2's ``InputBatch.num_reqs``; V1: its request ids)."""
+    n = getattr(batch, "num_reqs", None)
+    return int(n) if isinstance(n, int) else len(batch.req_ids)
+
+
+def _seq_lens_host(cm: Any) -> list[int]:
+    """The step's sequence lengths on the host without a device sync.
+
+    vLLM 0.25+ gives ``seq_lens_cpu_upper_bound`` (exact without speculative decoding, which the CUDA backend
+    refuses); older metadata has a host copy ``_seq_lens_cpu``; only then is the device tensor read (CPU: no sync).
+    """
+    for name in ("seq_lens_cpu_upper_bound", "_seq_lens_cpu"):
+        t = getattr(cm, name, None)
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            return t.tolist()
+    return cm.seq_lens.cpu().tolist()
+
+
 def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan | None:
     """Plan this step's captures from the runner's batch and the common metadata.
 
@@ -115,9 +134,10 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
         ``None`` when no scheduled request asks for capture (the common case,
         which then costs one dict lookup per request).
     """
-    num_reqs = cm.num_reqs
-    if runner is None or len(runner.input_batch.req_ids) < num_reqs:
+    if runner is None:
         return None
+    # Under FULL graphs Model Runner V2 passes a padded num_reqs: plan over the batch's real rows only.
+    num_reqs = min(cm.num_reqs, _real_rows(runner.input_batch))
     qsl = None
     seq_lens = None
     batches: list[RowBatch] = []
@@ -128,7 +148,7 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
             continue
         if qsl is None:
             qsl = cm.query_start_loc_cpu.tolist()
-            seq_lens = cm.seq_lens.cpu().tolist()
+            seq_lens = _seq_lens_host(cm)
         rc = tracker.lookup(rid, extra["attncap"], prompt_len, getattr(sp, "max_tokens", None))
         if rc is None:
             continue

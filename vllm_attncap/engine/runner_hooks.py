@@ -24,8 +24,16 @@ runners exist, and both are hooked when present:
   changes.
 
 Both wrappers of ``execute_model`` call the callbacks registered with
-:func:`on_step_end` after the step's forward (the CUDA backend flushes its
-asynchronous device-to-host copies there).
+:func:`on_step_end` after the step's forward (the CUDA backend submits its
+asynchronous device-to-host copies there), and those registered with
+:func:`on_finish` before the captures of finished requests are closed.
+``sample_tokens`` (both runners) is wrapped so that a step's copies are written
+into the request buffers before that step's output leaves the worker
+(:func:`on_output`; inside ``get_output()`` for an asynchronous output). Before
+the step they decide its CUDA-graph mode (:mod:`vllm_attncap.engine.graph_dispatch`):
+the runner's graph dispatch (MRv2 ``CudaGraphManager.dispatch``, V1
+``CudagraphDispatcher.dispatch``) is wrapped to pick the PIECEWISE entry for
+steps with a request the full decode graph cannot capture.
 
 The method names used here are stable across vLLM 0.18-0.33 (see
 docs/architecture.md, docs/gpu.md); the hooks are installed once per process,
@@ -40,17 +48,23 @@ import logging
 import sys
 from typing import Any, Callable
 
+from .graph_dispatch import policy as graph_policy
+from .graph_dispatch import wrap_dispatch
 from .tracker import get_tracker
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["install", "active_runner", "on_step_end", "MRv2StepView", "mrv2_installed"]
+__all__ = ["install", "active_runner", "on_step_end", "on_finish", "on_output", "MRv2StepView", "mrv2_installed"]
 
 _ACTIVE: Any = None
 _INSTALLED = False
 _MRV2_INSTALLED = False
 _IN_MRV2_STEP = False
 _STEP_END: list[Callable[[], None]] = []
+_ON_FINISH: list[Callable[[Any], None]] = []
+_ON_OUTPUT: list[Callable[[], Callable[[], None]]] = []
+_MRV2_DISPATCH = ("vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager")
+_V1_DISPATCH = ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher")
 _MRV2_MODULE = "vllm.v1.worker.gpu.model_runner"
 
 
@@ -64,6 +78,114 @@ def on_step_end(fn: Callable[[], None]) -> None:
     """Call ``fn()`` after every ``execute_model`` of a hooked runner (idempotent per ``fn``)."""
     if fn not in _STEP_END:
         _STEP_END.append(fn)
+
+
+def on_finish(fn: Callable[[Any], None]) -> None:
+    """Call ``fn(finished_req_ids)`` before the tracker closes finished requests (idempotent per ``fn``)."""
+    if fn not in _ON_FINISH:
+        _ON_FINISH.append(fn)
+
+
+def on_output(fn: Callable[[], Callable[[], None]]) -> None:
+    """When a runner produces a step's output, call ``fn()`` (a mark of what was submitted so far); the callable it
+    returns runs before that output leaves the worker: at once for a plain output, inside ``get_output()`` for an
+    asynchronous one (idempotent per ``fn``)."""
+    if fn not in _ON_OUTPUT:
+        _ON_OUTPUT.append(fn)
+
+
+def _run_all(fns) -> None:
+    for f in fns:
+        try:
+            f()
+        except Exception:  # capture must never fail the engine step
+            logger.exception("vllm_attncap: output callback %r failed", f)
+
+
+def _wrap_sample_tokens(orig):
+    """``sample_tokens`` (V1 and MRv2): the step's captured results reach the request buffers before its output
+    leaves the worker; for an asynchronous output, when vLLM fetches it (``get_output``), not earlier."""
+
+    @functools.wraps(orig)
+    def sample_tokens(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if not _ON_OUTPUT:
+            return out
+        finishers = []
+        for fn in _ON_OUTPUT:
+            try:
+                finishers.append(fn())
+            except Exception:
+                logger.exception("vllm_attncap: output callback %r failed", fn)
+        get = getattr(out, "get_output", None)
+        if callable(get):
+            @functools.wraps(get)
+            def get_output(*a, **kw):
+                result = get(*a, **kw)
+                _run_all(finishers)
+                return result
+
+            try:
+                out.get_output = get_output
+                return out
+            except (AttributeError, TypeError):  # a slotted object: keep the promise synchronously
+                pass
+        _run_all(finishers)
+        return out
+
+    sample_tokens.__attncap_wrapped__ = True
+    return sample_tokens
+
+
+def _install_sample_tokens(cls: Any) -> None:
+    fn = getattr(cls, "sample_tokens", None)
+    if fn is not None and not getattr(fn, "__attncap_wrapped__", False):
+        cls.sample_tokens = _wrap_sample_tokens(fn)
+
+
+def _finish(finished) -> None:
+    for fn in _ON_FINISH:
+        try:
+            fn(finished)
+        except Exception:  # capture must never fail the engine step
+            logger.exception("vllm_attncap: finish callback %r failed", fn)
+    get_tracker().finish(finished)
+    graph_policy.forget(finished)
+
+
+def _decide_graph_mode(scheduler_output, raw_spec_of: Callable[[str], Any]) -> None:
+    """Set the per-step graph decision from the step's scheduled requests (before the runner dispatches)."""
+    sched = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+    graph_policy.decide(sched, raw_spec_of)
+
+
+def _spec_from_params(sp: Any) -> Any:
+    extra = getattr(sp, "extra_args", None) if sp is not None else None
+    return extra.get("attncap") if extra and "attncap" in extra else None
+
+
+def _v1_spec_of(runner: Any, scheduler_output) -> Callable[[str], Any]:
+    new = {r.req_id: r for r in getattr(scheduler_output, "scheduled_new_reqs", None) or ()}
+    requests = getattr(runner, "requests", {})
+
+    def spec_of(rid: str) -> Any:
+        st = requests.get(rid)
+        sp = getattr(st, "sampling_params", None) if st is not None else getattr(new.get(rid), "sampling_params", None)
+        return _spec_from_params(sp)
+
+    return spec_of
+
+
+def _install_dispatch(module_name: str, cls_name: str) -> bool:
+    """Wrap ``cls.dispatch`` of a loaded module (idempotent); False when the module or class is absent."""
+    mod = sys.modules.get(module_name)
+    cls = getattr(mod, cls_name, None) if mod is not None else None
+    fn = getattr(cls, "dispatch", None) if cls is not None else None
+    if fn is None:
+        return False
+    if not getattr(fn, "__attncap_wrapped__", False):
+        cls.dispatch = wrap_dispatch(fn)
+    return True
 
 
 def mrv2_installed() -> bool:
@@ -85,7 +207,8 @@ def _wrap_execute_model(orig):
         global _ACTIVE
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
-            get_tracker().finish(finished)
+            _finish(finished)
+        _decide_graph_mode(scheduler_output, _v1_spec_of(self, scheduler_output))
         _ACTIVE = self
         try:
             return orig(self, scheduler_output, *args, **kwargs)
@@ -154,7 +277,7 @@ def _wrap_mrv2_finish_requests(orig):
         out = orig(self, scheduler_output, *args, **kwargs)
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:  # preempted_req_ids are removed by vLLM too, but resume later: keep them
-            get_tracker().finish(finished)
+            _finish(finished)
             params = _params_of(self)
             for rid in finished:
                 params.pop(rid, None)
@@ -183,6 +306,18 @@ def _wrap_mrv2_execute_model(orig):
         global _ACTIVE, _IN_MRV2_STEP
         _ACTIVE = None
         _IN_MRV2_STEP = True
+        so = args[0] if args else kwargs.get("scheduler_output")
+        if so is not None:
+            params = _params_of(self)
+            new = {r.req_id: r for r in getattr(so, "scheduled_new_reqs", None) or ()}
+
+            def spec_of(rid: str) -> Any:
+                sp = params.get(rid)
+                if sp is None and rid in new:
+                    sp = getattr(new[rid], "sampling_params", None)
+                return _spec_from_params(sp)
+
+            _decide_graph_mode(so, spec_of)
         try:
             return orig(self, *args, **kwargs)
         finally:
@@ -209,6 +344,7 @@ def install_mrv2(runner_cls: Any) -> None:
         fn = getattr(runner_cls, name)
         if not getattr(fn, "__attncap_wrapped__", False):
             setattr(runner_cls, name, wrap(fn))
+    _install_sample_tokens(runner_cls)
 
 
 def _install_mrv2_if_loaded() -> bool:
@@ -228,10 +364,15 @@ def install() -> None:
     global _INSTALLED, _MRV2_INSTALLED
     if not _MRV2_INSTALLED:
         _MRV2_INSTALLED = _install_mrv2_if_loaded()
+        if _MRV2_INSTALLED and not _install_dispatch(*_MRV2_DISPATCH):
+            logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
+                           "the full decode graph cannot capture may lose those captures")
     if _INSTALLED:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
+    _install_sample_tokens(GPUModelRunner)
+    _install_dispatch(*_V1_DISPATCH)  # the V1 runner's dispatcher (its module is loaded with the runner's)
     _INSTALLED = True

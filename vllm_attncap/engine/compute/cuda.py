@@ -33,6 +33,8 @@ __all__ = [
     "elide_rows",
     "PROBS_HEAD_DIMS",
     "DEFAULT_CHUNK_LEN",
+    "DecodeCapture",
+    "preload",
 ]
 
 #: Head dimensions the probabilities kernel is compiled for.
@@ -91,6 +93,11 @@ def _launch_context(device: torch.device) -> tuple[int, int]:
         ext.preload(index)
         _preloaded.add(index)
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def preload(device: torch.device) -> None:
+    """Load every kernel on ``device`` now (before any CUDA graph capture can launch one)."""
+    _launch_context(device)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -520,3 +527,81 @@ def elide_rows(
         out_stride_head=out3.stride(1), out_width=w_out,
     )
     return out
+
+
+# --------------------------------------------------------------------------- fused decode capture
+
+
+class DecodeCapture:
+    """The fused decode-capture launch of one layer (``kernels/decode_capture.cu``), prepared once.
+
+    Everything fixed for the engine (buffers, model constants, the layer) is set in the launch record at
+    construction; :meth:`launch` sets the step's query / cache / block-table / ``seq_lens`` addresses and the
+    number of rows, then launches on the current stream. Inside a CUDA graph capture the launch is recorded with
+    those addresses (vLLM keeps them static for full graphs) and replays with the buffers' new contents.
+
+    Args:
+        buffers: the :class:`~vllm_attncap.engine.graph_buffers.DecodeBuffers` (CUDA tensors).
+        layer: the model layer of this launch.
+        scale / softcap / window / alibi / sinks: the layer's attention parameters (``alibi`` / ``sinks``
+            contiguous float32 ``(H,)`` CUDA tensors or None).
+        rows: also run the head-mean rows pass (off when no rows request can run in the graph).
+    """
+
+    def __init__(self, buffers, *, layer: int, scale: float, softcap: float = 0.0, window: int = -1,
+                 alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None, rows: bool = True) -> None:
+        ext = _kernels()
+        lay = buffers.layout
+        if lay.num_heads // lay.num_kv_heads > 32:
+            raise ValueError("DecodeCapture: at most 32 query heads per KV head")
+        p = ext.DecodeCaptureParams()
+        p.row_table = buffers.row_table.data_ptr()
+        p.layer_mask = buffers.layer_mask.data_ptr()
+        p.layer_mask_stride = buffers.layer_mask.stride(0)
+        p.head_mask = buffers.head_mask.data_ptr()
+        p.head_mask_stride = buffers.head_mask.stride(0)
+        p.salient_mask = buffers.salient_mask.data_ptr()
+        p.salient_stride = buffers.salient_mask.stride(0)
+        p.salient_width = buffers.salient_mask.shape[1]
+        p.num_heads = lay.num_heads
+        p.num_kv_heads = lay.num_kv_heads
+        p.group = lay.num_heads // lay.num_kv_heads
+        p.num_layers = lay.num_layers
+        p.layer = int(layer)
+        p.n_splits = lay.n_splits
+        p.scale = float(scale)
+        p.softcap = float(softcap or 0.0)
+        p.window = int(window) if window and window > 0 else -1
+        p.alibi = _ptr(alibi)
+        p.sinks = _ptr(sinks)
+        p.stats = buffers.stats.data_ptr()
+        p.rows = buffers.rows.data_ptr()
+        p.rows_stride = buffers.rows.stride(0)
+        p.partials = buffers.partials.data_ptr()
+        p.counters = buffers.counters.data_ptr()
+        self.params = p
+        self.max_rows = lay.max_rows
+        self.passes = 3 if rows else 1
+        self._ext = ext
+        self._keep = (buffers, alibi, sinks)
+
+    def launch(self, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, n_rows: int) -> None:
+        """Capture this layer for the first ``n_rows`` batch rows (row ``b`` = query token ``b``)."""
+        p = self.params
+        p.q = query.data_ptr()
+        p.q_stride_token = query.stride(0)
+        p.q_stride_head = query.stride(1)
+        p.k = key_cache.data_ptr()
+        p.k_stride_block = key_cache.stride(0)
+        p.k_stride_token = key_cache.stride(1)
+        p.k_stride_head = key_cache.stride(2)
+        p.block_size = key_cache.shape[1]
+        p.block_table = block_table.data_ptr()
+        p.bt_stride = block_table.stride(0)
+        p.seq_lens = seq_lens.data_ptr()
+        p.n_rows = min(int(n_rows), self.max_rows, block_table.shape[0], seq_lens.shape[0])
+        index, stream = _launch_context(query.device)
+        ext = self._ext
+        self._ext.decode_capture(p, index, stream, ext.DTYPE_BFLOAT16 if query.dtype == torch.bfloat16
+                                 else ext.DTYPE_FLOAT16, query.shape[2], self.passes)

@@ -31,11 +31,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier", "HostSink", "PINNED_BYTES"]
+__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier", "HostSink", "PINNED_BYTES",
+           "CudaRingOps", "Uploader"]
 
 #: Cap on pinned host memory for in-flight capture copies (bytes).
 PINNED_BYTES = int(os.environ.get("VLLM_ATTNCAP_PINNED_BYTES", str(1024**3)))
@@ -308,6 +310,9 @@ class HostSink:
         self.copier: AsyncCopier | None = None
         self.pool: PinnedBufferPool | None = None
         self.pending: list[tuple[Any, torch.Tensor, Callable[[torch.Tensor], None]]] = []
+        #: results submitted / written so far (``flush_through``)
+        self.submitted = 0
+        self.written = 0
 
     def submit(self, dev: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
         if self.copier is None or self.copier.device != dev.device:
@@ -330,13 +335,124 @@ class HostSink:
                 return
         handle = self.copier.submit(dev, host)
         self.pending.append((handle, host, write))
+        self.submitted += 1
+
+    def drain_ready(self) -> None:
+        """Write the copies that have completed, oldest first, stopping at the first one still in flight
+        (never waits)."""
+        while self.pending and self.pending[0][0].ready():
+            handle, host, write = self.pending.pop(0)
+            handle.wait()  # complete: returns at once, drops the device reference
+            self.written += 1
+            try:
+                write(host)
+            finally:
+                self.pool.release(host)
+
+    def flush_through(self, mark: int) -> None:
+        """Write the results submitted up to number ``mark``, waiting for those only."""
+        while self.pending and self.written < mark:
+            handle, host, write = self.pending.pop(0)
+            handle.wait()
+            self.written += 1
+            try:
+                write(host)
+            finally:
+                self.pool.release(host)
 
     def flush(self) -> None:
         """Wait for the submitted copies (host side only) and write them into the request buffers."""
         pending, self.pending = self.pending, []
         for handle, host, write in pending:
             handle.wait()
+            self.written += 1
             try:
                 write(host)
             finally:
                 self.pool.release(host)
+
+
+class CudaRingOps:
+    """The device layer of :class:`~vllm_attncap.engine.result_ring.ResultRing` on CUDA: pinned slots, copies on a
+    side stream ordered after the compute stream, completion events."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
+
+    def copy(self, pairs):
+        compute = torch.cuda.current_stream(self.device)
+        produced = torch.cuda.Event()
+        produced.record(compute)
+        self.stream.wait_event(produced)
+        with torch.cuda.stream(self.stream):
+            for src, dst in pairs:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def done(self, event) -> bool:
+        return bool(event.query())
+
+    def wait(self, event) -> None:
+        event.synchronize()
+
+    def gpu_wait(self, event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+
+class Uploader:
+    """Host-to-device uploads from a ring of pinned staging buffers, never blocking the host in the common case.
+
+    ``upload(pairs)`` packs the host arrays into the next staging buffer, queues one non-blocking copy on the
+    current stream and scatters on the device (``dst.copy_`` of views of one device staging tensor). A staging
+    buffer is reused only once its previous upload completed (an event; the host waits only if ``n_buffers``
+    uploads are still queued, i.e. the host ran that far ahead of the device).
+
+    Args:
+        device: the CUDA device (``cpu`` in tests: then plain copies and no events).
+        nbytes: the largest upload.
+        n_buffers: staging buffers in rotation.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int, n_buffers: int = 4) -> None:
+        self.device = torch.device(device)
+        self.nbytes = int(nbytes)
+        pin = self.device.type == "cuda"
+        self._host = [torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_buffers)]
+        self._dev = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        self._events: list[Any] = [None] * n_buffers
+        self._next = 0
+        self.blocking_waits = 0
+
+    def upload(self, pairs) -> None:
+        """``pairs``: ``(numpy array, device tensor of the same bytes)``; one host-to-device copy in all."""
+        total = sum(-(-a.nbytes // 16) * 16 for a, _ in pairs)
+        if total > self.nbytes:
+            raise ValueError(f"Uploader: {total} bytes exceed the staging size {self.nbytes}")
+        i = self._next
+        self._next = (i + 1) % len(self._host)
+        ev = self._events[i]
+        if ev is not None and not ev.query():
+            self.blocking_waits += 1
+            ev.synchronize()
+        host = self._host[i]
+        hv = host.numpy()
+        spans, off = [], 0
+        for a, dst in pairs:
+            b = a.view(np.uint8).reshape(-1)
+            hv[off:off + b.size] = b
+            spans.append((off, b.size, dst))
+            off += -(-b.size // 16) * 16
+        dev = self._dev
+        dev[:off].copy_(host[:off], non_blocking=True)
+        for o, n, dst in spans:
+            dst.view(-1).view(torch.uint8).copy_(dev[o:o + n])
+        if self.device.type == "cuda":
+            e = torch.cuda.Event()
+            e.record(torch.cuda.current_stream(self.device))
+            self._events[i] = e
