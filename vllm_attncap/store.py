@@ -85,6 +85,7 @@ class CaptureMeta:
             ``"error"`` (capture refused; ``error`` says why, there is no data file).
         mode, reduce, layers, heads, prompt_len, max_tokens, history_len, sink, salient, spec: the resolved spec.
         rows_written: rows ``0..rows_written-1`` hold data (set when the writer closes).
+        part: set on the part of one rank of a multi-rank engine (:mod:`vllm_attncap.parts`), else None.
     """
 
     key: str
@@ -104,6 +105,7 @@ class CaptureMeta:
     rows_written: int = 0
     created: float = 0.0
     closed: float | None = None
+    part: dict[str, Any] | None = None
 
     # -- layout -------------------------------------------------------------------------------------------------
     @property

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..store import STATUS_ERROR, STATUS_OPEN, CaptureRecord, discard_capture, key_exists, list_captures, read_capture
+from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
+from ..store import STATUS_ERROR, STATUS_OPEN, CaptureRecord, discard_capture, key_exists
 from .admission import release
 
 __all__ = ["ROUTE", "build_router", "capture_payload"]
