@@ -63,9 +63,15 @@ def _server_command(model: Path, port: int) -> list[str]:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / "store"))
+    from vllm_attncap import store as attncap_store
+
+    ns = attncap_store.CaptureStore.create(tmp_path / "store")
+    attncap_store.set_current_store(ns)
     monkeypatch.setattr(attncap_admission, "_reservations", {})
-    return tmp_path / "store"
+    monkeypatch.setattr(attncap_admission, "_owners", {})
+    yield ns
+    attncap_store.set_current_store(None)
+    ns.remove()
 
 
 def _admit(extra, **kw):
@@ -98,12 +104,16 @@ def test_admit_normalises_and_keys(store):
     out = _admit({"attncap_layers": [-1], "attncap_reduce": "head_mean", "other": 1})
     assert out == {"other": 1, "attncap": {"layers": [-1], "heads": "all", "reduce": "head_mean", "mode": "rows",
                                            "sink": 0, "salient": [], "key": "cmpl-abc-0"}}
-    # the request id is made file-name safe; a client key is kept
-    assert _admit({"attncap": "{}"}, request_id="cmpl-x y/1", max_tokens=1)["attncap"]["key"] == "cmpl-x_y_1"
+    # the request id is the key, verbatim (no two ids map to one key); a client key is kept
+    assert _admit({"attncap": "{}"}, request_id="cmpl-x y/1", max_tokens=1)["attncap"]["key"] == "cmpl-x y/1"
+    assert _admit({"attncap": "{}"}, request_id="cmpl-x_y_1", max_tokens=1)["attncap"]["key"] == "cmpl-x_y_1"
     assert _admit({"attncap_key": "mine", "attncap_layers": [0]})["attncap"]["key"] == "mine"
-    with pytest.raises(SpecError) as e:  # reserved until fetched
-        _admit({"attncap_key": "mine", "attncap_layers": [0]})
+    with pytest.raises(SpecError) as e:  # reserved until fetched, for any other request
+        _admit({"attncap_key": "mine", "attncap_layers": [0]}, request_id="cmpl-def-0")
     assert e.value.field == "key"
+    # the next prompt of the same completions request shares the key (item 6)
+    assert _admit({"attncap_key": "mine", "attncap_layers": [0]}, request_id="cmpl-abc-1")["attncap"]["key"] == "mine"
+    assert attncap_admission.reservations()["mine"][1] == 2
 
 
 @pytest.mark.parametrize(
@@ -134,10 +144,15 @@ def test_admit_caps(store):
         _admit({"attncap_layers": [-1]}, request_id=f"r{i}", max_tokens=100)
     with pytest.raises(PendingCapError, match="VLLM_ATTNCAP_MAX_PENDING_BYTES"):
         _admit({"attncap_layers": [-1]}, request_id="r3", max_tokens=100)
-    # n samples count n times
+    # n samples count n times; a capture that can never fit under the in-flight cap is a 400, not "retry" (item 8)
     attncap_admission._reservations.clear()
-    with pytest.raises(PendingCapError):
+    with pytest.raises(SpecError, match="never") as e:
         _admit({"attncap_layers": [-1]}, request_id="r4", max_tokens=100, n=4)
+    assert e.value.field == "max_bytes" and "VLLM_ATTNCAP_MAX_PENDING_BYTES" in str(e.value)
+    _admit({"attncap_layers": [-1]}, request_id="r5", max_tokens=100, n=2)
+    with pytest.raises(PendingCapError):
+        _admit({"attncap_layers": [-1]}, request_id="r6", max_tokens=100, n=2)
+    attncap_admission._reservations.clear()
     # an open capture in the store counts at its nominal size; a finished one does not
     from vllm_attncap.store import CaptureMeta, CaptureWriter
 

@@ -47,7 +47,21 @@ def register() -> None:
     from .serving.install import install_frontend_validation
 
     register_backend()
+    _open_store()
     install_frontend_validation()
+
+
+def _open_store() -> None:
+    """Create (frontend) or attach to (engine processes) this engine's private capture namespace, before vLLM
+    spawns its engine processes, which inherit its path (:mod:`vllm_attncap.store`)."""
+    import logging
+
+    from .store import current_store
+
+    try:
+        current_store()
+    except OSError as e:  # an unsafe store refuses captures, not the engine
+        logging.getLogger("vllm_attncap").warning("vllm_attncap: capture store unavailable: %s", e)
 
 
 _LAZY = {

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import STATUS_ERROR, STATUS_OPEN, CaptureMeta, CaptureRecord
+from .store import STATUS_ABANDONED, STATUS_ERROR, STATUS_OPEN, CaptureMeta, CaptureRecord
 from .store import list_captures as _store_list
 from .store import read_capture as _store_read
 
@@ -44,7 +44,6 @@ __all__ = [
     "part_req_id", "split_part_id", "make_part_meta", "read_capture", "list_captures", "combine_parts", "history_stats",
 ]
 
-STATUS_ABANDONED = "abandoned"
 _PART_RE = re.compile(r"^(?P<base>.*)~part(?P<i>\d+)of(?P<n>\d+)$")
 _NO_TRIM = 1 << 40
 

@@ -138,9 +138,12 @@ class CaptureSpec:
             raise ValueError(f"attncap spec field 'window': expected an int >= 0, got {self.window!r}")
         if self.max_bytes is not None and (not _is_int(self.max_bytes) or self.max_bytes < 1):
             raise ValueError(f"attncap spec field 'max_bytes': expected an int >= 1, got {self.max_bytes!r}")
-        if self.key is not None and (not isinstance(self.key, str) or not _KEY_RE.match(self.key)):
+        if self.key is not None and (
+            not isinstance(self.key, str) or not _KEY_RE.match(self.key) or not self.key.strip(".")
+        ):
             raise ValueError(
-                f"attncap spec field 'key': expected 1-128 characters from [A-Za-z0-9._-], got {self.key!r}"
+                "attncap spec field 'key': expected 1-128 characters from [A-Za-z0-9._-], not only dots, "
+                f"got {self.key!r}"
             )
 
     @property

@@ -100,12 +100,14 @@ class CaptureTracker:
         rc = self.active.get(req_id)
         if rc is not None:
             return rc
-        if req_id in self.refused or self.shape is None:
+        if req_id in self.refused:
             return None
         key = req_id
         if isinstance(raw_spec, dict) and isinstance(raw_spec.get("key"), str):
             key = raw_spec["key"]
         try:
+            if self.shape is None:
+                raise ValueError("attncap: the worker has no model shape (the attncap backend did not initialise)")
             limit = self.shape.max_model_len - prompt_len
             t_max = limit if max_tokens is None else min(int(max_tokens), limit)
             resolved = resolve_spec(
@@ -143,9 +145,9 @@ class CaptureTracker:
             logger.warning("vllm_attncap: capture refused for request %s: %s", req_id, e)
             try:
                 rid = req_id if self.ranks is None else part_req_id(req_id, self.ranks.index, self.ranks.count)
-                write_error(key, rid, str(e))
-            except OSError:
-                pass
+                write_error(key, rid, str(e))  # every refusal leaves a record: the caller and admission see it
+            except OSError as e2:
+                logger.error("vllm_attncap: could not record the refusal of request %s: %s", req_id, e2)
             return None
         layers = resolved.layers if share is None else share.layers
         slot = {l: (0 if resolved.spec.reduce == "layer_head_mean" else i) for i, l in enumerate(layers)}

@@ -2,8 +2,17 @@
 
 Validation runs in the API-server process, before the engine sees the request, so a bad or over-cap spec is an
 HTTP 400 naming the field and the engine keeps serving. Captures in flight are capped: admitted requests reserve
-their buffer's bytes until the worker's record appears (at most ``RESERVATION_TTL_S``), and the records still being
-written count with their nominal size (:func:`pending_capture_bytes`).
+their buffer's bytes until the worker's records appear (every refused capture leaves an error record, so a
+reservation always ends; at most ``RESERVATION_TTL_S`` in any case), and the records still being written count
+with their nominal size (:func:`pending_capture_bytes`). A capture that could never fit under the in-flight cap is
+a 400 naming the limit, not a 503.
+
+Keys: a caller-chosen ``key`` addresses exactly the captures stored under it. The prompts of one completions
+request (request ids ``<response id>-<i>``) share a caller-chosen key: they are admitted together and fetched
+together (one record per prompt and sample). Any other request reusing a key whose captures are not fetched yet
+is refused. Without a ``key`` the request id is the key, verbatim (at most :data:`MAX_DERIVED_KEY_CHARS`
+characters; ``X-Request-Id`` sets its random part). Caller keys may not start with the server's request-id
+prefixes (:data:`RESERVED_KEY_PREFIXES`), so the two kinds never collide.
 """
 
 from __future__ import annotations
@@ -11,53 +20,93 @@ from __future__ import annotations
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..spec import DEFAULT_MAX_BYTES, SPEC_FIELDS, CaptureSpec, resolve_spec
-from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists, list_captures
+from ..parts import list_captures as find_captures  # a TP/PP engine's per-rank parts count as one record
+from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists
 from .xargs import SPEC_XARG, SpecError, spec_from_xargs
 
-__all__ = ["PendingCapError", "RESERVATION_TTL_S", "admit_request", "pending_capture_bytes", "release"]
+__all__ = [
+    "PendingCapError", "RESERVATION_TTL_S", "MAX_DERIVED_KEY_CHARS", "RESERVED_KEY_PREFIXES", "admit_request",
+    "pending_capture_bytes", "release", "reservations",
+]
 
-#: Admitted requests count against the pending cap until their files appear, at most this long.
+#: Admitted requests count against the pending cap until their records appear, at most this long.
 RESERVATION_TTL_S = 600.0
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: Longest request id usable as a capture key (the server's ids plus ``X-Request-Id``).
+MAX_DERIVED_KEY_CHARS = 1024
+#: Prefixes of the server's request ids (completions, chat, responses); caller keys may not use them.
+RESERVED_KEY_PREFIXES = ("cmpl-", "chatcmpl-", "resp_", "resp-")
 _FIELD_RE = re.compile(r"field '(\w+)'")
+_PROMPT_INDEX = re.compile(r"^(?P<group>.+)-(?P<index>\d+)$")
 
-_reservations: dict[str, tuple[int, float]] = {}
+
+@dataclass
+class _Reservation:
+    nbytes: int  # nominal bytes of every record expected under the key
+    expected: int  # records the worker will write under the key
+    since: float
+
+
+_reservations: dict[str, _Reservation] = {}
+#: key -> (the request, without its prompt index, that owns a caller-chosen key; since)
+_owners: dict[str, tuple[str, float]] = {}
 _reservations_lock = threading.Lock()
 _admission_lock = threading.Lock()
 
 
 class PendingCapError(RuntimeError):
-    """Captures in flight would exceed ``VLLM_ATTNCAP_MAX_PENDING_BYTES``."""
+    """Captures in flight would exceed ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` (retry later)."""
+
+
+def reservations() -> dict[str, tuple[int, int]]:
+    """Keys admitted whose records have not all appeared: ``{key: (bytes reserved, records expected)}``."""
+    with _reservations_lock:
+        return {k: (r.nbytes, r.expected) for k, r in _reservations.items()}
 
 
 def pending_capture_bytes() -> int:
-    """Bytes the server is committed to: buffers of captures still being written (nominal
-    size, since rows are filled as tokens come) plus requests admitted whose buffers the
-    worker has not created yet. Finished, uncollected captures are not counted: the worker
-    evicts those itself when the store grows past ``VLLM_ATTNCAP_MAX_PENDING_BYTES``."""
-    open_keys, total = set(), 0
-    for meta in list_captures():
+    """Bytes the server is committed to: records still being written (nominal size, since rows are filled as
+    tokens come) plus admitted requests whose records the worker has not created yet. Finished, unfetched
+    captures are not counted: the worker evicts those itself when the store grows past
+    ``VLLM_ATTNCAP_MAX_PENDING_BYTES``."""
+    seen: dict[str, tuple[int, int]] = {}
+    total = 0
+    for meta in find_captures():
         if meta.status == STATUS_OPEN:
             total += meta.nbytes
-        open_keys.add(meta.key)
+        count, nbytes = seen.get(meta.key, (0, 0))
+        seen[meta.key] = (count + 1, nbytes + meta.nbytes)
     now = time.monotonic()
     with _reservations_lock:
-        for key, (nbytes, since) in list(_reservations.items()):
-            if key in open_keys or now - since > RESERVATION_TTL_S:
+        for key, r in list(_reservations.items()):
+            count, nbytes = seen.get(key, (0, 0))
+            if count >= r.expected or now - r.since > RESERVATION_TTL_S:
                 del _reservations[key]
             else:
-                total += nbytes
+                total += max(0, r.nbytes - nbytes)
+        for key, (_, since) in list(_owners.items()):
+            if now - since > RESERVATION_TTL_S and key not in _reservations and key not in seen:
+                del _owners[key]
     return total
 
 
-def _key_in_use(key: str) -> bool:
-    with _reservations_lock:
-        if key in _reservations and time.monotonic() - _reservations[key][1] <= RESERVATION_TTL_S:
-            return True
-    return key_exists(key)
+def _group(request_id: str) -> str:
+    m = _PROMPT_INDEX.match(request_id)
+    return m.group("group") if m else request_id
+
+
+def _derived_key(request_id: str) -> str:
+    if len(request_id) > MAX_DERIVED_KEY_CHARS or not request_id.isprintable():
+        raise SpecError(
+            f"attncap spec field 'key': this request's id ({len(request_id)} characters, from X-Request-Id) cannot "
+            f"name a capture: at most {MAX_DERIVED_KEY_CHARS} printable characters; send a shorter X-Request-Id "
+            "or choose a key",
+            "key",
+        )
+    return request_id
 
 
 def admit_request(
@@ -77,8 +126,8 @@ def admit_request(
 
     Returns ``None`` when the request asks for no capture (its extra args are left
     as they are). Otherwise the returned dict holds the other extra args plus
-    ``"attncap"``: the spec as a dict with its ``key`` set (the request id, made
-    file-name safe, unless the request chose one).
+    ``"attncap"``: the spec as a dict with its ``key`` set (the request id
+    verbatim, unless the request chose one).
 
     Args:
         extra_args: the request's ``SamplingParams.extra_args``.
@@ -90,8 +139,9 @@ def admit_request(
 
     Raises:
         SpecError: the spec is malformed, out of range for the model or request, over
-            the per-request cap, or reuses a key whose capture was not fetched yet.
-        PendingCapError: admitting it would put more than ``max_pending_bytes`` in flight.
+            the per-request cap or the in-flight cap as a whole, uses a reserved key, or reuses a key
+            whose capture was not fetched yet.
+        PendingCapError: admitting it now would put more than ``max_pending_bytes`` in flight.
     """
     spec_dict, rest = spec_from_xargs(extra_args)
     if spec_dict is None:
@@ -118,10 +168,29 @@ def admit_request(
     except ValueError as e:
         m = _FIELD_RE.search(str(e))
         raise SpecError(str(e), m.group(1) if m else None) from None
-    key = spec.key or _UNSAFE.sub("_", request_id)[:128]
-    need = resolved.nbytes * max(1, int(n))
+    if spec.key is not None and spec.key.startswith(RESERVED_KEY_PREFIXES):
+        raise SpecError(
+            f"attncap spec field 'key': {spec.key!r} starts with a prefix the server uses for request ids "
+            f"{list(RESERVED_KEY_PREFIXES)}; choose another key", "key",
+        )
+    key = spec.key or _derived_key(request_id)
+    group = _group(request_id) if spec.key else request_id
+    samples = max(1, int(n))
+    need = resolved.nbytes * samples
+    if need > pending_cap:
+        raise SpecError(
+            f"attncap spec field 'max_bytes': this capture needs {need} bytes, more than the {pending_cap} bytes the "
+            "server keeps in flight in all (VLLM_ATTNCAP_MAX_PENDING_BYTES), so it can never be admitted; ask for "
+            "less (reduce, fewer layers/heads, mode='stats', fewer max_tokens)",
+            "max_bytes",
+        )
     with _admission_lock:  # check and reserve atomically: requests are admitted from a thread pool
-        if _key_in_use(key):
+        with _reservations_lock:
+            mine = _reservations.get(key)
+            owner = _owners.get(key)
+            joins = spec.key is not None and owner is not None and owner[0] == group
+            live = mine is not None and time.monotonic() - mine.since <= RESERVATION_TTL_S
+        if not joins and (live or key_exists(key)):
             raise SpecError(
                 f"attncap spec field 'key': a capture under key {key!r} is pending; fetch it "
                 f"(GET /v1/attncap/{key}) or delete it, or choose another key",
@@ -135,7 +204,19 @@ def admit_request(
                 "retry later, fetch finished captures, or ask for less (reduce, fewer layers/heads, mode='stats')"
             )
         with _reservations_lock:
-            _reservations[key] = (need, time.monotonic())
+            now = time.monotonic()
+            r = _reservations.get(key) if joins else None
+            if r is not None:
+                r.nbytes += need
+                r.expected += samples
+                r.since = now
+            else:
+                # joining after the earlier prompts' records appeared: they count as seen
+                before = len(find_captures(key)) if joins else 0
+                prior = sum(m.nbytes for m in find_captures(key)) if joins else 0
+                _reservations[key] = _Reservation(prior + need, before + samples, now)
+            if spec.key is not None:
+                _owners[key] = (group, now)
     return {**rest, SPEC_XARG: {**spec.to_dict(), "key": key}}
 
 
@@ -143,3 +224,4 @@ def release(key: str) -> None:
     """Drop ``key``'s reservation (its capture was fetched, deleted or refused)."""
     with _reservations_lock:
         _reservations.pop(key, None)
+        _owners.pop(key, None)

@@ -14,6 +14,7 @@ Outside an API-server process (``LLM`` offline, EngineCore, workers) nothing is 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from http import HTTPStatus
@@ -23,7 +24,7 @@ from ..spec import DEFAULT_MAX_BYTES
 from ..store import MAX_PENDING_BYTES
 from .admission import PendingCapError, admit_request
 from .routes import ROUTE, build_router
-from .xargs import SpecError
+from .xargs import SpecError, check_request_body
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -85,9 +86,67 @@ def _wrap_process_inputs(orig):
     return process_inputs
 
 
+#: Paths whose JSON bodies :class:`XargsGuard` checks.
+GUARDED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+
+
+class XargsGuard:
+    """ASGI middleware: the raw-body checks of :func:`~vllm_attncap.serving.xargs.check_request_body` (duplicate
+    ``attncap*`` keys, booleans in flat fields), which the server's request model would hide, as a 400 naming the
+    field. Only POSTs to :data:`GUARDED_PATHS` whose body mentions ``attncap`` are parsed; the body is replayed
+    unchanged to the app."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in GUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([], message, receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        err = check_request_body(body) if b"attncap" in body else None
+        if err is not None:
+            field = getattr(err, "field", None)
+            payload = json.dumps({"error": {
+                "message": str(err), "type": "BadRequestError", "code": 400,
+                "param": f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap",
+            }}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        await self.app(scope, _replay([body], None, receive), send)
+
+
+def _replay(bodies, first, receive):
+    pending = [{"type": "http.request", "body": b, "more_body": False} for b in bodies]
+    if first is not None:
+        pending.append(first)
+
+    async def replayed():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
 def _attach(app) -> None:
     global _SERVER_MODE
     app.include_router(build_router())
+    try:
+        app.add_middleware(XargsGuard)
+    except RuntimeError as e:  # the app already started (not the case with vLLM's build_app)
+        logger.warning("vllm_attncap: raw-body checks of vllm_xargs are off: %s", e)
     _SERVER_MODE = True
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "

@@ -2,14 +2,15 @@
 
 The key is the spec's ``key`` when the request set one, else the server's request id: ``<response id>-<prompt
 index>`` for ``/v1/completions`` (the response id alone also works for a single prompt) and ``<response id>`` for
-``/v1/chat/completions``. Captures are read only through :mod:`vllm_attncap.store`.
+``/v1/chat/completions``. Keys are matched exactly; a key with ``/`` (from ``X-Request-Id``) is addressed as is
+(other reserved URL characters percent-encoded). Each capture is delivered once: of concurrent GETs (or a GET and
+a DELETE) one gets it, the others a 404. Captures are read only through :mod:`vllm_attncap.store`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import time
 from http import HTTPStatus
 from typing import Any
@@ -17,14 +18,14 @@ from typing import Any
 import numpy as np
 
 from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
-from ..store import STATUS_ERROR, STATUS_OPEN, CaptureRecord, discard_capture, key_exists
-from .admission import release
+from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists
+from .admission import MAX_DERIVED_KEY_CHARS, release
 
 __all__ = ["ROUTE", "build_router", "capture_payload"]
 
-ROUTE = "/v1/attncap/{key}"
-_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_INDEXED = re.compile(r"^(?P<base>.+)-(?P<index>\d+)$")
+ROUTE = "/v1/attncap/{key:path}"
+#: How many ``<response id>-<i>`` keys a bare response id is resolved against.
+MAX_PROMPTS_RESOLVED = 1024
 
 
 def capture_payload(record: CaptureRecord, *, encoding: str = "base64") -> dict[str, Any]:
@@ -34,6 +35,7 @@ def capture_payload(record: CaptureRecord, *, encoding: str = "base64") -> dict[
         "object": "attncap.capture",
         "key": meta.key,
         "engine_request_id": meta.req_id,
+        "prompt_index": meta.order[0],
         "mode": meta.mode,
         "reduce": meta.reduce,
         "layers": meta.layers,
@@ -64,13 +66,16 @@ def _resolve_key(key: str) -> tuple[str | None, list[str]]:
     exactly one prompt capture. Returns ``(key or None, the candidate keys found)``."""
     if key_exists(key):
         return key, [key]
-    indexed = set()
-    for meta in list_captures():
-        m = _INDEXED.match(meta.key)
-        if m and m.group("base") == key:
-            indexed.add(meta.key)
-    indexed_keys = sorted(indexed)
+    indexed_keys = []
+    for i in range(MAX_PROMPTS_RESOLVED):
+        if not key_exists(f"{key}-{i}"):
+            break
+        indexed_keys.append(f"{key}-{i}")
     return (indexed_keys[0] if len(indexed_keys) == 1 else None), indexed_keys
+
+
+def _bad_key(key: str) -> bool:
+    return not 1 <= len(key) <= MAX_DERIVED_KEY_CHARS or not key.isprintable()
 
 
 def _error(status: HTTPStatus, message: str, param: str | None = None):
@@ -96,8 +101,8 @@ def build_router():
         wait: float = Query(10.0, ge=0.0, le=60.0, description="seconds to wait for the capture to be closed"),
         encoding: str = Query("base64", pattern="^(base64|list)$"),
     ):
-        if not _KEY_RE.match(key):
-            return _error(HTTPStatus.BAD_REQUEST, "key must be 1-128 characters from [A-Za-z0-9._-]", "key")
+        if _bad_key(key):
+            return _error(HTTPStatus.BAD_REQUEST, f"key must be 1-{MAX_DERIVED_KEY_CHARS} printable characters", "key")
         deadline = time.monotonic() + wait
         stored, candidates = _resolve_key(key)
         while stored is None and not candidates and time.monotonic() < deadline:
@@ -114,6 +119,8 @@ def build_router():
         # after the request finishes; wait for that unless the caller gave the token count.
         while True:
             metas = list_captures(stored)
+            if not metas:
+                return _error(HTTPStatus.NOT_FOUND, f"no capture under {stored!r} (already fetched or deleted)", "key")
             if num_tokens is not None or all(m.status != STATUS_OPEN for m in metas):
                 break
             if time.monotonic() >= deadline:
@@ -124,14 +131,20 @@ def build_router():
                     "key",
                 )
             await asyncio.sleep(0.02)
-        errors = [m.error for m in metas if m.status == STATUS_ERROR]
-        if errors:
-            discard_capture(stored)
-            release(stored)
-            return _error(HTTPStatus.UNPROCESSABLE_ENTITY, f"capture refused by the engine: {errors[0]}", "key")
         counts = [max(0, min(num_tokens if num_tokens is not None else m.rows_written, m.max_tokens)) for m in metas]
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: read_capture(stored, counts, wait_s=0.0)
+            )
+        except CaptureClaimed:
+            return _error(HTTPStatus.NOT_FOUND, f"the capture under {stored!r} is being fetched or deleted by another "
+                          "request (each capture is delivered once)", "key")
+        except LookupError:
+            return _error(HTTPStatus.NOT_FOUND, f"no capture under {stored!r} (already fetched or deleted)", "key")
         release(stored)
-        records = await asyncio.get_running_loop().run_in_executor(None, lambda: read_capture(stored, counts, wait_s=0.0))
+        errors = [r.error for r in records if r.meta.status == STATUS_ERROR]
+        if errors:
+            return _error(HTTPStatus.UNPROCESSABLE_ENTITY, f"capture refused by the engine: {errors[0]}", "key")
         bodies = [capture_payload(r, encoding=encoding) for r in records]
         if len(bodies) == 1:
             return JSONResponse(bodies[0])
@@ -139,10 +152,17 @@ def build_router():
 
     @router.delete(ROUTE)
     async def delete_capture(key: str):
-        if not _KEY_RE.match(key):
-            return _error(HTTPStatus.BAD_REQUEST, "key must be 1-128 characters from [A-Za-z0-9._-]", "key")
+        if _bad_key(key):
+            return _error(HTTPStatus.BAD_REQUEST, f"key must be 1-{MAX_DERIVED_KEY_CHARS} printable characters", "key")
         stored = _resolve_key(key)[0] or key
+        try:
+            removed = current_store().discard(stored)
+        except CaptureClaimed:
+            return _error(HTTPStatus.CONFLICT, f"the capture under {stored!r} is being fetched by another request",
+                          "key")
+        except LookupError:
+            removed = 0
         release(stored)
-        return JSONResponse({"object": "attncap.deleted", "key": stored, "deleted_files": discard_capture(stored)})
+        return JSONResponse({"object": "attncap.deleted", "key": stored, "deleted_files": removed})
 
     return router
