@@ -124,8 +124,8 @@ def check_supported(vllm_config) -> None:
     """Refuse, at engine start-up, the settings capture does not support yet, naming the setting.
 
     Raises:
-        ValueError: for ``data_parallel_size > 1``, ``decode_context_parallel_size > 1``, a ``speculative_config``
-            or an MLA model.
+        ValueError: for ``data_parallel_size > 1``, ``decode_context_parallel_size > 1``, a ``speculative_config``,
+            the ``external_launcher`` executor at TP/PP > 1, or an MLA model.
     """
     pc = vllm_config.parallel_config
     if int(getattr(pc, "data_parallel_size", 1) or 1) > 1:
@@ -143,6 +143,13 @@ def check_supported(vllm_config) -> None:
         raise ValueError(
             "attention_backend='attncap' does not support speculative decoding (speculative_config is set): "
             "draft tokens that are rejected would be captured as rows"
+        )
+    backend = getattr(pc, "distributed_executor_backend", None)
+    if backend == "external_launcher" and int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size) > 1:
+        raise ValueError(
+            "attention_backend='attncap' does not support distributed_executor_backend='external_launcher' with "
+            "tensor/pipeline parallelism (each launched process would keep its rank's part of a capture in a store "
+            "of its own); use the 'mp' or 'ray' executor"
         )
     if getattr(vllm_config.model_config, "use_mla", False):
         raise ValueError("attention_backend='attncap' does not support MLA models (model_config.use_mla): "
