@@ -84,7 +84,7 @@ def main() -> None:
     if args.model is None:
         args.model = _model(Path(tempfile.gettempdir()) / f"attncap-bench-llama-{args.layers}l", args.layers)
     if args.tp is not None:
-        print(json.dumps({"tp": args.tp, "ms": _one(args)}))
+        print("RESULT " + json.dumps({"tp": args.tp, "ms": _one(args)}), flush=True)
         return
     rows = {}
     for tp in (1, 2):
@@ -98,7 +98,8 @@ def main() -> None:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"TP={tp} failed:\n{r.stderr[-3000:]}")
-        rows[tp] = json.loads(r.stdout.strip().splitlines()[-1])["ms"]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))  # vLLM logs to stdout too
+        rows[tp] = json.loads(line[len("RESULT "):])["ms"]
     print(f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, {args.layers} layers, "
           f"8 q / 2 kv heads, head dim 64; medians of {args.repeats} turns")
     print(f"{'case':<10} {'TP=1 ms':>9} {'x plain':>8} {'TP=2 ms':>9} {'x plain':>8} {'TP2/TP1':>8}")
