@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -172,6 +173,58 @@ def test_install_is_a_no_op_outside_the_api_server():
 # --- the real server --------------------------------------------------------------------------
 
 
+def _start_server(root: Path, model: Path, base: Path):
+    port = _free_port()
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ATTNCAP_STORE=str(base),
+        VLLM_ATTNCAP_MAX_BYTES=str(MAX_BYTES),
+        VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
+    )
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE", "VLLM_ATTNCAP_DIR"):
+        env.pop(name, None)  # the server as users run it, with a namespace of its own
+    log_path = root / f"server-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        _server_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            _stop_server(proc, log)
+            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1.0)
+    return {"base": url, "model": str(model), "store": base, "log": log_path, "proc": proc, "log_file": log}
+
+
+def _stop_server(proc, log) -> None:
+    try:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # engine processes left behind, if any
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+    finally:
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -179,53 +232,30 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("attncap-server")
     model = make_tiny_llama(root / "model", num_layers=NUM_LAYERS, heads=NUM_HEADS, kv_heads=2, head_dim=32)
-    port = _free_port()
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ATTNCAP_DIR=str(root / "store"),
-        VLLM_ATTNCAP_MAX_BYTES=str(MAX_BYTES),
-        VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
-    )
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        _server_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    srv = _start_server(root, model, root / "store")
+    srv["root"] = root
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1.0)
-        yield {"base": base, "model": str(model), "store": root / "store", "log": log_path}
+        yield srv
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        log.close()
+        _stop_server(srv["proc"], srv["log_file"])
 
 
-def _complete(server, xargs=None, *, prompt="my printer does not work after the update", max_tokens=6, **body):
+def _records(server) -> list[Path]:
+    """Capture records on disk, in every namespace under the server's base."""
+    return sorted(Path(server["store"]).glob("ns-*/*.cap"))
+
+
+def _status(server) -> dict:
+    return requests.get(f"{server['base']}/v1/attncap", timeout=30).json()
+
+
+def _complete(server, xargs=None, *, prompt="my printer does not work after the update", max_tokens=6, headers=None,
+              **body):
     payload = {"model": server["model"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                "ignore_eos": True, **body}
     if xargs is not None:
         payload["vllm_xargs"] = xargs
-    return requests.post(f"{server['base']}/v1/completions", json=payload, timeout=120)
+    return requests.post(f"{server['base']}/v1/completions", json=payload, headers=headers, timeout=120)
 
 
 def _fetch(server, key, **params):
@@ -268,7 +298,7 @@ def test_completion_capture_round_trip(server):
     _assert_causal_rows(att, body["prompt_len"])
     # read once: the files are gone
     assert _fetch(server, out["id"], wait=0).status_code == 404
-    assert not list(Path(server["store"]).glob(f"{out['id']}*"))
+    assert _records(server) == []
 
 
 @pytest.mark.engine
@@ -376,19 +406,190 @@ def test_bad_specs_get_400_naming_the_field(server, xargs, field, words):
 
 @pytest.mark.engine
 @pytest.mark.slow
-def test_pending_cap_gives_503_then_server_keeps_serving(server):
-    # 1 layer x 4 heads x 150 x (P + 149) x 4 B is ~ 400 kB: under the 1 MB request cap ...
-    ok = _complete(server, {"attncap_layers": [-1]}, max_tokens=150)
-    assert ok.status_code == 200, ok.text
-    # ... 2 layers' worth is over the 600 kB in-flight cap, whatever else is pending
-    r = _complete(server, {"attncap_layers": [0, 1]}, max_tokens=150)
-    assert r.status_code == 503, r.text
-    assert "VLLM_ATTNCAP_MAX_PENDING_BYTES" in r.json()["error"]["message"]
-    assert _fetch(server, ok.json()["id"]).status_code == 200
-    after = _complete(server, {"attncap_reduce": "layer_head_mean"})
-    assert after.status_code == 200, after.text
-    body = _fetch(server, after.json()["id"]).json()
-    _assert_causal_rows(_decode(body), body["prompt_len"])
+def test_pending_cap_503_only_while_busy_never_fitting_is_400(server):
+    """Item 8: a capture bigger than the in-flight cap (but under the per-request cap) is a 400 naming the limit;
+    503 means "busy now" and goes away once the capture in flight is done."""
+    never = _complete(server, {"attncap_layers": [0, 1]}, max_tokens=150)  # ~ 800 kB > 600 kB in flight, < 1 MB
+    assert never.status_code == 400, never.text
+    err = never.json()["error"]
+    assert err["param"] == "vllm_xargs.attncap.max_bytes" and "VLLM_ATTNCAP_MAX_PENDING_BYTES" in err["message"]
+    # 1 layer x 4 heads x 150 x (P + 149) x 4 B ~ 400 kB each: one at a time fits, two at once do not
+    payload = {"model": server["model"], "prompt": "my printer does not work", "max_tokens": 150,
+               "temperature": 0.0, "ignore_eos": True, "stream": True, "vllm_xargs": {"attncap_layers": [-1]}}
+    with requests.post(f"{server['base']}/v1/completions", json=payload, stream=True, timeout=120) as first:
+        lines = first.iter_lines()
+        head = next(line for line in lines if line.startswith(b"data: {"))
+        busy = _complete(server, {"attncap_layers": [-1]}, max_tokens=150)
+        assert busy.status_code == 503, busy.text
+        assert "retry later" in busy.json()["error"]["message"]
+        for _ in lines:
+            pass
+    assert _fetch(server, json.loads(head[6:])["id"]).status_code == 200
+    again = _complete(server, {"attncap_layers": [-1]}, max_tokens=150)
+    assert again.status_code == 200, again.text
+    assert _fetch(server, again.json()["id"]).status_code == 200
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_keys_address_exactly_their_own_captures(server):
+    """Item 1: key ``team`` never reaches ``team__alice`` / ``team__bob``."""
+    for key in ("team__alice", "team__bob"):
+        assert _complete(server, {"attncap_key": key, "attncap_layers": [-1]}).status_code == 200
+    assert _fetch(server, "team", wait=0).status_code == 404
+    d = requests.delete(f"{server['base']}/v1/attncap/team", timeout=30)
+    assert d.status_code == 200 and d.json()["deleted_files"] == 0
+    assert _complete(server, {"attncap_key": "team", "attncap_layers": [-1]}).status_code == 200
+    for key in ("team", "team__alice", "team__bob"):
+        body = _fetch(server, key).json()
+        assert body["key"] == key, body
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_store_is_private_and_per_engine(server):
+    """Item 2: the base and the engine's namespace are 0700, records 0600 and named by hashes only."""
+    base = Path(server["store"])
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700
+    spaces = [p for p in base.iterdir() if p.name.startswith("ns-")]
+    assert len(spaces) == 1 and stat.S_IMODE(spaces[0].stat().st_mode) == 0o700
+    r = _complete(server, {"attncap_key": "private-key", "attncap_layers": [-1]})
+    assert r.status_code == 200
+    (record,) = _records(server)
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600 and "private" not in record.name
+    assert _fetch(server, "private-key").status_code == 200
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_long_and_odd_request_ids(server):
+    """Item 4: a 300-character X-Request-Id still gets its capture (200), the reservation ends; item 9: ids
+    ``a/b`` and ``a_b`` are two keys; an id too long for a key is a 400 before anything runs."""
+    rid = "r" * 300
+    r = _complete(server, {"attncap_layers": [-1]}, headers={"X-Request-Id": rid})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == f"cmpl-{rid}"
+    body = _fetch(server, r.json()["id"]).json()
+    assert body.get("key") == f"cmpl-{rid}-0" and body["num_tokens"] == 6, body
+    ids = {}
+    for rid in ("a/b", "a_b"):
+        r = _complete(server, {"attncap_layers": [-1]}, headers={"X-Request-Id": rid}, max_tokens=2 + len(ids))
+        assert r.status_code == 200, r.text
+        ids[rid] = r.json()["id"]
+    assert _fetch(server, ids["a/b"]).json()["num_tokens"] == 2
+    assert _fetch(server, ids["a_b"]).json()["num_tokens"] == 3
+    too_long = _complete(server, {"attncap_layers": [-1]}, headers={"X-Request-Id": "z" * 2000})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "vllm_xargs.attncap.key"
+    status = _status(server)
+    assert status["records"] == status["reservations"] == 0, status
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_read_once_under_8_concurrent_gets_and_get_racing_delete(server):
+    """Item 5: 8 concurrent GETs of one key: one 200, seven 404, no 500; a GET racing a DELETE: no 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(3):
+        key = f"race-{round_}"
+        assert _complete(server, {"attncap_key": key, "attncap_layers": [-1]}, max_tokens=2).status_code == 200
+        with ThreadPoolExecutor(8) as pool:
+            codes = sorted(pool.map(lambda _: _fetch(server, key, wait=0).status_code, range(8)))
+        assert codes == [200] + [404] * 7, codes
+    for round_ in range(4):
+        key = f"race-del-{round_}"
+        assert _complete(server, {"attncap_key": key, "attncap_layers": [-1]}, max_tokens=2).status_code == 200
+        with ThreadPoolExecutor(2) as pool:
+            get = pool.submit(_fetch, server, key, wait=0)
+            delete = pool.submit(requests.delete, f"{server['base']}/v1/attncap/{key}", timeout=30)
+            codes = (get.result().status_code, delete.result().status_code)
+        assert codes[0] in (200, 404) and codes[1] in (200, 409), codes
+        assert _fetch(server, key, wait=0).status_code == 404
+        assert _complete(server, {"attncap_key": key, "attncap_reduce": "head_mean"}, max_tokens=1).status_code == 200
+        assert _fetch(server, key).status_code == 200
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_several_prompts_share_a_caller_key(server):
+    """Item 6: several prompts with a caller-chosen key are served: one record per prompt under the key."""
+    prompts = ["the quick brown fox", "Alice sent 42 emails to Bob about the Paris meeting on Monday"]
+    r = _complete(server, {"attncap_key": "batch-key", "attncap_layers": [-1]}, prompt=prompts, max_tokens=3)
+    assert r.status_code == 200, r.text
+    body = _fetch(server, "batch-key").json()
+    assert body["object"] == "list" and [c["prompt_index"] for c in body["data"]] == [0, 1]
+    assert body["data"][0]["prompt_len"] < body["data"][1]["prompt_len"]
+    # another request may not join the key while it is pending, and the key is free once fetched
+    assert _complete(server, {"attncap_key": "batch-key", "attncap_layers": [-1]}).status_code == 200
+    clash = _complete(server, {"attncap_key": "batch-key", "attncap_layers": [-1]})
+    assert clash.status_code == 400
+    assert _fetch(server, "batch-key").status_code == 200
+    assert _status(server)["records"] == 0
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        # item 7: deep nesting is a 400, not a 500
+        ('{"attncap": "' + "[" * 50_000 + "]" * 50_000 + '"}', None, "nested deeper"),
+        # item 9: duplicate keys, in the JSON-string form and in the flat form
+        (json.dumps({"attncap": '{"layers": [0], "layers": [1]}'}), "layers", "twice"),
+        ('{"attncap_layers": [0], "attncap_layers": [1]}', "layers", "twice"),
+        # item 9: booleans are not ints, in either form
+        ('{"attncap_layers": true}', "layers", "boolean"),
+        ('{"attncap_sink": false}', "sink", "boolean"),
+        (json.dumps({"attncap": '{"layers": true}'}), "layers", "list of ints"),
+        # item 9: keys that cannot be fetched or would collide with the server's ids
+        ('{"attncap_key": "."}', "key", "dots"),
+        ('{"attncap_key": ".."}', "key", "dots"),
+        ('{"attncap_key": "cmpl-abc-0"}', "key", "prefix"),
+    ],
+)
+def test_malformed_specs_are_400s(server, body, field, words):
+    raw = ('{"model": %s, "prompt": "hi there", "max_tokens": 2, "vllm_xargs": %s}' % (json.dumps(server["model"]), body))
+    r = requests.post(f"{server['base']}/v1/completions", data=raw, headers={"Content-Type": "application/json"},
+                      timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == (f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap")
+    assert words in err["message"], err
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_bounded_soak_returns_to_zero(server):
+    """200 requests (count- and time-bounded) at 8 concurrent, mixing fetched, deleted, plain and refused capture
+    requests: afterwards no record on disk, nothing reserved, nothing pending."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + 120
+
+    def one(i: int) -> str:
+        if time.monotonic() > deadline:
+            return "skipped"
+        kind = i % 4
+        if kind == 3:
+            return str(_complete(server, max_tokens=2).status_code)
+        xargs = {"attncap_layers": [-1], "attncap_reduce": "head_mean"} if kind != 2 else {"attncap_reduce": "max"}
+        r = _complete(server, xargs, max_tokens=2 + i % 3)
+        if r.status_code != 200:
+            return str(r.status_code)
+        rid = r.json()["id"]
+        if kind == 0:
+            return "fetched" if _fetch(server, rid).status_code == 200 else "fetch-failed"
+        d = requests.delete(f"{server['base']}/v1/attncap/{rid}", timeout=30)
+        return "deleted" if d.status_code == 200 and d.json()["deleted_files"] == 1 else "delete-failed"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(200)))
+    counts = {k: results.count(k) for k in set(results)}
+    assert set(counts) <= {"fetched", "deleted", "200", "400", "skipped"}, counts
+    assert counts.get("fetched", 0) > 10 and counts.get("deleted", 0) > 10, counts
+    assert _records(server) == []
+    status = _status(server)
+    assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
 
 
 @pytest.mark.engine
@@ -406,5 +607,66 @@ def test_request_without_spec_is_plain(server):
 @pytest.mark.slow
 def test_server_survived(server):
     assert requests.get(f"{server['base']}/health", timeout=10).status_code == 200
-    leftovers = [p.name for p in Path(server["store"]).glob("*.json")]
-    assert leftovers == [], leftovers
+    assert _records(server) == []
+    status = _status(server)
+    assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_restart_after_kill_9_serves_no_stale_capture(server):
+    """Item 3 (runs last: it kills the module's server): after ``kill -9`` of the API server, a new server on the
+    same base removes the dead engine's namespace at start, serves none of its captures and refuses none of its
+    keys; a graceful stop (SIGTERM) removes the new server's namespace."""
+    assert _complete(server, {"attncap_key": "survivor", "attncap_layers": [-1]}).status_code == 200
+    old_spaces = [p for p in Path(server["store"]).iterdir() if p.name.startswith("ns-")]
+    assert len(old_spaces) == 1 and len(_records(server)) == 1
+    proc = server["proc"]
+    engines = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(5)
+    orphans = [pid for pid in engines if _alive(pid)]
+    print(f"after kill -9 of the API server: {len(orphans)} of its {len(engines)} child processes still run")
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # vLLM leaves its engine processes running; end them here
+    except ProcessLookupError:
+        pass
+    assert old_spaces[0].exists()  # nobody cleaned up after kill -9 ...
+    fresh = _start_server(server["root"], Path(server["model"]), Path(server["store"]))
+    try:
+        assert not old_spaces[0].exists()  # ... the next engine on the base did, its owner being dead
+        assert _fetch(fresh, "survivor", wait=0).status_code == 404
+        assert _complete(fresh, {"attncap_key": "survivor", "attncap_layers": [-1]}).status_code == 200
+        assert _fetch(fresh, "survivor").status_code == 200
+        assert _complete(fresh, {"attncap_key": "unfetched", "attncap_layers": [-1]}).status_code == 200
+    finally:
+        proc2 = fresh["proc"]
+        os.killpg(proc2.pid, signal.SIGTERM)
+        try:
+            proc2.wait(timeout=60)
+        finally:
+            _stop_server(proc2, fresh["log_file"])
+    left = [p.name for p in Path(server["store"]).iterdir()]
+    assert left == [], left

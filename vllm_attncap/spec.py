@@ -28,13 +28,13 @@ field           allowed values                              default
                 positions always kept
 ``max_bytes``   int >= 1: cap on this request's buffer        engine default (256 MiB)
 ``key``         str: correlation key chosen by the caller     the request id
+                (1-1024 printable characters, not only dots)
 ==============  ==========================================  =========================
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -59,7 +59,8 @@ SPEC_FIELDS = (
 DEFAULT_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_BYTES", str(256 * 1024**2)))
 #: method.md "Long histories": the most recent positions kept when a history is elided.
 DEFAULT_ELISION_WINDOW = 512
-_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Longest capture key (keys are hashed into file names, so any printable text up to this length works).
+MAX_KEY_CHARS = 1024
 
 
 def _is_int(x: Any) -> bool:
@@ -139,10 +140,11 @@ class CaptureSpec:
         if self.max_bytes is not None and (not _is_int(self.max_bytes) or self.max_bytes < 1):
             raise ValueError(f"attncap spec field 'max_bytes': expected an int >= 1, got {self.max_bytes!r}")
         if self.key is not None and (
-            not isinstance(self.key, str) or not _KEY_RE.match(self.key) or not self.key.strip(".")
+            not isinstance(self.key, str) or not 1 <= len(self.key) <= MAX_KEY_CHARS or not self.key.isprintable()
+            or not self.key.strip(".")
         ):
             raise ValueError(
-                "attncap spec field 'key': expected 1-128 characters from [A-Za-z0-9._-], not only dots, "
+                f"attncap spec field 'key': expected 1-{MAX_KEY_CHARS} printable characters, not only dots, "
                 f"got {self.key!r}"
             )
 

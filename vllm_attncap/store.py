@@ -144,6 +144,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NS_RE = re.compile(r"^ns-[0-9a-f]{32}$")
 #: A namespace without an owner file this old is a failed creation and is removed by the sweep.
 _ORPHAN_GRACE_S = 60.0
+#: How often (at most) a writer's cap check also runs the TTL pass.
+_EXPIRE_EVERY_S = 10.0
 
 
 class StoreError(OSError):
@@ -422,6 +424,7 @@ class CaptureStore:
         self.owner = owner
         self._owner_pid = os.getpid() if owner else None
         self._lock = threading.Lock()
+        self._last_expire = -math.inf
 
     def __repr__(self) -> str:
         return f"CaptureStore({str(self.path)!r}, owner={self.owner})"
@@ -625,7 +628,10 @@ class CaptureStore:
     def enforce_cap(self, incoming: int, cap: int | None = None) -> None:
         """Delete the oldest closed records when the namespace would exceed ``cap`` with ``incoming`` more."""
         cap = MAX_PENDING_BYTES if cap is None else cap
-        self.expire()
+        now = time.monotonic()
+        if now - self._last_expire > _EXPIRE_EVERY_S:  # the TTL pass reads every record: not on every request
+            self._last_expire = now
+            self.expire()
         total = self.pending_bytes()
         if total + incoming <= cap:
             return

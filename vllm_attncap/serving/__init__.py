@@ -22,21 +22,25 @@ general plugin's ``register()`` runs in the API-server process too, and there
    ``vllm_xargs.attncap.<field>``); the engine never sees the request and keeps
    serving. Caps: a request's buffer may not exceed ``VLLM_ATTNCAP_MAX_BYTES``
    (``max_bytes`` may ask for less, never more), and captures in flight may not
-   exceed ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` in total (HTTP 503 then: retry later).
+   exceed ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` in total (HTTP 503 then: retry later;
+   a capture bigger than that cap as a whole is a 400). A small ASGI middleware
+   checks the raw body first (duplicate ``attncap*`` keys, booleans as ints).
 
 2. **Retrieval routes** (added to the FastAPI app by wrapping
    ``attach_endpoint_plugins``, which ``build_app`` calls once after the core
    routes; no ``VLLM_PLUGINS`` allow-listing is needed)::
 
-       GET    /v1/attncap/{key}   the capture as JSON, deleted once read
+       GET    /v1/attncap/{key}   the capture as JSON, deleted once read (delivered once)
        DELETE /v1/attncap/{key}   drop it unread
+       GET    /v1/attncap         store and admission state
 
    The key is the spec's ``key`` when the request set one, else the server's
    request id: ``<response id>-<prompt index>`` for ``/v1/completions`` (the
    response id alone also works for a single prompt) and ``<response id>`` for
-   ``/v1/chat/completions``. The response id is the ``id`` field of the
+   ``/v1/chat/completions``, verbatim. The response id is the ``id`` field of the
    completion response (``X-Request-Id`` header, when sent, replaces its random
-   part).
+   part). Keys are matched exactly; captures live in the server's private
+   namespace of the store (:mod:`vllm_attncap.store`).
 
 Outside an API-server process (``LLM`` offline, EngineCore, workers) nothing is
 patched and nothing changes. docs/server.md shows requests and responses.
@@ -50,13 +54,14 @@ from __future__ import annotations
 
 from .admission import PendingCapError, admit_request, pending_capture_bytes
 from .install import install_frontend_validation
-from .routes import ROUTE, build_router, capture_payload
+from .routes import ROUTE, STATUS_ROUTE, build_router, capture_payload
 from .xargs import FLAT_PREFIX, SPEC_XARG, SpecError, spec_from_xargs
 
 __all__ = [
     "SPEC_XARG",
     "FLAT_PREFIX",
     "ROUTE",
+    "STATUS_ROUTE",
     "PendingCapError",
     "SpecError",
     "admit_request",

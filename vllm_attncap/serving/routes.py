@@ -19,11 +19,13 @@ import numpy as np
 
 from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
 from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists
-from .admission import MAX_DERIVED_KEY_CHARS, release
+from .admission import MAX_DERIVED_KEY_CHARS, pending_capture_bytes, release, reservations
 
-__all__ = ["ROUTE", "build_router", "capture_payload"]
+__all__ = ["ROUTE", "STATUS_ROUTE", "build_router", "capture_payload", "status_payload"]
 
 ROUTE = "/v1/attncap/{key:path}"
+#: ``GET`` it for the store's and admission's state (records, bytes in flight, reservations).
+STATUS_ROUTE = "/v1/attncap"
 #: How many ``<response id>-<i>`` keys a bare response id is resolved against.
 MAX_PROMPTS_RESOLVED = 1024
 
@@ -74,6 +76,20 @@ def _resolve_key(key: str) -> tuple[str | None, list[str]]:
     return (indexed_keys[0] if len(indexed_keys) == 1 else None), indexed_keys
 
 
+def status_payload() -> dict[str, Any]:
+    """What ``GET /v1/attncap`` answers: records stored, their backed bytes, bytes in flight, reservations."""
+    store = current_store()
+    metas = store.find()
+    return {
+        "object": "attncap.status",
+        "records": len(metas),
+        "open_records": sum(m.status == STATUS_OPEN for m in metas),
+        "stored_bytes": store.pending_bytes(),
+        "pending_bytes": pending_capture_bytes(),
+        "reservations": len(reservations()),
+    }
+
+
 def _bad_key(key: str) -> bool:
     return not 1 <= len(key) <= MAX_DERIVED_KEY_CHARS or not key.isprintable()
 
@@ -93,6 +109,10 @@ def build_router():
     from fastapi.responses import JSONResponse
 
     router = APIRouter()
+
+    @router.get(STATUS_ROUTE)
+    async def store_status():
+        return JSONResponse(status_payload())
 
     @router.get(ROUTE)
     async def get_capture(
