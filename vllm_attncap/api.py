@@ -18,8 +18,9 @@ import numpy as np
 
 from cagsr_reward.attention import CapturedAttention
 
+from .parts import read_capture
 from .spec import CaptureSpec, resolve_spec
-from .store import CaptureRecord, discard_capture, read_capture
+from .store import CaptureRecord, discard_capture
 
 __all__ = ["CapturedOutput", "generate_with_attentions", "collect", "engine_model_shape", "check_engine"]
 
@@ -121,10 +122,13 @@ def check_engine(llm) -> None:
 
 
 def engine_model_shape(llm) -> tuple[int, int, int]:
-    """(num_layers, num_query_heads, max_model_len) of the engine's model."""
+    """(num_layers, num_query_heads, max_model_len) of the engine's model (the whole model, whatever its tensor or
+    pipeline parallelism)."""
+    from .engine.parallel import global_counts
+
     vc = _engine(llm).vllm_config
-    mc, pc = vc.model_config, vc.parallel_config
-    return mc.get_num_layers(pc), mc.get_num_attention_heads(pc), mc.max_model_len
+    num_layers, num_heads = global_counts(vc)
+    return num_layers, num_heads, vc.model_config.max_model_len
 
 
 def _as_list(x, n: int, name: str) -> list:

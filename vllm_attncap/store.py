@@ -180,6 +180,7 @@ class CaptureMeta:
         mode, reduce, layers, heads, prompt_len, max_tokens, history_len, sink, salient, spec: the resolved spec.
         rows_written: rows ``0..rows_written-1`` hold data (set when the writer closes).
         created, closed: wall-clock times (seconds since the epoch).
+        part: set on the part of one rank of a multi-rank engine (:mod:`vllm_attncap.parts`), else None.
     """
 
     key: str
@@ -200,6 +201,7 @@ class CaptureMeta:
     created: float = 0.0
     closed: float | None = None
     format_version: int = FORMAT_VERSION
+    part: dict[str, Any] | None = None
 
     # -- layout -------------------------------------------------------------------------------------------------
     @property

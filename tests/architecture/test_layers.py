@@ -47,7 +47,7 @@ def _copy(tmp_path: Path) -> Path:
         ("vllm_attncap/engine/tracker.py", "def _leak():\n    from ..serving import admission  # noqa\n",
          "vllm_attncap layers"),
         ("vllm_attncap/store.py", "def _leak():\n    import torch  # noqa\n",
-         "The capture spec and the store import neither vLLM nor torch"),
+         "The capture spec and the store (with its per-rank parts) import neither vLLM nor torch"),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):

@@ -32,7 +32,7 @@ def _device_cache(b: RowBatch, device: torch.device) -> tuple[torch.Tensor, torc
     c = b.rc.cache
     if c.get("device") != device:
         c["device"] = device
-        c["heads"] = torch.tensor(b.rc.resolved.heads, dtype=torch.long, device=device)
+        c["heads"] = torch.tensor(b.rc.local_heads, dtype=torch.long, device=device)  # this rank's own indices
         sal = b.rc.spec.salient
         c["salient"] = torch.tensor(sal, dtype=torch.long, device=device) if sal else None
     return c["heads"], c["salient"]
@@ -73,6 +73,8 @@ def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor) -> None:
     r0, r1 = b.rows[0], b.rows[-1] + 1
     if spec.reduce != "none":
         probs = probs.mean(dim=1, keepdim=True)
+        if rc.head_share != 1.0:  # tensor parallelism: this rank's part of the mean over all selected heads
+            probs = probs * rc.head_share
     if spec.reduce == "layer_head_mean":
         contrib = probs / n_layers
         if spec.mode == "stats":
@@ -97,6 +99,11 @@ def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor) -> None:
             probs = apply_elision(probs[..., :history_len], plan)
             history_len = plan.out_history_len
             salient = _elided_salient(b, plan, probs.device)
+        if rc.stats_on_host:  # a mean spanning ranks: partial rows now, statistics of their sum on the host
+            writer.write_rows(slot, r0, r1, history_len, probs[..., :history_len].permute(1, 0, 2).cpu().numpy())
+            if layer_index == rc.last_layer:
+                writer.note_rows(r1)
+            return
         cov, ent = history_stats(probs, history_len, spec.sink, salient)  # (n, h)
         writer.write_stats(slot, r0, r1, cov.T.cpu().numpy(), ent.T.cpu().numpy())
     else:

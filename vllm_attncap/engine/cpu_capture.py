@@ -7,7 +7,8 @@ requests' mapped files, layer slots) and caches them on the :class:`~.plan.StepP
 call of the C++ kernel (kernels/cpu_capture.cpp), which reads the shadow keys through the block table and writes
 rows or statistics straight into the mapped files — no per-request torch ops, no intermediate copies.
 
-Requests the kernel does not cover (long-history elision, ``n_max``) keep the torch path, in the same step.
+Requests the kernel does not cover (long-history elision, ``n_max``; ranks' parts under TP/PP) keep the torch
+path, in the same step.
 Without the compiled kernel, or with ``VLLM_ATTNCAP_CPU_KERNEL=0``, every request takes the torch path.
 """
 
@@ -68,7 +69,8 @@ def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
     for b in plan.batches:
         if b.rc.writer.array is None:
             continue  # closed buffer: nothing to write
-        if not use or b.batch_row < 0 or _elision_plan(b) is not None:
+        # sharded (TP/PP) requests capture their rank's part on the torch path (engine.parallel)
+        if not use or b.batch_row < 0 or b.rc.sharded or _elision_plan(b) is not None:
             fallback.append(b)
         else:
             kernel.append(b)

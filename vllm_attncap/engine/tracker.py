@@ -16,8 +16,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..parts import make_part_meta, part_req_id
 from ..spec import CaptureSpec, ResolvedSpec, resolve_spec
 from ..store import CaptureMeta, CaptureWriter, write_error
+from .parallel import RankFacts, rank_share
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -26,13 +28,15 @@ __all__ = ["ModelShape", "RequestCapture", "CaptureTracker", "get_tracker"]
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the worker knows about the model for validating specs."""
+    """What the worker knows about the model for validating specs: the whole model's layer and query-head counts
+    (every rank validates against the same), and under TP/PP this worker's place (``ranks``)."""
 
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_size: int
     max_model_len: int
+    ranks: RankFacts | None = None
 
 
 @dataclass
@@ -47,6 +51,16 @@ class RequestCapture:
     first_layer: int = 0
     last_layer: int = 0
     cache: dict[str, Any] = field(default_factory=dict)  # per-device tensors (heads, salient)
+    # under TP/PP (engine.parallel): this rank's selected heads as indices of its own heads, its share of the
+    # selected heads (weights its head mean), and whether statistics of a mean go to the host as partial rows
+    local_heads: tuple[int, ...] = ()
+    head_share: float = 1.0
+    stats_on_host: bool = False
+    sharded: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sharded:
+            self.local_heads = tuple(self.resolved.heads)
 
     @property
     def spec(self) -> CaptureSpec:
@@ -58,6 +72,8 @@ class CaptureTracker:
 
     def __init__(self) -> None:
         self.shape: ModelShape | None = None
+        #: this worker's place in the TP x PP grid (None or a single rank: records without parts)
+        self.ranks: RankFacts | None = None
         self.active: dict[str, RequestCapture] = {}
         self.refused: set[str] = set()
         #: rows captured again after preemption/recompute (diagnostics, tests)
@@ -65,6 +81,7 @@ class CaptureTracker:
 
     def set_model_shape(self, shape: ModelShape) -> None:
         self.shape = shape
+        self.ranks = shape.ranks if shape.ranks is not None and shape.ranks.count > 1 else None
 
     def reset(self) -> None:
         """Forget every request: called when a new engine starts in this process.
@@ -114,18 +131,33 @@ class CaptureTracker:
                 salient=list(resolved.spec.salient),
                 spec=resolved.spec.to_dict(),
             )
+            share = None
+            if self.ranks is not None:  # one part per rank (vllm_attncap.parts)
+                share = rank_share(self.ranks, resolved)
+                meta = make_part_meta(
+                    meta, self.ranks.index, self.ranks.count, layers=list(share.layers),
+                    layer_pos=list(share.layer_pos), heads=list(share.heads), head_pos=list(share.head_pos),
+                    stats_history=_stats_history(resolved) if share.stats_on_host and not share.empty else None,
+                )
             writer = CaptureWriter(meta)
         except (ValueError, OSError) as e:
             self.refused.add(req_id)
             logger.warning("vllm_attncap: capture refused for request %s: %s", req_id, e)
             try:
-                write_error(key, req_id, str(e))  # every refusal leaves a record: the caller and admission see it
+                rid = req_id if self.ranks is None else part_req_id(req_id, self.ranks.index, self.ranks.count)
+                write_error(key, rid, str(e))  # every refusal leaves a record: the caller and admission see it
             except OSError as e2:
                 logger.error("vllm_attncap: could not record the refusal of request %s: %s", req_id, e2)
             return None
-        layers = resolved.layers
+        layers = resolved.layers if share is None else share.layers
         slot = {l: (0 if resolved.spec.reduce == "layer_head_mean" else i) for i, l in enumerate(layers)}
-        rc = RequestCapture(req_id, resolved, writer, slot, min(layers), max(layers))
+        if share is not None and share.empty:
+            slot = {}
+        first, last = (min(layers), max(layers)) if slot else (-1, -1)
+        rc = RequestCapture(req_id, resolved, writer, slot, first, last)
+        if share is not None:
+            rc.sharded, rc.local_heads, rc.head_share = True, share.local_heads, share.head_share
+            rc.stats_on_host = share.stats_on_host
         self.active[req_id] = rc
         return rc
 
@@ -139,6 +171,20 @@ class CaptureTracker:
 
     def close_all(self) -> None:
         self.finish(list(self.active))
+
+
+def _stats_history(resolved: ResolvedSpec) -> tuple[int, int, list[int]]:
+    """(width, sink, salient) of the history a rank's partial rows cover: after long-history elision when the
+    spec asks for it (the elision plan depends only on the spec and the prompt, so every rank makes the same)."""
+    spec = resolved.spec
+    if spec.n_max is not None:
+        from .compute.elide import plan_elision
+
+        plan = plan_elision(resolved.history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
+                            recent=spec.elision_window)
+        if not plan.is_identity:
+            return plan.out_history_len, spec.sink, list(plan.salient)
+    return resolved.history_len, spec.sink, list(spec.salient)
 
 
 _TRACKER: CaptureTracker | None = None

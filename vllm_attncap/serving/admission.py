@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..spec import DEFAULT_MAX_BYTES, SPEC_FIELDS, CaptureSpec, resolve_spec
-from ..store import MAX_PENDING_BYTES, STATUS_OPEN, find_captures, key_exists
+from ..parts import list_captures as find_captures  # a TP/PP engine's per-rank parts count as one record
+from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists
 from .xargs import SPEC_XARG, SpecError, spec_from_xargs
 
 __all__ = [

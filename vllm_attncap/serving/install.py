@@ -19,6 +19,7 @@ import logging
 import sys
 from http import HTTPStatus
 
+from ..engine.parallel import global_counts
 from ..spec import DEFAULT_MAX_BYTES
 from ..store import MAX_PENDING_BYTES
 from .admission import PendingCapError, admit_request
@@ -63,7 +64,7 @@ def _wrap_process_inputs(orig):
         sp = getattr(request, "sampling_params", None)
         if sp is None or not sp.extra_args:
             return out
-        mc, pc = self.vllm_config.model_config, self.vllm_config.parallel_config
+        mc = self.vllm_config.model_config
         try:
             new_args = admit_request(
                 sp.extra_args,
@@ -71,8 +72,8 @@ def _wrap_process_inputs(orig):
                 prompt_len=len(request.prompt_token_ids or []),
                 max_tokens=sp.max_tokens if sp.max_tokens is not None else mc.max_model_len,
                 n=getattr(sp, "n", 1) or 1,
-                num_layers=mc.get_num_layers(pc),
-                num_heads=mc.get_num_attention_heads(pc),
+                num_layers=global_counts(self.vllm_config)[0],  # the whole model, whatever its TP/PP
+                num_heads=global_counts(self.vllm_config)[1],
                 max_model_len=mc.max_model_len,
             )
         except (SpecError, PendingCapError) as e:

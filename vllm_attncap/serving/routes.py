@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, find_captures, key_exists
+from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
+from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists
 from .admission import MAX_DERIVED_KEY_CHARS, pending_capture_bytes, release, reservations
 
 __all__ = ["ROUTE", "STATUS_ROUTE", "build_router", "capture_payload", "status_payload"]
@@ -137,7 +138,7 @@ def build_router():
         # The worker closes a capture (recording how many rows it wrote) on the engine step
         # after the request finishes; wait for that unless the caller gave the token count.
         while True:
-            metas = find_captures(stored)
+            metas = list_captures(stored)
             if not metas:
                 return _error(HTTPStatus.NOT_FOUND, f"no capture under {stored!r} (already fetched or deleted)", "key")
             if num_tokens is not None or all(m.status != STATUS_OPEN for m in metas):
@@ -151,10 +152,9 @@ def build_router():
                 )
             await asyncio.sleep(0.02)
         counts = [max(0, min(num_tokens if num_tokens is not None else m.rows_written, m.max_tokens)) for m in metas]
-        store = current_store()
         try:
             records = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: store.read(stored, counts, wait_s=0.0, expected=0)
+                None, lambda: read_capture(stored, counts, wait_s=0.0)
             )
         except CaptureClaimed:
             return _error(HTTPStatus.NOT_FOUND, f"the capture under {stored!r} is being fetched or deleted by another "

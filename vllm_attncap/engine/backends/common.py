@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from ..parallel import check_supported, global_counts, rank_facts
 from ..tracker import ModelShape
 
 __all__ = ["extend_metadata", "layer_index_of", "model_shape_from_config"]
@@ -34,22 +35,23 @@ def layer_index_of(layer) -> int:
 
 
 def model_shape_from_config(vllm_config) -> ModelShape:
-    """Layer/head counts used to validate capture specs in the worker.
+    """The whole model's layer/head counts, used to validate capture specs in the worker (every rank validates
+    against the same counts, so a spec is accepted or refused on all ranks alike), and this worker's place in the
+    TP x PP grid (:func:`~vllm_attncap.engine.parallel.rank_facts`).
 
     Raises:
-        ValueError: for tensor parallelism > 1 (heads are sharded across ranks;
-            not supported by capture yet).
+        ValueError: for a setting capture does not support (:func:`~vllm_attncap.engine.parallel.check_supported`:
+            data parallelism, decode context parallelism, speculative decoding, MLA), naming it.
     """
+    check_supported(vllm_config)
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
-    if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
-        raise ValueError(
-            "attention_backend='attncap' supports tensor_parallel_size=1 and pipeline_parallel_size=1 only"
-        )
+    num_layers, num_heads = global_counts(vllm_config)
     return ModelShape(
-        num_layers=mc.get_num_layers(pc),
-        num_heads=mc.get_num_attention_heads(pc),
+        num_layers=num_layers,
+        num_heads=num_heads,
         num_kv_heads=mc.get_num_kv_heads(pc),
         head_size=mc.get_head_size(),
         max_model_len=mc.max_model_len,
+        ranks=rank_facts(vllm_config),
     )
