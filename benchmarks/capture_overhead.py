@@ -49,10 +49,11 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _turns import timed_turn  # noqa: E402  (benchmarks/_turns.py, beside this script)
 
 SHAPES = {
     "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
@@ -86,7 +87,7 @@ def _check_gpu() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (docs/gpu.md, "Running the GPU check")")
+        _die("vLLM is not importable; on the GPU machine `source /tmp/kit/env.sh` first (docs/gpu.md, 'Running the GPU check')")
 
 
 def _plugin_setup() -> str:
@@ -132,17 +133,11 @@ def _free_engine(llm) -> None:
     torch.cuda.empty_cache()
 
 
-def _prompts(rng, batch: int, prompt: int, vocab: int) -> list[dict]:
-    return [{"prompt_token_ids": rng.integers(10, vocab - 10, size=prompt).tolist()} for _ in range(batch)]
-
-
 def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, eager: bool, mem: float,
                piecewise: bool = False) -> dict:
     """{(batch, prompt, mode): {"turn_ms", "prefill_ms", "decode_tps", "capture_ok"}} for one engine."""
     import numpy as np
-    from vllm import LLM, SamplingParams
-
-    from vllm_attncap.store import discard_capture, read_capture
+    from vllm import LLM
 
     vocab = SHAPES[name]["vocab_size"]
     max_prompt = max(p for _, p in cases)
@@ -171,27 +166,8 @@ def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, e
                 spec = MODES.get(mode)
 
                 def turn(max_tokens: int, check: bool = False) -> float:
-                    keys = []
-                    sps = []
-                    for _ in range(batch):
-                        extra = None
-                        if spec is not None:
-                            key = f"bench-{uuid.uuid4().hex}"
-                            keys.append(key)
-                            extra = {"attncap": {**spec, "key": key}}
-                        sps.append(SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-                                                  detokenize=False, extra_args=extra))
-                    ps = _prompts(rng, batch, prompt, vocab)
-                    t = time.perf_counter()
-                    outs = llm.generate(ps, sps, use_tqdm=False)
-                    dt = time.perf_counter() - t
-                    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-                    ok = None
-                    if check and keys:
-                        rec = read_capture(keys[0], max_tokens, delete=False)[0]
-                        ok = rec.error is None and rec.array is not None and bool((rec.array != 0).any())
-                    for k in keys:
-                        discard_capture(k)
+                    dt, ok = timed_turn(llm, rng, batch=batch, prompt=prompt, vocab=vocab, spec=spec,
+                                        max_tokens=max_tokens, check=check)
                     turn.ok = ok if ok is not None else getattr(turn, "ok", None)
                     return dt
 

@@ -32,10 +32,11 @@ import platform
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _turns import timed_turn  # noqa: E402  (benchmarks/_turns.py, beside this script)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: engines run in this one
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -58,16 +59,10 @@ LABELS = {
 }
 
 
-def _prompts(rng, batch: int, prompt: int, vocab: int) -> list[dict]:
-    return [{"prompt_token_ids": rng.integers(10, vocab - 10, size=prompt).tolist()} for _ in range(batch)]
-
-
 def bench_vllm(model: str, attncap: bool, cells, repeats: int, modes) -> dict:
     """{(batch, prompt, mode): [turn seconds]} for one engine."""
     import numpy as np
-    from vllm import LLM, SamplingParams
-
-    from vllm_attncap.store import discard_capture, read_capture
+    from vllm import LLM
 
     max_prompt = max(p for _, p in cells)
     kw = dict(model=model, dtype="bfloat16", seed=0, max_model_len=max_prompt + NEW_TOKENS + 16,
@@ -86,26 +81,10 @@ def bench_vllm(model: str, attncap: bool, cells, repeats: int, modes) -> dict:
                 spec = SPECS.get(mode)
 
                 def turn(check: bool = False) -> float:
-                    keys, sps = [], []
-                    for _ in range(batch):
-                        extra = None
-                        if spec is not None:
-                            key = f"bench-{uuid.uuid4().hex}"
-                            keys.append(key)
-                            extra = {"attncap": {**spec, "key": key}}
-                        sps.append(SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0,
-                                                  detokenize=False, extra_args=extra))
-                    ps = _prompts(rng, batch, prompt, vocab)
-                    t = time.perf_counter()
-                    outs = llm.generate(ps, sps, use_tqdm=False)
-                    dt = time.perf_counter() - t
-                    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
-                    if check and keys:
-                        rec = read_capture(keys[0], NEW_TOKENS, delete=False)[0]
-                        if rec.error is not None or rec.array is None or not np.isfinite(rec.array).any():
-                            raise RuntimeError(f"capture {mode} came back empty: {rec.error}")
-                    for k in keys:
-                        discard_capture(k)
+                    dt, ok = timed_turn(llm, rng, batch=batch, prompt=prompt, vocab=vocab, spec=spec,
+                                        max_tokens=NEW_TOKENS, check=check)
+                    if ok is False:
+                        raise RuntimeError(f"capture {mode} came back empty")
                     return dt
 
                 turn(check=True)  # warm-up, and a check that capture wrote something

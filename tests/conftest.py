@@ -19,3 +19,15 @@ def smollm2_path() -> str:
         return default_model_path()
     except BundledModelMissing as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def ns(tmp_path):
+    """A private capture store of this test's own (``vllm_attncap.store.CaptureStore``), made current, removed after."""
+    from vllm_attncap import store as S
+
+    store = S.CaptureStore.create(tmp_path / "base")
+    S.set_current_store(store)
+    yield store
+    S.set_current_store(None)
+    store.remove()

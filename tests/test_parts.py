@@ -20,12 +20,6 @@ L, H, P, T = 5, 8, 12, 4
 SINK, SALIENT = 1, [0, 3, 7]
 
 
-@pytest.fixture
-def ns(tmp_path):
-    store = S.CaptureStore.create(tmp_path / "base")
-    S.set_current_store(store)
-    yield store
-    S.set_current_store(None)
 
 
 def _rows(rng) -> np.ndarray:

@@ -21,13 +21,6 @@ from vllm_attncap import store as S
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def ns(tmp_path):
-    store = S.CaptureStore.create(tmp_path / "base")
-    S.set_current_store(store)
-    yield store
-    S.set_current_store(None)
-    store.remove()
 
 
 def _writer(key, req_id, *, tokens=4, prompt=3, store=None):
