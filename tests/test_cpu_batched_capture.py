@@ -17,6 +17,7 @@ from vllm_attncap.engine.capture import capture_layer
 from vllm_attncap.engine.compute.reference import gather_keys
 from vllm_attncap.engine.plan import RowBatch, StepPlan
 from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
+from store_utils import private_store  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_capture.kernel_enabled(), reason="CPU capture kernel not built")
 
@@ -52,7 +53,7 @@ def _steps(rng, prompts, new_tokens):
 
 
 def _run(use_kernel, tmp_path, monkeypatch, seed=0):
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / ("k" if use_kernel else "t")))
+    private_store(monkeypatch, tmp_path / ("k" if use_kernel else "t"))
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     prompts = [int(rng.integers(4, 60)) for _ in SPECS]

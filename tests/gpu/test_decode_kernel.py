@@ -26,6 +26,7 @@ from vllm_attncap.engine.compute.decode_reference import (
     decode_capture_reference,
 )
 from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
+from store_utils import private_store  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ATOL, RTOL = 2e-5, 2e-3
@@ -175,7 +176,7 @@ def test_decode_cycle_never_syncs_the_host(kernels, tmp_path, monkeypatch):
     from vllm_attncap.engine.result_ring import ResultRing
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path))
+    private_store(monkeypatch, tmp_path)
     dev = torch.device("cuda")
     lay = BufferLayout(max_rows=4, num_layers=2, num_heads=4, num_kv_heads=2, width=256)
     gc = GraphCapture(lay, lambda s, d: torch.zeros(s, dtype=d, device=dev), Uploader(dev, 1 << 16),

@@ -45,6 +45,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from store_utils import private_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -119,7 +120,7 @@ def _sp(extra=None, max_tokens=8):
 def test_mrv2_hook_maps_rows_to_requests(tmp_path, monkeypatch):
     """add_requests stashes capture params, prepare_inputs publishes the step's rows
     only inside execute_model, finish closes captures (preemption does not)."""
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path))
+    private_store(monkeypatch, tmp_path)
     from vllm_attncap.engine import runner_hooks
     from vllm_attncap.engine.tracker import CaptureTracker
 
@@ -303,7 +304,7 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
     from vllm_attncap.engine.plan import build_step_plan
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / path))
+    private_store(monkeypatch, tmp_path / path)
     tracker = CaptureTracker()
     tracker.set_model_shape(ModelShape(num_layers, heads, kv_heads, d, 4096))
     g = torch.Generator().manual_seed(seed)

@@ -33,6 +33,7 @@ from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers, Graph
 from vllm_attncap.engine.graph_dispatch import StepGraphPolicy, force_non_uniform, wrap_dispatch
 from vllm_attncap.engine.result_ring import ResultRing
 from vllm_attncap.spec import CaptureSpec
+from store_utils import private_store  # noqa: E402
 
 # --------------------------------------------------------------------------- reference vs a naive loop
 
@@ -296,7 +297,6 @@ class _CpuUploader:
 def test_decode_cycle_matches_the_eager_torch_path(monkeypatch, tmp_path):
     """Steps of a fake MRv2 batch through GraphCapture (kernel = its reference, ring = fake device) give the same
     request buffers as the eager torch path, with requests joining, leaving and reordering between steps."""
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path))
     from vllm_attncap.engine import runner_hooks
     from vllm_attncap.engine.capture import capture_layer
     from vllm_attncap.engine.compute.reference import gather_paged_keys
@@ -320,6 +320,7 @@ def test_decode_cycle_matches_the_eager_torch_path(monkeypatch, tmp_path):
     impl = SimpleNamespace(scale=D**-0.5, logits_soft_cap=0.0, alibi_slopes=None, sinks=None)
 
     def run(graph_path: bool):
+        private_store(monkeypatch, tmp_path / ("graph" if graph_path else "eager"))  # same request ids, own store
         tracker = CaptureTracker()
         tracker.set_model_shape(ModelShape(L, H, Hkv, D, W))
         params = {rid: SimpleNamespace(extra_args={"attncap": specs[rid]}, max_tokens=8) for rid in reqs}
@@ -436,7 +437,7 @@ def test_dispatch_rewrite_for_mrv2_and_v1_signatures():
 def test_mrv2_hooks_decide_the_step_before_dispatch(monkeypatch, tmp_path):
     """execute_model of a stand-in MRv2 runner sets the decision from the scheduled requests (new ones included)
     before its dispatch runs, and forgets finished requests."""
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path))
+    private_store(monkeypatch, tmp_path)
     from vllm_attncap.engine import graph_dispatch, runner_hooks
     from vllm_attncap.engine.tracker import CaptureTracker
 
