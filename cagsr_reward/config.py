@@ -1,7 +1,8 @@
 """`CAGSRConfig`: every hyper-parameter of the CAGSR / CAGSR-vLLM-MTC reward in one frozen dataclass.
 
 The papers (CAGSR, arXiv:2502.10482, and its multi-turn extension CAGSR-vLLM-MTC) name the hyper-parameters but
-publish almost no values; where a value is missing the default below is ours and says so. `docs/method.md` lists every default with its source.
+publish almost no values; where a value is missing the default below is ours and says so. `docs/method.md` lists
+every default with its source.
 numpy-free on purpose: importing the config must cost nothing.
 """
 
