@@ -94,12 +94,12 @@ def on_output(fn: Callable[[], Callable[[], None]]) -> None:
         _ON_OUTPUT.append(fn)
 
 
-def _run_all(fns) -> None:
+def _run_all(fns, what: str = "output") -> None:
     for f in fns:
         try:
             f()
         except Exception:  # capture must never fail the engine step
-            logger.exception("vllm_attncap: output callback %r failed", f)
+            logger.exception("vllm_attncap: %s callback %r failed", what, f)
 
 
 def _wrap_sample_tokens(orig):
@@ -194,11 +194,7 @@ def mrv2_installed() -> bool:
 
 
 def _run_step_end() -> None:
-    for fn in _STEP_END:
-        try:
-            fn()
-        except Exception:  # capture must never fail the engine step
-            logger.exception("vllm_attncap: step-end callback %r failed", fn)
+    _run_all(_STEP_END, "step-end")
 
 
 def _wrap_execute_model(orig):

@@ -362,14 +362,7 @@ class HostSink:
 
     def flush(self) -> None:
         """Wait for the submitted copies (host side only) and write them into the request buffers."""
-        pending, self.pending = self.pending, []
-        for handle, host, write in pending:
-            handle.wait()
-            self.written += 1
-            try:
-                write(host)
-            finally:
-                self.pool.release(host)
+        self.flush_through(self.written + len(self.pending))
 
 
 class CudaRingOps:
