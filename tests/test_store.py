@@ -241,6 +241,38 @@ def test_children_inherit_the_namespace_strangers_do_not(ns, tmp_path):
     shutil.rmtree(fake)
 
 
+def test_a_non_descendant_joins_with_the_token_only(tmp_path):
+    """Ray starts an engine's workers from its daemons, not as the engine's children, with the driver's VLLM_*
+    variables: the join token lets them in; a wrong token, no token, or a dead owner does not."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_ATTNCAP_STORE=str(tmp_path / "base"))
+    for k in ("VLLM_ATTNCAP_NAMESPACE", "VLLM_ATTNCAP_NAMESPACE_TOKEN"):
+        env.pop(k, None)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import os,sys\nfrom vllm_attncap import store as S\nS.current_store()\n"
+         "print(os.environ['VLLM_ATTNCAP_NAMESPACE'], os.environ['VLLM_ATTNCAP_NAMESPACE_TOKEN'], flush=True)\n"
+         "sys.stdin.read()"],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        path, token = owner.stdout.readline().split()
+        assert len(token) == 32 and token in (Path(path) / "owner.json").read_text()
+        code = "from vllm_attncap import store as S; print(S.store_dir())"
+        sibling = dict(env, VLLM_ATTNCAP_NAMESPACE=path)  # a sibling of the owner, not its descendant
+        assert _py(code, dict(sibling, VLLM_ATTNCAP_NAMESPACE_TOKEN=token)).stdout.strip() == path
+        for bad in ({}, {"VLLM_ATTNCAP_NAMESPACE_TOKEN": "0" * 32}):
+            r = _py(code, dict(sibling, **bad))
+            assert r.returncode == 0 and r.stdout.strip() not in ("", path), (bad, r.stderr)
+        assert Path(path).is_dir()  # the joiner does not remove the owner's namespace when it exits
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=30)
+    assert not Path(path).exists()  # the owner removed it at exit
+    # a dead owner's token opens nothing: recreate the directory as the dead owner left it
+    Path(path).mkdir(mode=0o700)
+    (Path(path) / "owner.json").write_text(json.dumps({"pid": owner.pid, "start": None, "join": token}))
+    r = _py(code, dict(env, VLLM_ATTNCAP_NAMESPACE=path, VLLM_ATTNCAP_NAMESPACE_TOKEN=token))
+    assert r.returncode == 0 and r.stdout.strip() != path, r.stderr
+
+
 def _setpriv_works() -> str | None:
     if os.geteuid() != 0:
         return "needs root to switch to a second uid"

@@ -10,8 +10,12 @@ runs and read, then deleted, by the caller.
 mode 0700; ``$VLLM_ATTNCAP_DIR`` is accepted as an older name for the base). The first process that uses the store
 (the frontend: the offline ``LLM`` process or the API server, where the plugin's ``register()`` runs before the
 engine spawns) creates it, writes an owner file (pid and process start time) and exports its path in
-``$VLLM_ATTNCAP_NAMESPACE``; EngineCore and worker processes inherit the variable and use the same namespace (a
-process ignores an inherited namespace whose owner is not itself or one of its ancestors). Base and namespace
+``$VLLM_ATTNCAP_NAMESPACE``; EngineCore and worker processes inherit the variable and use the same namespace. A
+process ignores an inherited namespace whose owner is not itself or one of its ancestors, unless it also carries
+the namespace's join token (``$VLLM_ATTNCAP_NAMESPACE_TOKEN``, 128 random bits kept in the owner file, exported
+with the path) and the owner is alive: that is how workers that an engine starts through a daemon rather than as
+its children (vLLM's Ray executor, which copies the driver's ``VLLM_*`` variables to its workers on the same
+machine) join the engine's namespace. Base and namespace
 are checked with ``lstat``: a symlink, a directory owned by another uid or a namespace with group/other access is
 refused (:class:`StoreError`); files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600.
 
@@ -53,6 +57,7 @@ import atexit
 import dataclasses
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -118,6 +123,7 @@ TTL_S = float(os.environ.get("VLLM_ATTNCAP_TTL_S", "3600"))
 ENV_BASE = "VLLM_ATTNCAP_STORE"
 ENV_BASE_OLD = "VLLM_ATTNCAP_DIR"
 ENV_NAMESPACE = "VLLM_ATTNCAP_NAMESPACE"
+ENV_JOIN_TOKEN = "VLLM_ATTNCAP_NAMESPACE_TOKEN"
 ENV_TTL = "VLLM_ATTNCAP_TTL_S"
 
 STATUS_OPEN = "open"
@@ -449,7 +455,7 @@ class CaptureStore:
             raise StoreError(errno.EEXIST, f"vllm_attncap: could not create a namespace in {base}")
         _check_dir(ns, what="namespace", tighten=False)
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "created": time.time(),
-                 "format_version": FORMAT_VERSION}
+                 "format_version": FORMAT_VERSION, "join": secrets.token_hex(16)}
         _write_exclusive(ns / _OWNER, json.dumps(owner).encode())
         store = cls(ns, owner=True)
         atexit.register(store.remove)
@@ -462,6 +468,13 @@ class CaptureStore:
         _check_dir(path.parent, what="base", tighten=False)
         _check_dir(path, what="namespace", tighten=False)
         return cls(path, owner=False)
+
+    @property
+    def join_token(self) -> str | None:
+        """The token that lets a process that is not a descendant of the owner join (None if unreadable)."""
+        owner = _read_owner(self.path)
+        token = owner.get("join") if owner else None
+        return token if isinstance(token, str) else None
 
     def remove(self) -> None:
         """Delete the namespace and every capture in it (the owner does this at exit)."""
@@ -723,26 +736,48 @@ _CURRENT: CaptureStore | None = None
 _CURRENT_LOCK = threading.Lock()
 
 
+def _export(store: CaptureStore) -> None:
+    os.environ[ENV_NAMESPACE] = str(store.path)
+    token = store.join_token
+    if token:
+        os.environ[ENV_JOIN_TOKEN] = token
+    else:
+        os.environ.pop(ENV_JOIN_TOKEN, None)
+
+
+def _may_join(owner: dict) -> bool:
+    """Whether this process may use an inherited namespace with this owner file: the owner is this process or an
+    ancestor, or the process carries the namespace's join token and the owner is still alive."""
+    pid = owner.get("pid")
+    if pid in _ancestors():
+        return True
+    token, expected = os.environ.get(ENV_JOIN_TOKEN), owner.get("join")
+    if not (isinstance(token, str) and isinstance(expected, str) and isinstance(pid, int)):
+        return False
+    return hmac.compare_digest(token.encode(), expected.encode()) and _alive(pid, owner.get("start"))
+
+
 def current_store() -> CaptureStore:
     """The calling process's namespace: the inherited ``$VLLM_ATTNCAP_NAMESPACE`` when this process or an ancestor
-    owns it, else a new one (exported in ``$VLLM_ATTNCAP_NAMESPACE`` for the processes it starts)."""
+    owns it (or the process carries its join token, ``$VLLM_ATTNCAP_NAMESPACE_TOKEN``, and the owner is alive), else
+    a new one (exported in both variables for the processes it starts)."""
     global _CURRENT
     with _CURRENT_LOCK:
         if _CURRENT is not None and _CURRENT.path.is_dir():
             env = os.environ.get(ENV_NAMESPACE)
             if env is None or Path(env) == _CURRENT.path:
-                os.environ[ENV_NAMESPACE] = str(_CURRENT.path)
+                _export(_CURRENT)
                 return _CURRENT
         env = os.environ.get(ENV_NAMESPACE)
         if env and _NS_RE.match(Path(env).name) and Path(env).is_dir():
             owner = _read_owner(Path(env))
-            if owner is not None and owner.get("pid") in _ancestors():
+            if owner is not None and _may_join(owner):
                 store = CaptureStore.attach(env)
                 store.owner = owner.get("pid") == os.getpid()
                 _CURRENT = store
                 return store
         _CURRENT = CaptureStore.create()
-        os.environ[ENV_NAMESPACE] = str(_CURRENT.path)
+        _export(_CURRENT)
         return _CURRENT
 
 
@@ -754,8 +789,9 @@ def set_current_store(store: CaptureStore | None) -> None:
         _CURRENT = store
         if store is None:
             os.environ.pop(ENV_NAMESPACE, None)
+            os.environ.pop(ENV_JOIN_TOKEN, None)
         else:
-            os.environ[ENV_NAMESPACE] = str(store.path)
+            _export(store)
 
 
 def store_dir() -> Path:
