@@ -345,6 +345,22 @@ const T* ptr(uintptr_t v) {
   return reinterpret_cast<const T*>(v);
 }
 
+// Shadow-key write of one layer's step: keys[t] (row_bytes each, rows key_stride bytes apart) -> shadow[slot[t]]
+// for every token with a valid slot (0 <= slot < num_slots; padded tokens carry slot -1). The stock
+// do_kv_cache_update writes the packed cache; this keeps the unpacked copy the capture kernel reads. Done in
+// one call per layer because as torch ops (cast, mask, index_put) it cost ~10-20 us per layer per step.
+int64_t write_shadow(char* shadow, int64_t num_slots, const char* keys, int64_t key_stride, int64_t row_bytes,
+                     const void* slots, int slots_int32, int64_t n) {
+  int64_t written = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t s = slots_int32 ? static_cast<const int32_t*>(slots)[t] : static_cast<const int64_t*>(slots)[t];
+    if (s < 0 || s >= num_slots) continue;
+    std::memcpy(shadow + s * row_bytes, keys + t * key_stride, static_cast<size_t>(row_bytes));
+    ++written;
+  }
+  return written;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu_kernels, m) {
@@ -364,6 +380,14 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         capture_layer_cpu(p);
       },
       "Capture one layer for every captured row of a step (pointers as integers; see cpu_kernels.py).");
+  m.def(
+      "write_shadow",
+      [](uintptr_t shadow, int64_t num_slots, uintptr_t keys, int64_t key_stride, int64_t row_bytes, uintptr_t slots,
+         int slots_int32, int64_t n) {
+        return write_shadow(reinterpret_cast<char*>(shadow), num_slots, reinterpret_cast<const char*>(keys),
+                            key_stride, row_bytes, reinterpret_cast<const void*>(slots), slots_int32, n);
+      },
+      "Copy each token's key row to its slot of the shadow key store (slots < 0 skipped); returns rows written.");
   m.def("num_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

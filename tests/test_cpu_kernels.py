@@ -152,3 +152,34 @@ def test_bad_inputs_name_the_problem():
         cpu_kernels.build_tables([cpu_kernels.KernelRequest(
             batch_row=0, q_rows=[0], q_pos=[3], rows=[0], ctx_len=4, heads=[0], mode="rows", reduce="none",
             out=np.zeros((1, 1, 2, 8), np.float64), layer_slot={0: 0})], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_write_shadow_matches_torch(dtype, slot_dtype, seed):
+    """The compiled shadow-key write against the torch reference: keys as a strided view into a fused QKV tensor,
+    padded tokens (slot -1), more slots than tokens and the reverse."""
+    g = torch.Generator().manual_seed(seed)
+    num_slots, hkv, d, h = 97, 2, 24, 6
+    for num_tokens, num_mapped in ((13, 13), (9, 7), (5, 8)):
+        qkv = torch.randn(num_tokens, (h + 2 * hkv) * d, generator=g).to(dtype)
+        key = qkv[:, h * d:(h + hkv) * d].view(num_tokens, hkv, d)  # row stride (h + 2 hkv) d, as vLLM passes it
+        assert not key.is_contiguous()
+        slots = torch.randperm(num_slots, generator=g)[:num_mapped].to(slot_dtype)
+        slots[torch.rand(num_mapped, generator=g) < 0.3] = -1
+        start = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
+        got, want = start.clone(), start.clone()
+        cpu_kernels.write_shadow(got, key, slots)
+        cpu_kernels.write_shadow_reference(want, key, slots)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, start) or bool((slots[: min(num_tokens, num_mapped)] < 0).all())
+
+
+def test_write_shadow_falls_back_for_layouts_it_does_not_take():
+    shadow = torch.zeros(10, 2, 4)
+    key = torch.randn(4, 2, 4).transpose(1, 2).contiguous().transpose(1, 2)  # rows not contiguous
+    want = shadow.clone()
+    cpu_kernels.write_shadow_reference(want, key, torch.tensor([3, -1, 0, 9]))
+    cpu_kernels.write_shadow(shadow, key, torch.tensor([3, -1, 0, 9]))
+    assert torch.equal(shadow, want)

@@ -35,6 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .. import runner_hooks
+from ..compute import cpu_kernels
 from ..cpu_capture import capture_layer_cpu
 from ..plan import StepPlan, build_step_plan
 from ..tracker import get_tracker
@@ -109,14 +110,7 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if kv_cache.numel() == 0:
             return
-        shadow = self._shadow(kv_cache, key)
-        n = min(key.shape[0], slot_mapping.shape[0])
-        slots = slot_mapping[:n].to(torch.long)
-        valid = slots >= 0
-        if bool(valid.all()):
-            shadow[slots] = key[:n]
-        else:
-            shadow[slots[valid]] = key[:n][valid]
+        cpu_kernels.write_shadow(self._shadow(kv_cache, key), key, slot_mapping)
 
     def forward(
         self,

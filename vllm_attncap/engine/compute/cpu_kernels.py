@@ -24,7 +24,8 @@ try:  # built by setup.py beside the CUDA extension; absent in a source tree tha
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
-__all__ = ["KINDS", "KernelRequest", "CaptureTables", "available", "build_tables", "capture_layer", "kind_of"]
+__all__ = ["KINDS", "KernelRequest", "CaptureTables", "available", "build_tables", "capture_layer", "kind_of",
+           "write_shadow", "write_shadow_reference"]
 
 #: (mode, reduce) -> the kernel's request kind.
 KINDS = {
@@ -239,3 +240,37 @@ def capture_layer(
         int(sliding_window if sliding_window is not None else -1), alibi_ptr, sinks_ptr,
     )
     del qf, alibi, sk
+
+
+def write_shadow_reference(shadow: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Plain-torch shadow-key write: ``shadow[slot] = key[t]`` for every token whose slot is valid (>= 0)."""
+    n = min(key.shape[0], slot_mapping.shape[0])
+    slots = slot_mapping[:n].to(torch.long)
+    valid = slots >= 0
+    if bool(valid.all()):
+        shadow[slots] = key[:n].to(shadow.dtype)
+    else:
+        shadow[slots[valid]] = key[:n][valid].to(shadow.dtype)
+
+
+def write_shadow(shadow: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """:func:`write_shadow_reference` in one compiled call (kernels/cpu_capture.cpp ``write_shadow``).
+
+    ``shadow`` is ``(num_slots, H_kv, D)`` contiguous; ``key`` is ``(num_tokens, H_kv, D)`` of the same dtype whose
+    rows may be strided (a view into the fused QKV projection) but each row contiguous; ``slot_mapping`` int32/int64.
+    Falls back to the torch reference for anything else, or when the kernel is not built.
+    """
+    n = min(key.shape[0], slot_mapping.shape[0])
+    if n == 0:
+        return
+    sm = slot_mapping
+    row = shadow.shape[1] * shadow.shape[2]
+    if (_ext is None or shadow.device.type != "cpu" or key.device.type != "cpu" or sm.device.type != "cpu"
+            or key.dtype != shadow.dtype or not shadow.is_contiguous() or key.dim() != 3
+            or tuple(key.shape[1:]) != tuple(shadow.shape[1:]) or key.stride(2) != 1 or key.stride(1) != key.shape[2]
+            or sm.dtype not in (torch.int32, torch.int64) or sm.dim() != 1 or sm.stride(0) != 1):
+        write_shadow_reference(shadow, key, slot_mapping)
+        return
+    item = key.element_size()
+    _ext.write_shadow(shadow.data_ptr(), shadow.shape[0], key.data_ptr(), key.stride(0) * item, row * item,
+                      sm.data_ptr(), int(sm.dtype == torch.int32), n)
