@@ -78,6 +78,14 @@ class CaptureTracker:
         self.refused: set[str] = set()
         #: rows captured again after preemption/recompute (diagnostics, tests)
         self.recomputed_rows = 0
+        #: layers whose keys the backend keeps (None: all); a spec asking for another layer is refused
+        self.capturable_layers: frozenset[int] | None = None
+        #: how the capturable layers were set, for the refusal message
+        self.capturable_setting: str = ""
+
+    def set_capturable_layers(self, layers: frozenset[int] | None, setting: str = "") -> None:
+        self.capturable_layers = layers
+        self.capturable_setting = setting
 
     def set_model_shape(self, shape: ModelShape) -> None:
         self.shape = shape
@@ -117,6 +125,13 @@ class CaptureTracker:
                 prompt_len=prompt_len,
                 max_tokens=max(1, t_max),
             )
+            if self.capturable_layers is not None and not set(resolved.layers) <= self.capturable_layers:
+                missing = sorted(set(resolved.layers) - self.capturable_layers)
+                raise ValueError(
+                    f"attncap: field 'layers': layer(s) {missing} cannot be captured by this engine: "
+                    f"{self.capturable_setting} keeps the keys of layers {sorted(self.capturable_layers)} only "
+                    f"(allowed values: a subset of those)"
+                )
             meta = CaptureMeta(
                 key,
                 req_id,

@@ -18,12 +18,15 @@ back naively gives wrong keys. ``do_kv_cache_update`` therefore also
 writes each token's key, unpacked, into a slot-indexed shadow tensor. Indexing
 by KV-cache slot keeps prefix-cache hits and recomputed blocks correct. It
 costs one extra key copy per token and memory equal to the key half of the KV
-cache, only when this backend is selected.
+cache, only when this backend is selected. ``$VLLM_ATTNCAP_CPU_SHADOW_LAYERS``
+(:func:`shadow_layers`) caps both to the layers listed there; requests for other
+layers are refused, each with an error naming the field.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +46,35 @@ from .common import extend_metadata, layer_index_of, model_shape_from_config
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadata", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl"]
+__all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadata", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl",
+           "SHADOW_LAYERS_ENV", "shadow_layers"]
+
+#: Layers whose keys the CPU backend keeps for capture: ``all`` (default) or comma-separated indices (negative
+#: counts from the end), e.g. ``-1`` for the last layer only.
+SHADOW_LAYERS_ENV = "VLLM_ATTNCAP_CPU_SHADOW_LAYERS"
+
+
+def shadow_layers(num_layers: int, value: str | None = None) -> frozenset[int] | None:
+    """The layers ``$VLLM_ATTNCAP_CPU_SHADOW_LAYERS`` (or ``value``) keeps shadow keys for; None means all.
+
+    Raises:
+        ValueError: naming the setting and the allowed values, for anything but ``all`` or in-range indices.
+    """
+    raw = os.environ.get(SHADOW_LAYERS_ENV, "all") if value is None else value
+    text = raw.strip().lower()
+    if text in ("", "all"):
+        return None
+    out = set()
+    for part in text.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            i = None
+        if i is None or not -num_layers <= i < num_layers:
+            raise ValueError(f"{SHADOW_LAYERS_ENV}={raw!r}: allowed values are 'all' or comma-separated layer "
+                             f"indices in [-{num_layers}, {num_layers - 1}]")
+        out.add(i % num_layers)
+    return frozenset(out)
 
 
 class AttnCapCPUBackend(CPUAttentionBackend):
@@ -80,7 +111,10 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         tracker = get_tracker()
         tracker.reset()  # a new engine in this process: earlier engines' captures are dead
-        tracker.set_model_shape(model_shape_from_config(vllm_config))
+        shape = model_shape_from_config(vllm_config)
+        tracker.set_model_shape(shape)
+        raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
+        tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
         runner_hooks.install()
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapCPUMetadata:
@@ -96,6 +130,7 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         self._key_slots: torch.Tensor | None = None
         self._layer_index: int | None = None
+        self._keeps_keys: bool | None = None  # whether this layer keeps shadow keys (decided at its first write)
 
     def _shadow(self, kv_cache: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
@@ -110,7 +145,13 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if kv_cache.numel() == 0:
             return
-        cpu_kernels.write_shadow(self._shadow(kv_cache, key), key, slot_mapping)
+        if self._keeps_keys is None:
+            if self._layer_index is None:
+                self._layer_index = layer_index_of(layer)
+            kept = get_tracker().capturable_layers
+            self._keeps_keys = kept is None or self._layer_index in kept
+        if self._keeps_keys:
+            cpu_kernels.write_shadow(self._shadow(kv_cache, key), key, slot_mapping)
 
     def forward(
         self,
