@@ -111,6 +111,55 @@ void group_logits(const Params& p, const int32_t* bt, int64_t kvh, const float* 
   (void)pos;
 }
 
+// exp(x) for the x <= 0 of a softmax (x - max), vectorisable (no libm call): Cephes' expf range reduction and
+// degree-6 polynomial, ~2 ulp; x is clamped at -87 (exp(-87) ~ 1.6e-38, as good as 0 beside the max's 1).
+inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln 2), magic-number trick
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return q * scale;
+}
+
+// The softmax of the common case (no soft-cap, ALiBi or sliding window), vectorised: scale the logits of
+// [c0, c1) in place and return their max.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float scale_max(float* lg, int64_t c0, int64_t c1, float scale) {
+  float mx = NEG_INF;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = c0; j < c1; ++j) {
+    const float x = lg[j] * scale;
+    lg[j] = x;
+    mx = x > mx ? x : mx;
+  }
+  return mx;
+}
+
+// lg[j] <- exp(lg[j] - mx) over [c0, c1); returns the sum and (zl) the sum of exp(x) * x.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float exp_sum(float* lg, int64_t c0, int64_t c1, float mx, float* zl_out) {
+  float z = 0.f, zl = 0.f;
+#pragma omp simd reduction(+ : z, zl)
+  for (int64_t j = c0; j < c1; ++j) {
+    const float x = lg[j] - mx;
+    const float e = fast_exp(x);
+    lg[j] = e;
+    z += e;
+    zl += e * x;
+  }
+  if (zl_out) *zl_out = zl;
+  return z;
+}
+
 inline float finish_logit(const Params& p, float s, int64_t head, int64_t j, int64_t pos) {
   float x = s * p.scale;
   if (p.softcap > 0.f) x = p.softcap * std::tanh(x / p.softcap);
@@ -163,6 +212,7 @@ void capture_layer_cpu(const Params& p) {
   std::vector<uint8_t> touched(any_mean ? static_cast<size_t>(R * Hkv) : 0, 0);
 
   const int64_t ntask = R * Hkv;
+  const bool plain = !(p.softcap > 0.f) && p.alibi == nullptr && p.window <= 0;
 #pragma omp parallel
   {
     std::vector<float> logits;
@@ -215,6 +265,48 @@ void capture_layer_cpu(const Params& p) {
       for (int g = 0; g < ng; ++g) {
         float* lg = logits.data() + g * C;
         const int64_t h = hsel[g];
+        if (plain) {  // c1 <= pos + 1: nothing in [c0, c1) is masked
+          const float mx = c1 > c0 ? scale_max(lg, c0, c1, p.scale) : NEG_INF;
+          if (kind == STATS_NONE) {
+            float cov, ent;
+            if (mx == NEG_INF) {
+              cov = ent = std::nanf("");
+            } else {
+              float zl = 0.f;
+              const float z = exp_sum(lg, c0, c1, mx, &zl);
+              float c = 0.f;
+              const int64_t* sal = p.salient + rq[R_SAL_OFF];
+              for (int64_t s = 0; s < rq[R_SAL_CNT]; ++s) {
+                const int64_t j = sal[s];
+                if (j >= c0 && j < c1) c += lg[j];
+              }
+              ent = std::log(z) - zl / z;
+              cov = c / z;
+            }
+            float* o = out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out;
+            o[0] = cov;
+            o[rq[R_S_STAT]] = ent;
+            continue;
+          }
+          float m = mx;
+          float sink_logit = NEG_INF;
+          if (p.sinks) {
+            sink_logit = p.sinks[h];
+            m = std::max(m, sink_logit);
+          }
+          float z = c1 > c0 ? exp_sum(lg, c0, c1, m, nullptr) : 0.f;
+          if (p.sinks) z += std::exp(sink_logit - m);
+          const float inv = 1.f / z;
+          if (kind == ROWS_NONE) {
+            float* o = out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW];
+            for (int64_t j = 0; j < c1; ++j) o[j] = lg[j] * inv;
+            for (int64_t j = c1; j < C; ++j) o[j] = 0.f;
+          } else {
+            const float w = inv * inv_heads;
+            for (int64_t j = 0; j < c1; ++j) part[j] += lg[j] * w;
+          }
+          continue;
+        }
         float mx = NEG_INF;
         for (int64_t j = c0; j < c1; ++j) {
           if (masked(p, j, pos)) {

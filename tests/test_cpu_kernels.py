@@ -129,6 +129,16 @@ def test_sinks_softcap_alibi_window(seed):
     _case(seed, torch.bfloat16, 8, 2, 64, opts, MODES)
 
 
+@pytest.mark.parametrize("seed", [8, 9])
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_sharp_softmax_and_sinks_on_the_vectorised_path(seed, scale):
+    """The common case (no soft-cap, ALiBi or window) takes the vectorised softmax (its own exp): sharp rows whose
+    logits span hundreds of nats, with and without sinks, against the torch reference."""
+    g = torch.Generator().manual_seed(seed)
+    _case(seed, torch.float32, 6, 2, 64, dict(scale=scale), MODES)
+    _case(seed + 100, torch.bfloat16, 6, 3, 64, dict(scale=scale, sinks=4 * torch.randn(6, generator=g)), MODES)
+
+
 def test_stats_match_when_kernel_reads_only_history():
     """Stats of each head read only the history block: change keys after it, the stats stay."""
     krs = _case(7, torch.float32, 6, 2, 64, dict(scale=0.125), [("stats", "none")] * 3)
