@@ -12,8 +12,9 @@ Units, in priority order (the order the grid runs them):
 2. ``dialogue_untrained``, ``dialogue_full``, ``dialogue_single``, ``dialogue_ngram`` -- GRPO arms on dialogue
    (same training prompts, seed, steps and held-out replies): the untrained policy, the full multi-turn reward,
    single-turn CAGSR, the n-gram-overlap-with-gold heuristic baseline;
-   ``is_ratio_top_p095`` -- the full arm's first steps with ``top_p=0.95`` (the old default) to measure TRL's
-   importance-sampling ratio against the ``top_p=1.0`` runs;
+   ``is_ratio_{bf16,fp32}_top_p{095,1}`` -- the full arm's first steps in the 2 x 2 of {``top_p=0.95`` (the old
+   example default), ``top_p=1.0``} x {bf16 autocast (TRL's default ``bf16=True``), float32 training (the grid's
+   setting)}, to measure TRL's vLLM importance-sampling ratio;
    ``dialogue_no_history_coverage``, ``dialogue_no_entropy_floor`` -- the ablations (the uniform-turn-weights
    ablation changes nothing in dialogue GRPO, where every completion is one turn of weight 1, so it runs on CoT).
 3. ``cot_untrained``, ``cot_block``, ``cot_completion``, ``cot_uniform_weights`` -- CHAMP chain of thought: block
@@ -57,7 +58,7 @@ SIZES: dict[str, dict[str, Any]] = {
         heldout_chitchat=24, heldout_tech=8, turns_per_episode=2, eval_max_new_tokens=32,
         validity_dialogue_tokens=48, validity_problems=64, validity_cot_tokens=96,
         steps=10, batch_size=8, num_generations=4, max_new_tokens=24, learning_rate=2e-5, temperature=0.8,
-        max_prompt_tokens=256, is_steps=4, train_bf16_autocast=True,
+        max_prompt_tokens=256, is_steps=4, train_bf16_autocast=False,
         cot_problems=64, cot_steps=8, cot_max_new_tokens=40, cot_eval_max_new_tokens=64,
         ppo_steps=2, ppo_batch=1, ppo_minibatch=4,
     ),
@@ -65,7 +66,7 @@ SIZES: dict[str, dict[str, Any]] = {
         heldout_chitchat=2, heldout_tech=2, turns_per_episode=1, eval_max_new_tokens=8,
         validity_dialogue_tokens=12, validity_problems=4, validity_cot_tokens=16,
         steps=1, batch_size=4, num_generations=2, max_new_tokens=8, learning_rate=2e-5, temperature=0.8,
-        max_prompt_tokens=256, is_steps=1, train_bf16_autocast=True,
+        max_prompt_tokens=256, is_steps=1, train_bf16_autocast=False,
         cot_problems=2, cot_steps=1, cot_max_new_tokens=8, cot_eval_max_new_tokens=8,
         ppo_steps=1, ppo_batch=1, ppo_minibatch=4,
     ),
@@ -74,8 +75,8 @@ SIZES: dict[str, dict[str, Any]] = {
 #: unit -> rough wall seconds at full size on 2 cores (what the budget check uses before a unit has run).
 ESTIMATE_S = {
     "validity_dialogue": 150, "validity_cot": 240, "dialogue_untrained": 90, "dialogue_full": 300,
-    "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_top_p095": 150, "is_ratio_fp32_top_p1": 150,
-    "is_ratio_fp32_top_p095": 150, "dialogue_no_history_coverage": 300,
+    "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_bf16_top_p095": 120, "is_ratio_bf16_top_p1": 120,
+    "is_ratio_fp32_top_p1": 160, "is_ratio_fp32_top_p095": 130, "dialogue_no_history_coverage": 300,
     "dialogue_no_entropy_floor": 300, "cot_untrained": 120, "cot_block": 300, "cot_completion": 300,
     "cot_uniform_weights": 300, "ppo_full": 300,
 }
@@ -85,9 +86,12 @@ DIALOGUE_ARMS: dict[str, dict[str, Any]] = {
     "dialogue_full": {"reward": "cagsr", "config": {}},
     "dialogue_single": {"reward": "cagsr", "config": {"mode": "single", "history_coverage": False, "entropy_floor": False}},
     "dialogue_ngram": {"reward": "ngram", "config": {}},
-    "is_ratio_top_p095": {"reward": "cagsr", "config": {}, "top_p": 0.95, "steps_key": "is_steps", "evaluate": False},
-    # the same first steps with float32 training (TRL's GRPOConfig defaults to bf16=True, i.e. bf16 autocast even for
-    # a float32 model on CPU): the 2 x 2 of {nucleus 0.95, full distribution} x {bf16 autocast, float32}
+    # the full arm's first steps in the 2 x 2 of {nucleus 0.95, full distribution} x {bf16 autocast (TRL's
+    # GRPOConfig default bf16=True, which autocasts even a float32 model on CPU), float32 training}
+    "is_ratio_bf16_top_p095": {"reward": "cagsr", "config": {}, "top_p": 0.95, "steps_key": "is_steps",
+                               "evaluate": False, "bf16": True},
+    "is_ratio_bf16_top_p1": {"reward": "cagsr", "config": {}, "top_p": 1.0, "steps_key": "is_steps",
+                             "evaluate": False, "bf16": True},
     "is_ratio_fp32_top_p1": {"reward": "cagsr", "config": {}, "top_p": 1.0, "steps_key": "is_steps", "evaluate": False,
                              "bf16": False},
     "is_ratio_fp32_top_p095": {"reward": "cagsr", "config": {}, "top_p": 0.95, "steps_key": "is_steps",
@@ -102,7 +106,8 @@ COT_ARMS: dict[str, dict[str, Any]] = {
 }
 UNITS: tuple[str, ...] = (
     "validity_dialogue", "validity_cot", "dialogue_untrained", "dialogue_full", "dialogue_single", "dialogue_ngram",
-    "is_ratio_top_p095", "is_ratio_fp32_top_p1", "is_ratio_fp32_top_p095", "dialogue_no_history_coverage", "dialogue_no_entropy_floor",
+    "is_ratio_bf16_top_p095", "is_ratio_bf16_top_p1", "is_ratio_fp32_top_p095", "is_ratio_fp32_top_p1",
+    "dialogue_no_history_coverage", "dialogue_no_entropy_floor",
     "cot_untrained", "cot_block", "cot_completion", "cot_uniform_weights", "ppo_full",
 )
 SOURCES = ("chitchat", "tech_support")
@@ -238,8 +243,9 @@ def _grpo_config(ctx: Context, run_dir: Path, *, steps: int, max_new_tokens: int
         report_to=[],
         save_strategy="no",
         seed=ctx.seed,
-        # TRL's GRPOConfig default is bf16=True (bf16 autocast, also for a float32 model on CPU); the grid as run kept
-        # it (SIZES["train_bf16_autocast"]), the is_ratio_fp32_* units measure float32 training
+        # TRL's GRPOConfig default is bf16=True (bf16 autocast, also for a float32 model on CPU), which moves the
+        # trainer's log-probs off the engine's and the IS ratio below 1: the grid trains in float32
+        # (SIZES["train_bf16_autocast"]); the is_ratio_bf16_* units measure TRL's default
         bf16=bool(s["train_bf16_autocast"]),
     )
     kwargs.update(overrides)
@@ -447,7 +453,7 @@ def _cot_arm(ctx: Context, name: str) -> dict[str, Any]:
                           sampling_params=sp)
     result["summary_ci"] = _cot_summary(result, ctx.seed)
     return {"train_config": config.to_dict(), "block_advantages": arm["block_advantages"], "steps": steps,
-            "train_seconds": train_s, "seconds_per_step": train_s / max(1, steps),
+            "top_p": 1.0, "bf16_autocast": bool(args.bf16), "train_seconds": train_s, "seconds_per_step": train_s / max(1, steps),
             "history": _train_history(trainer.state.log_history, [reward.__name__]), "eval": result}
 
 
@@ -679,14 +685,15 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
         report["dialogue"] = {n: r["eval"]["summary"] for n, r in arms.items()}
 
     is_rows = []
-    for n in ("is_ratio_top_p095", "is_ratio_fp32_top_p095", "is_ratio_fp32_top_p1", "dialogue_full", "dialogue_single", "dialogue_ngram", "dialogue_no_history_coverage",
+    for n in ("is_ratio_bf16_top_p095", "is_ratio_bf16_top_p1", "is_ratio_fp32_top_p095", "is_ratio_fp32_top_p1",
+              "dialogue_full", "dialogue_single", "dialogue_ngram", "dialogue_no_history_coverage",
               "dialogue_no_entropy_floor", "cot_block", "cot_completion", "cot_uniform_weights"):
         r = _load(out, n)
         if r is None or not r.get("history"):
             continue
         ratios = [h["is_ratio_mean"] for h in r["history"] if h.get("is_ratio_mean") is not None]
         diffs = [h["logp_diff_mean"] for h in r["history"] if h.get("logp_diff_mean") is not None]
-        bf16 = r.get("bf16_autocast", True)  # units that predate the field ran with TRL's default bf16=True
+        bf16 = r.get("bf16_autocast")  # None: a unit that did not record it
         is_rows.append((n, r.get("top_p", 1.0), bf16, len(ratios), ratios, diffs, r.get("seconds_per_step")))
     if is_rows:
         lines += ["## TRL's vLLM importance-sampling ratio (sequence level, per training step)", "",
@@ -694,7 +701,7 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
                   "mean abs log-prob diff per token | s/step |",
                   "|---|---|---|---|---|---|---|"]
         for n, tp, bf16, k, ratios, diffs, sps in is_rows:
-            prec = "bf16 autocast" if bf16 else "float32"
+            prec = "not recorded" if bf16 is None else ("bf16 autocast" if bf16 else "float32")
             lines.append(f"| {n} | {tp} | {prec} | {k} | {_fmt(np.mean(ratios) if ratios else None)} "
                          f"({', '.join(_fmt(x, 2) for x in ratios)}) | {_fmt(np.mean(diffs) if diffs else None, 4)} | "
                          f"{_fmt(sps, 1)} |")
@@ -754,7 +761,7 @@ def _plots(out: Path) -> None:
         return
     curves = {}
     for n in ("dialogue_full", "dialogue_single", "dialogue_ngram", "dialogue_no_history_coverage",
-              "dialogue_no_entropy_floor", "is_ratio_top_p095"):
+              "dialogue_no_entropy_floor", "is_ratio_bf16_top_p095"):
         r = _load(out, n)
         if r and r.get("history"):
             ys = [h.get("cagsr_full/reward") for h in r["history"]]
