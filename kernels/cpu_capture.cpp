@@ -160,6 +160,19 @@ float exp_sum(float* lg, int64_t c0, int64_t c1, float mx, float* zl_out) {
   return z;
 }
 
+// One head's exponentiated row lg[0, c1) (sum 1/inv): its probabilities into the output row (zeros up to C), or,
+// for the mean kinds, added with weight inv / heads into the row's KV-head partial.
+inline void emit_row(const float* lg, float inv, int64_t c1, int64_t C, bool per_head, float* o, float* part,
+                     float inv_heads) {
+  if (per_head) {
+    for (int64_t j = 0; j < c1; ++j) o[j] = lg[j] * inv;
+    for (int64_t j = c1; j < C; ++j) o[j] = 0.f;
+  } else {
+    const float w = inv * inv_heads;
+    for (int64_t j = 0; j < c1; ++j) part[j] += lg[j] * w;
+  }
+}
+
 inline float finish_logit(const Params& p, float s, int64_t head, int64_t j, int64_t pos) {
   float x = s * p.scale;
   if (p.softcap > 0.f) x = p.softcap * std::tanh(x / p.softcap);
@@ -296,15 +309,8 @@ void capture_layer_cpu(const Params& p) {
           }
           float z = c1 > c0 ? exp_sum(lg, c0, c1, m, nullptr) : 0.f;
           if (p.sinks) z += std::exp(sink_logit - m);
-          const float inv = 1.f / z;
-          if (kind == ROWS_NONE) {
-            float* o = out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW];
-            for (int64_t j = 0; j < c1; ++j) o[j] = lg[j] * inv;
-            for (int64_t j = c1; j < C; ++j) o[j] = 0.f;
-          } else {
-            const float w = inv * inv_heads;
-            for (int64_t j = 0; j < c1; ++j) part[j] += lg[j] * w;
-          }
+          emit_row(lg, 1.f / z, c1, C, kind == ROWS_NONE, out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] +
+                   r_out * rq[R_S_ROW], part, inv_heads);
           continue;
         }
         float mx = NEG_INF;
@@ -359,15 +365,8 @@ void capture_layer_cpu(const Params& p) {
           z += e;
         }
         if (p.sinks) z += std::exp(sink_logit - mx);
-        const float inv = static_cast<float>(1.0 / z);
-        if (kind == ROWS_NONE) {
-          float* o = out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW];
-          for (int64_t j = 0; j < c1; ++j) o[j] = lg[j] * inv;
-          for (int64_t j = c1; j < C; ++j) o[j] = 0.f;
-        } else {
-          const float w = inv * inv_heads;
-          for (int64_t j = 0; j < c1; ++j) part[j] += lg[j] * w;
-        }
+        emit_row(lg, static_cast<float>(1.0 / z), c1, C, kind == ROWS_NONE,
+                 out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW], part, inv_heads);
       }
     }
   }

@@ -227,6 +227,16 @@ def _stop_server(proc, log) -> None:
         log.close()
 
 
+def _stop_gracefully(srv) -> None:
+    """SIGTERM, as a user stops a server (its namespace is removed at exit), then the hard cleanup."""
+    proc = srv["proc"]
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        _stop_server(proc, srv["log_file"])
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -663,12 +673,7 @@ def test_tensor_parallel_server_matches_tp1(server):
         assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
     finally:
         _stop_server(tp1["proc"], tp1["log_file"])
-        proc = tp2["proc"]
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            _stop_server(proc, tp2["log_file"])
+        _stop_gracefully(tp2)
     assert [p.name for p in base.iterdir()] == []  # the TP=2 server's namespace went with it
 
 
@@ -722,11 +727,6 @@ def test_restart_after_kill_9_serves_no_stale_capture(server):
         assert _fetch(fresh, "survivor").status_code == 200
         assert _complete(fresh, {"attncap_key": "unfetched", "attncap_layers": [-1]}).status_code == 200
     finally:
-        proc2 = fresh["proc"]
-        os.killpg(proc2.pid, signal.SIGTERM)
-        try:
-            proc2.wait(timeout=60)
-        finally:
-            _stop_server(proc2, fresh["log_file"])
+        _stop_gracefully(fresh)
     left = [p.name for p in Path(server["store"]).iterdir()]
     assert left == [], left
