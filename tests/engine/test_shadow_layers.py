@@ -30,34 +30,58 @@ def _impls(llm):
     return [layer.impl for layer in ctx.values()]
 
 
-def test_capped_store_captures_the_kept_layer_and_refuses_others(make_llm, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the setting is read in this process's worker
+def _engine(tiny_llama):
+    from vllm import LLM
+
+    return LLM(model=str(tiny_llama), attention_backend="attncap", enforce_eager=True, dtype="float32",
+               max_model_len=512, seed=0)
+
+
+def test_capped_store_captures_the_kept_layer_and_refuses_others(tiny_llama, monkeypatch):
     from vllm import SamplingParams
 
+    from engine_utils import free_engine
     from vllm_attncap import generate_with_attentions
 
     sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     specs = [{"layers": [-1]}, {"layers": [-1], "mode": "stats"}, {"layers": [0, -1], "reduce": "head_mean"}]
+    # one engine at a time, each freed before the next starts: an engine still referenced when the next one
+    # starts is collected later and tears vLLM's distributed groups down under the live engine
     monkeypatch.delenv("VLLM_ATTNCAP_CPU_SHADOW_LAYERS", raising=False)
-    full = generate_with_attentions(make_llm(), PROMPTS[:3], sp, spec=specs, use_tqdm=False)
+    box = [_engine(tiny_llama)]  # the only reference, so that free_engine really frees it
+    try:
+        full = generate_with_attentions(box[0], PROMPTS[:3], sp, spec=specs, use_tqdm=False)
+        tokens = [full[i].token_ids for i in range(3)]
+        rows, stats = np.array(full[0].attention), {k: np.array(v) for k, v in full[1].stats.items()}
+        del full
+    finally:
+        free_engine(box.pop())
 
-    monkeypatch.setenv("VLLM_ATTNCAP_CPU_SHADOW_LAYERS", "-1")
-    llm = make_llm()
-    capped = generate_with_attentions(llm, PROMPTS[:3], sp, spec=specs, use_tqdm=False)
-    assert capped[0].token_ids == full[0].token_ids and capped[1].token_ids == full[1].token_ids
-    np.testing.assert_array_equal(capped[0].attention, full[0].attention)
-    for k in ("coverage", "entropy"):
-        np.testing.assert_array_equal(capped[1].stats[k], full[1].stats[k])
-    assert capped[2].token_ids == full[2].token_ids  # layer 0 keeps no keys: the capture is refused, the text runs
-    with pytest.raises(ValueError, match="'layers'") as e:
-        capped[2].attention
-    assert "[0]" in str(e.value) and "VLLM_ATTNCAP_CPU_SHADOW_LAYERS=-1" in str(e.value)
+    monkeypatch.setenv("VLLM_ATTNCAP_CPU_SHADOW_LAYERS", "-1")  # read by the builder in this process's worker
+    box = [_engine(tiny_llama)]
+    try:
+        llm = box[0]
+        capped = generate_with_attentions(llm, PROMPTS[:3], sp, spec=specs, use_tqdm=False)
+        assert [capped[i].token_ids for i in range(3)] == tokens  # the refused capture's text still runs
+        np.testing.assert_array_equal(capped[0].attention, rows)
+        for k in ("coverage", "entropy"):
+            np.testing.assert_array_equal(capped[1].stats[k], stats[k])
+        message = ""
+        try:
+            capped[2].attention  # layer 0 keeps no keys: this capture is refused, alone
+        except ValueError as exc:
+            message = str(exc)
+        assert "'layers'" in message and "[0]" in message and "VLLM_ATTNCAP_CPU_SHADOW_LAYERS=-1" in message, message
 
-    impls = _impls(llm)
-    assert len(impls) == 3  # in-process worker, 3 layers: only the last allocated shadow keys
-    kept = [o for o in impls if o._keeps_keys]
-    assert len(kept) == 1 and kept[0]._key_slots is not None
-    assert all(o._key_slots is None for o in impls if o._keeps_keys is False)
-    # the engine still serves and captures the kept layer
-    again = generate_with_attentions(llm, PROMPTS[:1], sp, spec={"layers": [-1]}, use_tqdm=False)
-    np.testing.assert_array_equal(np.asarray(again[0].attention), np.asarray(full[0].attention))
+        impls = _impls(llm)
+        assert len(impls) == 3  # in-process worker, 3 layers: only the last allocated shadow keys
+        kept = [o for o in impls if o._keeps_keys]
+        assert len(kept) == 1 and kept[0]._key_slots is not None
+        assert all(o._key_slots is None for o in impls if o._keeps_keys is False)
+        del impls, kept
+        # the engine still serves and captures the kept layer
+        again = generate_with_attentions(llm, PROMPTS[:1], sp, spec={"layers": [-1]}, use_tqdm=False)
+        np.testing.assert_array_equal(again[0].attention, rows)
+        del capped, again, llm
+    finally:
+        free_engine(box.pop())
