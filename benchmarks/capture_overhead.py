@@ -258,16 +258,18 @@ def _tps_ratio(a: dict, b: dict) -> str:
 
 def report(name: str, cases, stock: dict, stock_pw: dict, cap: dict, hf: dict) -> list[str]:
     """Decode-throughput ratios (the issue's criteria) and ms per turn, side by side."""
+    def cell(batch: int, prompt: int):
+        """One case's measurements: stock, stock piecewise, attncap per mode, HF turn ms."""
+        return (stock.get((batch, prompt, "stock"), {}), stock_pw.get((batch, prompt, "stock-pw"), {}),
+                {m: cap.get((batch, prompt, m), {}) for m in MODES}, hf.get((batch, prompt)))
+
     lines = [
         f"== {name}: decode throughput ratios (higher = faster; tok/s over {NEW_TOKENS - 1} decode steps) ==",
         f"{'batch':>5} {'prompt':>6} | {'cap/st':>6} {'stats/pw':>8} {'rows/pw':>7} {'stats/st':>8} {'rows/st':>7} | "
         f"{'HF/stats':>8} {'HF/rows':>7} (turn-time speed-ups over HF)",
     ]
     for batch, prompt in cases:
-        st = stock.get((batch, prompt, "stock"), {})
-        pw = stock_pw.get((batch, prompt, "stock-pw"), {})
-        a = {m: cap.get((batch, prompt, m), {}) for m in MODES}
-        h = hf.get((batch, prompt))
+        st, pw, a, h = cell(batch, prompt)
         lines.append(
             f"{batch:>5} {prompt:>6} | {_tps_ratio(a['attncap'], st):>6} {_tps_ratio(a['stats'], pw):>8} "
             f"{_tps_ratio(a['rows-hm'], pw):>7} {_tps_ratio(a['stats'], st):>8} {_tps_ratio(a['rows-hm'], st):>7} | "
@@ -277,10 +279,7 @@ def report(name: str, cases, stock: dict, stock_pw: dict, cap: dict, hf: dict) -
     lines.append(f"{'batch':>5} {'prompt':>6} | {'stock':>7} {'st-pw':>7} {'attncap':>7} {'stats':>7} {'rows-hm':>7} "
                  f"{'HF':>7} | {'tok/s st':>8} {'st-pw':>8} {'attncap':>8} {'stats':>8} {'rows-hm':>8}")
     for batch, prompt in cases:
-        st = stock.get((batch, prompt, "stock"), {})
-        pw = stock_pw.get((batch, prompt, "stock-pw"), {})
-        a = {m: cap.get((batch, prompt, m), {}) for m in MODES}
-        h = hf.get((batch, prompt))
+        st, pw, a, h = cell(batch, prompt)
         lines.append(
             f"{batch:>5} {prompt:>6} | {_fmt(st.get('turn_ms')):>7} {_fmt(pw.get('turn_ms')):>7} "
             f"{_fmt(a['attncap'].get('turn_ms')):>7} {_fmt(a['stats'].get('turn_ms')):>7} "

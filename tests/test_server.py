@@ -257,6 +257,13 @@ def _records(server) -> list[Path]:
     return sorted(Path(server["store"]).glob("ns-*/*.cap"))
 
 
+def _assert_store_empty(server) -> None:
+    """No record on disk, and the server reports no records, reservations or bytes in flight."""
+    assert _records(server) == []
+    status = _status(server)
+    assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+
+
 def _status(server) -> dict:
     return requests.get(f"{server['base']}/v1/attncap", timeout=30).json()
 
@@ -599,9 +606,7 @@ def test_bounded_soak_returns_to_zero(server):
     counts = {k: results.count(k) for k in set(results)}
     assert set(counts) <= {"fetched", "deleted", "200", "400", "skipped"}, counts
     assert counts.get("fetched", 0) > 10 and counts.get("deleted", 0) > 10, counts
-    assert _records(server) == []
-    status = _status(server)
-    assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+    _assert_store_empty(server)
 
 
 @pytest.mark.engine
@@ -619,9 +624,7 @@ def test_request_without_spec_is_plain(server):
 @pytest.mark.slow
 def test_server_survived(server):
     assert requests.get(f"{server['base']}/health", timeout=10).status_code == 200
-    assert _records(server) == []
-    status = _status(server)
-    assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+    _assert_store_empty(server)
 
 
 @pytest.mark.engine
@@ -668,9 +671,8 @@ def test_tensor_parallel_server_matches_tp1(server):
         after = _complete(tp2, {"attncap_layers": [-1]}, max_tokens=3)  # still serving, still capturing
         assert after.status_code == 200, after.text
         assert _decode(_fetch(tp2, after.json()["id"]).json()).shape[2] == 3
-        assert _records(tp2) == [] and _records(tp1) == []
-        status = _status(tp2)
-        assert status["records"] == status["reservations"] == status["pending_bytes"] == 0, status
+        _assert_store_empty(tp1)
+        _assert_store_empty(tp2)
     finally:
         _stop_server(tp1["proc"], tp1["log_file"])
         _stop_gracefully(tp2)
