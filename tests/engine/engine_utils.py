@@ -43,6 +43,21 @@ def reduce_ref(full: np.ndarray, layers, heads, reduce: str) -> np.ndarray:
     return x
 
 
+def stats_ref(rows: np.ndarray, history_len: int, sink: int, salient) -> tuple[np.ndarray, np.ndarray]:
+    """Independent loop implementation of per-row coverage / history entropy."""
+    L, H, T, _ = rows.shape
+    cov = np.zeros((L, H, T))
+    ent = np.zeros((L, H, T))
+    for l in range(L):
+        for h in range(H):
+            for s in range(T):
+                block = rows[l, h, s, sink:history_len].astype(np.float64)
+                p = block / block.sum()
+                ent[l, h, s] = -sum(x * np.log(x) for x in p if x > 0)
+                cov[l, h, s] = sum(p[i - sink] for i in salient if i >= sink)
+    return cov, ent
+
+
 PROMPTS = [
     "the quick brown fox jumps over the lazy dog",
     "my printer does not work after the update, what should I do?",

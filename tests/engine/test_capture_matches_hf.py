@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_utils import PROMPTS, hf_rows, reduce_ref
+from engine_utils import PROMPTS, hf_rows, reduce_ref, stats_ref
 
 pytestmark = pytest.mark.engine
 TOL = 1e-4  # fp32 tiny model; measured max |diff| ~2e-6
@@ -56,21 +56,6 @@ def test_selected_heads_and_layers_keep_order(make_llm, hf_tiny):
     np.testing.assert_allclose(out.attention, full[[2, 0]][:, [3, 0]], atol=TOL, rtol=0)
 
 
-def _stats_ref(rows: np.ndarray, history_len: int, sink: int, salient) -> tuple[np.ndarray, np.ndarray]:
-    """Independent loop implementation of per-row coverage / history entropy."""
-    L, H, T, _ = rows.shape
-    cov = np.zeros((L, H, T))
-    ent = np.zeros((L, H, T))
-    for l in range(L):
-        for h in range(H):
-            for s in range(T):
-                block = rows[l, h, s, sink:history_len].astype(np.float64)
-                p = block / block.sum()
-                ent[l, h, s] = -sum(x * np.log(x) for x in p if x > 0)
-                cov[l, h, s] = sum(p[i - sink] for i in salient if i >= sink)
-    return cov, ent
-
-
 @pytest.mark.parametrize("reduce", ["none", "head_mean", "layer_head_mean"])
 def test_stats_mode_matches_rows(make_llm, hf_tiny, reduce):
     from vllm import SamplingParams
@@ -85,7 +70,7 @@ def test_stats_mode_matches_rows(make_llm, hf_tiny, reduce):
     )[0]
     full = hf_rows(hf_tiny, out.prompt_token_ids, out.token_ids)
     ref_rows = reduce_ref(full, out.layers, out.heads, reduce)
-    cov, ent = _stats_ref(ref_rows, out.prompt_len, 1, salient)
+    cov, ent = stats_ref(ref_rows, out.prompt_len, 1, salient)
     assert out.stats["coverage"].shape == cov.shape
     np.testing.assert_allclose(out.stats["coverage"], cov, atol=1e-4)
     np.testing.assert_allclose(out.stats["entropy"], ent, atol=1e-4)

@@ -120,7 +120,9 @@ def _seq_lens_host(cm: Any) -> list[int]:
     return cm.seq_lens.cpu().tolist()
 
 
-def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan | None:
+def build_step_plan(
+    runner: Any, cm: Any, tracker: CaptureTracker, key_layers: set[int] | None = None
+) -> StepPlan | None:
     """Plan this step's captures from the runner's batch and the common metadata.
 
     Args:
@@ -129,6 +131,9 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
             V2 step view; either maps batch rows to request ids.
         cm: the step's ``CommonAttentionMetadata``.
         tracker: the process's :class:`CaptureTracker`.
+        key_layers: when given, receives the layers of every scheduled request that captures, whether or not it
+            has rows in this step (a prefill chunk before its last prompt token has none, yet its keys are read
+            later). The CPU backend keeps shadow keys of these layers only when no other request can read them.
 
     Returns:
         ``None`` when no scheduled request asks for capture (the common case,
@@ -152,6 +157,8 @@ def build_step_plan(runner: Any, cm: Any, tracker: CaptureTracker) -> StepPlan |
         rc = tracker.lookup(rid, extra["attncap"], prompt_len, getattr(sp, "max_tokens", None))
         if rc is None:
             continue
+        if key_layers is not None:
+            key_layers.update(rc.resolved.layers)
         q_len = qsl[i + 1] - qsl[i]
         first_pos = seq_lens[i] - q_len
         lo = max(first_pos, prompt_len - 1)

@@ -21,6 +21,13 @@ costs one extra key copy per token and memory equal to the key half of the KV
 cache, only when this backend is selected. ``$VLLM_ATTNCAP_CPU_SHADOW_LAYERS``
 (:func:`shadow_layers`) caps both to the layers listed there; requests for other
 layers are refused, each with an error naming the field.
+
+With prefix caching off no request reads another's KV blocks, so a step writes
+shadow keys only for the layers its own capturing requests select
+(:class:`StepKeys`): a step in which nobody captures copies nothing, and
+last-layer capture copies one layer's keys, not every layer's. With prefix
+caching on, every kept layer is written every step, since a later capturing
+request may hit a block written now.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from .common import extend_metadata, layer_index_of, model_shape_from_config
 logger = logging.getLogger("vllm_attncap")
 
 __all__ = ["AttnCapCPUBackend", "AttnCapCPUMetadata", "AttnCapCPUMetadataBuilder", "AttnCapCPUImpl",
-           "SHADOW_LAYERS_ENV", "shadow_layers"]
+           "SHADOW_LAYERS_ENV", "STEP_KEYS", "StepKeys", "shadow_layers"]
 
 #: Layers whose keys the CPU backend keeps for capture: ``all`` (default) or comma-separated indices (negative
 #: counts from the end), e.g. ``-1`` for the last layer only.
@@ -75,6 +82,24 @@ def shadow_layers(num_layers: int, value: str | None = None) -> frozenset[int] |
                              f"indices in [-{num_layers}, {num_layers - 1}]")
         out.add(i % num_layers)
     return frozenset(out)
+
+
+class StepKeys:
+    """Which layers write shadow keys in the step being run: set by the builder once per step, read by every
+    layer's :meth:`AttnCapCPUImpl.do_kv_cache_update` (one per worker process, like the tracker).
+
+    Attributes:
+        layers: the layers the step's capturing requests select (empty: nobody captures); None means every kept
+            layer (prefix caching on, or before the first step is built).
+    """
+
+    layers: frozenset[int] | None = None
+
+    def writes(self, layer_index: int) -> bool:
+        return self.layers is None or layer_index in self.layers
+
+
+STEP_KEYS = StepKeys()
 
 
 class AttnCapCPUBackend(CPUAttentionBackend):
@@ -116,10 +141,15 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
         runner_hooks.install()
+        # With prefix caching a later request may read the blocks written now: every step keeps every kept layer.
+        self._keys_every_step = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True))
+        STEP_KEYS.layers = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapCPUMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker())
+        key_layers: set[int] | None = None if self._keys_every_step else set()
+        plan = build_step_plan(runner_hooks.active_runner(), common_attn_metadata, get_tracker(), key_layers)
+        STEP_KEYS.layers = None if key_layers is None else frozenset(key_layers)
         return extend_metadata(AttnCapCPUMetadata, md, attncap_plan=plan)
 
 
@@ -150,7 +180,7 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
                 self._layer_index = layer_index_of(layer)
             kept = get_tracker().capturable_layers
             self._keeps_keys = kept is None or self._layer_index in kept
-        if self._keeps_keys:
+        if self._keeps_keys and STEP_KEYS.writes(self._layer_index):
             cpu_kernels.write_shadow(self._shadow(kv_cache, key), key, slot_mapping)
 
     def forward(
