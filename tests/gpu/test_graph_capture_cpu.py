@@ -400,6 +400,8 @@ def test_policy_forces_piecewise_only_for_what_the_graph_cannot_hold():
     assert not pol.decide([], of)
     pol.in_graph = False
     assert pol.decide(["a"], of) and not pol.decide(["d"], of)
+    pol.graphs = False  # CPU: no graphs to leave
+    assert not pol.decide(["a", "c"], of) and not pol.force
     pol.forget(["a"])
     assert "a" not in pol._kinds
 

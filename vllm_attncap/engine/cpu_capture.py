@@ -60,6 +60,7 @@ def _kernel_request(b: RowBatch) -> cpu_kernels.KernelRequest:
         salient=spec.salient,
         first_layer=rc.first_layer,
         last_layer=rc.last_layer,
+        cache=rc.cache,
     )
 
 

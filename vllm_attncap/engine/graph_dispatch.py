@@ -35,6 +35,8 @@ class StepGraphPolicy:
     """Decides, before the runner dispatches a step, whether it must leave the full decode graph.
 
     Attributes:
+        graphs: whether the platform runs graphs at all (False on CPU, set by the CPU builder: no step is forced,
+            no step pays for the decision).
         in_graph: whether the in-graph capture path is usable in this engine (set by the CUDA builder); when False,
             every step with a capturing request goes PIECEWISE.
         num_layers: the model's layers (``head_mean`` over "all" layers of a one-layer model runs in the graph).
@@ -43,6 +45,7 @@ class StepGraphPolicy:
     """
 
     def __init__(self) -> None:
+        self.graphs = True
         self.in_graph = False
         self.num_layers = 0
         self.force = False
@@ -64,6 +67,9 @@ class StepGraphPolicy:
     def decide(self, req_ids: Iterable[str], raw_spec_of: Callable[[str], Any]) -> bool:
         """True when one of ``req_ids`` asks for capture the full graph cannot hold; sets :attr:`force`."""
         force = False
+        if not self.graphs:
+            self.force = False
+            return False
         for rid in req_ids:
             raw = raw_spec_of(rid)
             if raw is None:

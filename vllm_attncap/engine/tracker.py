@@ -181,6 +181,7 @@ class CaptureTracker:
         for rid in req_ids:
             rc = self.active.pop(rid, None)
             if rc is not None:
+                rc.cache.clear()  # drops views of the mapped array (CPU kernel tables) before it is unmapped
                 rc.writer.close()
             self.refused.discard(rid)
 

@@ -45,6 +45,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .. import runner_hooks
+from ..graph_dispatch import policy as graph_policy
 from ..compute import cpu_kernels
 from ..cpu_capture import capture_layer_cpu
 from ..plan import StepPlan, build_step_plan
@@ -141,6 +142,7 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
         runner_hooks.install()
+        graph_policy.graphs = False  # vLLM runs no CUDA graphs on CPU: no step has a graph to leave
         # With prefix caching a later request may read the blocks written now: every step keeps every kept layer.
         self._keys_every_step = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True))
         STEP_KEYS.layers = None

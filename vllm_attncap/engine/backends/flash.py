@@ -153,6 +153,7 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             self._own_layers = None
         self._graph = _make_graph_capture(vllm_config, shape, self._own_layers, device)
         graph_policy.num_layers = shape.num_layers
+        graph_policy.graphs = True
         graph_policy.in_graph = self._graph is not None
         if self._graph is not None:
             graph_policy.kinds = self._graph.kinds

@@ -67,6 +67,8 @@ class KernelRequest:
         history_len, sink, salient: stats parameters (as in :func:`.reference.history_stats`).
         first_layer, last_layer: the first / last selected layer (layer means assign at the first, stats of
             ``layer_head_mean`` are taken at the last).
+        cache: a dict that lives as long as the request (its ``RequestCapture.cache``); :func:`build_tables` keeps
+            the request's step-invariant table part there. None: rebuilt every call.
     """
 
     batch_row: int
@@ -84,6 +86,7 @@ class KernelRequest:
     salient: Sequence[int] = ()
     first_layer: int = 0
     last_layer: int = 0
+    cache: dict | None = None  # the request's own dict: keeps the step-invariant tables between steps
 
 
 @dataclass
@@ -113,64 +116,118 @@ def _strides(a: np.ndarray) -> tuple[int, ...]:
     return tuple(s // 4 for s in a.strides)
 
 
+#: Fields of a request's table row that change from step to step (the rest is fixed for the request's life).
+_STEP_FIELDS = ("batch_row", "ctx_len", "heads_off", "sal_off", "row0", "scratch_ptr")
+_F = {name: i for i, name in enumerate(REQ_FIELDS)}
+
+
+@dataclass
+class _Static:
+    """The step-invariant part of one request's tables, cached on the request (``KernelRequest.cache``)."""
+
+    out: np.ndarray  # the output array it was built for (rebuilt when the request's array changes)
+    row: np.ndarray  # (len(REQ_FIELDS),) int64, the step fields left 0
+    layer_slot: np.ndarray  # (num_layers,) int64
+    heads: np.ndarray  # int64
+    salient: np.ndarray  # int64
+    n_rows_out: int  # rows of the output array (T_max)
+    width: int  # row width (rows mode), else 0
+    scratch_cols: int  # > 0: stats of layer_head_mean need a scratch row per captured row
+
+
+def _static_of(kr: KernelRequest, num_layers: int) -> _Static:
+    if kr.out.ndim != 4:
+        raise ValueError(f"cpu capture: output array of a {kr.mode} capture must be 4-d, got {kr.out.shape}")
+    st = _strides(kr.out)
+    row = np.zeros(len(REQ_FIELDS), dtype=np.int64)
+    row[_F["heads_cnt"]] = len(kr.heads)
+    row[_F["kind"]] = kind_of(kr.mode, kr.reduce)
+    row[_F["out_ptr"]] = kr.out.ctypes.data
+    if kr.mode == "rows":  # (L, H, T, W)
+        row[_F["s_slot"]], row[_F["s_head"]], row[_F["s_row"]] = st[0], st[1], st[2]
+    else:  # (2, L, H, T)
+        row[_F["s_stat"]], row[_F["s_slot"]], row[_F["s_head"]] = st[0], st[1], st[2]
+    row[_F["hist_len"]], row[_F["sink"]] = kr.history_len, kr.sink
+    row[_F["sal_cnt"]] = len(kr.salient)
+    row[_F["first_layer"]], row[_F["last_layer"]] = kr.first_layer, kr.last_layer
+    row[_F["n_layers"]] = max(1, len(kr.layer_slot))
+    layer_slot = np.full(max(1, num_layers), -1, dtype=np.int64)
+    for layer, slot in kr.layer_slot.items():
+        if not 0 <= layer < layer_slot.shape[0]:
+            raise ValueError(f"cpu capture: layer {layer} out of range 0..{layer_slot.shape[0] - 1}")
+        layer_slot[layer] = slot
+    lhm_stats = kr.mode == "stats" and kr.reduce == "layer_head_mean"
+    return _Static(
+        out=kr.out, row=row, layer_slot=layer_slot,
+        heads=np.asarray(kr.heads, dtype=np.int64).reshape(-1), salient=np.asarray(kr.salient, dtype=np.int64).reshape(-1),
+        n_rows_out=kr.out.shape[2 if kr.mode == "rows" else 3], width=kr.out.shape[3] if kr.mode == "rows" else 0,
+        scratch_cols=max(1, kr.history_len) if lhm_stats else 0,
+    )
+
+
 def build_tables(requests: Sequence[KernelRequest], num_layers: int) -> CaptureTables:
-    """The kernel's tables for a step's requests (once per step; every layer's call reuses them)."""
-    reqs = np.zeros((len(requests), len(REQ_FIELDS)), dtype=np.int64)
-    layer_slot = np.full((len(requests), max(1, num_layers)), -1, dtype=np.int64)
-    rows: list[tuple[int, int, int, int]] = []
-    heads: list[int] = []
-    salient: list[int] = []
+    """The kernel's tables for a step's requests (once per step; every layer's call reuses them).
+
+    What does not change over a request's life (kind, output pointer and strides, heads, layer slots, stats
+    parameters) is validated and laid out once and kept in ``KernelRequest.cache`` when one is given; a step
+    only fills in its own fields (batch row, context length, first row) and row table.
+    """
+    n = len(requests)
+    reqs = np.empty((n, len(REQ_FIELDS)), dtype=np.int64)
+    layer_slot = np.empty((n, max(1, num_layers)), dtype=np.int64)
+    statics: list[_Static] = []
     keep: list = []
+    heads_off = sal_off = 0
+    n_rows = sum(len(kr.rows) for kr in requests)
+    rows = np.empty((n_rows, len(ROW_FIELDS)), dtype=np.int64)
+    q_index = np.empty(n_rows, dtype=np.int64)
+    r0 = 0
     for i, kr in enumerate(requests):
-        if kr.mode == "rows" and kr.out.ndim != 4 or kr.mode == "stats" and kr.out.ndim != 4:
-            raise ValueError(f"cpu capture: output array of a {kr.mode} capture must be 4-d, got {kr.out.shape}")
-        st = _strides(kr.out)
-        f = dict.fromkeys(REQ_FIELDS, 0)
-        f["batch_row"] = kr.batch_row
-        f["ctx_len"] = kr.ctx_len
-        f["heads_off"], f["heads_cnt"] = len(heads), len(kr.heads)
-        heads.extend(int(h) for h in kr.heads)
-        f["kind"] = kind_of(kr.mode, kr.reduce)
-        f["out_ptr"] = kr.out.ctypes.data
-        if kr.mode == "rows":  # (L, H, T, W)
-            f["s_slot"], f["s_head"], f["s_row"] = st[0], st[1], st[2]
-            if kr.ctx_len > kr.out.shape[3]:
-                raise ValueError(f"cpu capture: ctx_len {kr.ctx_len} exceeds the row width {kr.out.shape[3]}")
-        else:  # (2, L, H, T)
-            f["s_stat"], f["s_slot"], f["s_head"] = st[0], st[1], st[2]
-        if max(kr.rows) >= kr.out.shape[2 if kr.mode == "rows" else 3]:
+        st = kr.cache.get("cpu_tables") if kr.cache is not None else None
+        if st is None or st.out is not kr.out or st.layer_slot.shape[0] != layer_slot.shape[1]:
+            st = _static_of(kr, num_layers)
+            if kr.cache is not None:
+                kr.cache["cpu_tables"] = st
+        statics.append(st)
+        k = len(kr.rows)
+        if k == 0:
+            raise ValueError("cpu capture: a request without rows")
+        if st.width and kr.ctx_len > st.width:
+            raise ValueError(f"cpu capture: ctx_len {kr.ctx_len} exceeds the row width {st.width}")
+        if kr.rows[-1] >= st.n_rows_out or kr.rows[0] < 0:
             raise ValueError("cpu capture: output row out of range")
-        f["hist_len"], f["sink"] = kr.history_len, kr.sink
-        f["sal_off"], f["sal_cnt"] = len(salient), len(kr.salient)
-        salient.extend(int(s) for s in kr.salient)
-        f["row0"] = int(kr.rows[0])
-        f["first_layer"], f["last_layer"] = kr.first_layer, kr.last_layer
-        f["n_layers"] = max(1, len(kr.layer_slot))
-        if kr.mode == "stats" and kr.reduce == "layer_head_mean":
-            scratch = np.zeros((len(kr.rows), max(1, kr.history_len)), dtype=np.float32)
+        row = reqs[i]
+        row[:] = st.row
+        row[_F["batch_row"]], row[_F["ctx_len"]], row[_F["row0"]] = kr.batch_row, kr.ctx_len, kr.rows[0]
+        row[_F["heads_off"]], row[_F["sal_off"]] = heads_off, sal_off
+        heads_off += st.heads.shape[0]
+        sal_off += st.salient.shape[0]
+        if st.scratch_cols:
+            scratch = np.zeros((k, st.scratch_cols), dtype=np.float32)
             keep.append(scratch)
-            f["scratch_ptr"] = scratch.ctypes.data
-        reqs[i] = [f[k] for k in REQ_FIELDS]
-        for layer, slot in kr.layer_slot.items():
-            if not 0 <= layer < layer_slot.shape[1]:
-                raise ValueError(f"cpu capture: layer {layer} out of range 0..{layer_slot.shape[1] - 1}")
-            layer_slot[i, layer] = slot
-        for qr, pos, r in zip(kr.q_rows, kr.q_pos, kr.rows):
-            rows.append((i, int(pos), int(r), len(rows)))
+            row[_F["scratch_ptr"]] = scratch.ctypes.data
+        layer_slot[i] = st.layer_slot
+        rows[r0:r0 + k, 0] = i
+        rows[r0:r0 + k, 1] = kr.q_pos
+        rows[r0:r0 + k, 2] = kr.rows
+        rows[r0:r0 + k, 3] = np.arange(r0, r0 + k)
+        q_index[r0:r0 + k] = kr.q_rows
+        r0 += k
         keep.append(kr.out)
-    q_index = torch.tensor([int(q) for kr in requests for q in kr.q_rows], dtype=torch.long)
+    heads = np.concatenate([st.heads for st in statics]) if heads_off else np.zeros(1, np.int64)
+    salient = np.concatenate([st.salient for st in statics]) if sal_off else np.zeros(1, np.int64)
     return CaptureTables(
         reqs=torch.from_numpy(reqs),
-        rows=torch.tensor(rows, dtype=torch.long).reshape(-1, len(ROW_FIELDS)),
+        rows=torch.from_numpy(rows),
         layer_slot=torch.from_numpy(layer_slot),
-        heads=torch.tensor(heads or [0], dtype=torch.long),
-        salient=torch.tensor(salient or [0], dtype=torch.long),
-        q_index=q_index,
+        heads=torch.from_numpy(heads),
+        salient=torch.from_numpy(salient),
+        q_index=torch.from_numpy(q_index),
         keep_alive=keep,
         num_layers=num_layers,
         max_batch_row=max((kr.batch_row for kr in requests), default=0),
         max_ctx_len=max((kr.ctx_len for kr in requests), default=0),
-        max_head=max(heads, default=0),
+        max_head=int(heads.max()) if heads_off else 0,
     )
 
 
