@@ -432,19 +432,43 @@ def test_pending_cap_503_only_while_busy_never_fitting_is_400(server):
     assert never.status_code == 400, never.text
     err = never.json()["error"]
     assert err["param"] == "vllm_xargs.attncap.max_bytes" and "VLLM_ATTNCAP_MAX_PENDING_BYTES" in err["message"]
-    # 1 layer x 4 heads x 150 x (P + 149) x 4 B ~ 400 kB each: one at a time fits, two at once do not
-    payload = {"model": server["model"], "prompt": "my printer does not work", "max_tokens": 150,
-               "temperature": 0.0, "ignore_eos": True, "stream": True, "vllm_xargs": {"attncap_layers": [-1]}}
-    with requests.post(f"{server['base']}/v1/completions", json=payload, stream=True, timeout=120) as first:
-        lines = first.iter_lines()
-        head = next(line for line in lines if line.startswith(b"data: {"))
-        busy = _complete(server, {"attncap_layers": [-1]}, max_tokens=150)
-        assert busy.status_code == 503, busy.text
-        assert "retry later" in busy.json()["error"]["message"]
-        for _ in lines:
-            pass
-    assert _fetch(server, json.loads(head[6:])["id"]).status_code == 200
-    again = _complete(server, {"attncap_layers": [-1]}, max_tokens=150)
+    # The capture held in flight is long (330 steps) and the one refused beside it is short (20 steps), so the
+    # refusal is checked while the first is provably still being written.
+    # first: 1 layer x 1 (head mean) x 330 x (P + 329) x 4 B ~ 440 kB; second: 3 x 4 x 20 x 419 x 4 B ~ 400 kB:
+    # either fits alone, both at once do not.
+    first_payload = {"model": server["model"], "prompt": "my printer does not work", "max_tokens": 330,
+                     "temperature": 0.0, "ignore_eos": True, "stream": True,
+                     "vllm_xargs": {"attncap_layers": [-1], "attncap_reduce": "head_mean"}}
+    second = dict(xargs={"attncap_layers": [0, 1, 2]}, prompt=[100 + i % 200 for i in range(400)], max_tokens=20)
+    for attempt in range(3):
+        keys = []
+        try:
+            with requests.post(f"{server['base']}/v1/completions", json=first_payload, stream=True,
+                               timeout=120) as first:
+                lines = first.iter_lines()
+                head = next(line for line in lines if line.startswith(b"data: {"))
+                keys.append(json.loads(head[6:])["id"])
+                busy = _complete(server, second["xargs"], prompt=second["prompt"], max_tokens=second["max_tokens"])
+                if busy.status_code == 200:
+                    keys.append(busy.json()["id"])
+                    # admitted: correct only if the first had finished by then (a slow machine); not if it is
+                    # still being written now
+                    assert _status(server)["open_records"] == 0, ("admitted beside a capture in flight", busy.text)
+                    for _ in lines:
+                        pass
+                    continue
+                assert busy.status_code == 503, busy.text
+                assert "retry later" in busy.json()["error"]["message"]
+                for _ in lines:
+                    pass
+            assert _fetch(server, keys.pop()).status_code == 200
+            break
+        finally:
+            for key in keys:  # a failed or inconclusive attempt leaves nothing behind for the next test
+                requests.delete(f"{server['base']}/v1/attncap/{key}", timeout=30)
+    else:
+        pytest.fail("the first capture finished before the second arrived in all 3 attempts")
+    again = _complete(server, second["xargs"], prompt=second["prompt"], max_tokens=second["max_tokens"])
     assert again.status_code == 200, again.text
     assert _fetch(server, again.json()["id"]).status_code == 200
 
