@@ -7,10 +7,12 @@ them (stock, attncap, stock, attncap, ...), so drift of the machine falls on bot
 turn and the ratio of the medians of the medians. Same settings as ``cpu_capture.py`` (bundled SmolLM2-135M, bf16,
 greedy, 32 new tokens, prefix caching off, fresh random prompts, one warm-up turn).
 
-    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2] [--spec last-hm]
+    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2] [--spec none,last-hm]
 
 ``--spec last-hm`` makes every attncap request capture ``{"layers": [-1], "reduce": "head_mean"}`` (read back and
-discarded after each turn, as in ``cpu_capture.py``).
+discarded after each turn, as in ``cpu_capture.py``). Several specs, comma-separated, run one attncap process each
+per round after the round's stock process; each is reported against stock as the ratio of the medians over the
+rounds and as the median of the per-round ratios (each against the stock process of its own round).
 """
 
 from __future__ import annotations
@@ -70,31 +72,44 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--turns", type=int, default=9)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--spec", choices=list(SPECS), default="none", help="what every attncap request captures")
+    ap.add_argument("--spec", default="none",
+                    help=f"what every attncap request captures, comma-separated, from {', '.join(SPECS)}")
     ap.add_argument("--one", choices=["stock", "attncap"], help=argparse.SUPPRESS)  # the per-engine process
     args = ap.parse_args(argv)
+    specs = args.spec.split(",")
+    bad = [x for x in specs if x not in SPECS]
+    if bad or len(set(specs)) != len(specs):
+        ap.error(f"--spec: {args.spec!r}: give distinct names from {', '.join(SPECS)}, comma-separated")
     if args.one:
         print("RESULT " + json.dumps(one_engine(args.one, args.batch, args.prompt, args.turns, args.spec)), flush=True)
         return 0
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    res: dict[str, list[dict]] = {"stock": [], "attncap": []}
+    runs = [("stock", "none")] + [("attncap", x) for x in specs]
+    res: dict[tuple[str, str], list[dict]] = {k: [] for k in runs}
     for r in range(args.rounds):
-        for backend in ("stock", "attncap"):
+        for backend, spec in runs:
             cmd = [sys.executable, __file__, "--one", backend, "--batch", str(args.batch), "--prompt", str(args.prompt),
-                   "--turns", str(args.turns), "--spec", args.spec]
+                   "--turns", str(args.turns), "--spec", spec]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(out.stderr[-3000:])
                 return 1
             d = json.loads(line[7:])
-            res[backend].append(d)
-            print(f"round {r + 1} {backend:8s} median {d['median'] * 1e3:7.1f} ms/turn "
+            res[(backend, spec)].append(d)
+            name = backend if backend == "stock" else f"attncap[{spec}]"
+            print(f"round {r + 1} {name:18s} median {d['median'] * 1e3:7.1f} ms/turn "
                   f"(min {d['min'] * 1e3:.1f}, max {d['max'] * 1e3:.1f})", flush=True)
-    med = {b: statistics.median(d["median"] for d in v) for b, v in res.items()}
-    print(f"b={args.batch} p={args.prompt}: attncap (capture: {args.spec}) / stock = {med['attncap'] / med['stock']:.3f} "
-          f"({med['attncap'] * 1e3:.1f} / {med['stock'] * 1e3:.1f} ms, {args.rounds} processes each)")
+    stock = [d["median"] for d in res[("stock", "none")]]
+    for spec in specs:
+        mine = [d["median"] for d in res[("attncap", spec)]]
+        pairs = sorted(a / b for a, b in zip(mine, stock))
+        print(f"b={args.batch} p={args.prompt}: attncap (capture: {spec}) / stock = "
+              f"{statistics.median(mine) / statistics.median(stock):.3f} "
+              f"({statistics.median(mine) * 1e3:.1f} / {statistics.median(stock) * 1e3:.1f} ms, {args.rounds} "
+              f"processes each); per-round ratios: median {statistics.median(pairs):.3f}, "
+              f"range {pairs[0]:.3f}-{pairs[-1]:.3f}")
     return 0
 
 
