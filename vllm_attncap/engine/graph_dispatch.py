@@ -66,10 +66,10 @@ class StepGraphPolicy:
 
     def decide(self, req_ids: Iterable[str], raw_spec_of: Callable[[str], Any]) -> bool:
         """True when one of ``req_ids`` asks for capture the full graph cannot hold; sets :attr:`force`."""
-        force = False
         if not self.graphs:
             self.force = False
             return False
+        force = False
         for rid in req_ids:
             raw = raw_spec_of(rid)
             if raw is None:

@@ -194,7 +194,7 @@ def build_tables(requests: Sequence[KernelRequest], num_layers: int) -> CaptureT
             raise ValueError("cpu capture: a request without rows")
         if st.width and kr.ctx_len > st.width:
             raise ValueError(f"cpu capture: ctx_len {kr.ctx_len} exceeds the row width {st.width}")
-        if kr.rows[-1] >= st.n_rows_out or kr.rows[0] < 0:
+        if max(kr.rows) >= st.n_rows_out or min(kr.rows) < 0:
             raise ValueError("cpu capture: output row out of range")
         row = reqs[i]
         row[:] = st.row
