@@ -102,12 +102,13 @@ def main(argv=None) -> int:
             print(f"round {r + 1} {name:18s} median {d['median'] * 1e3:7.1f} ms/turn "
                   f"(min {d['min'] * 1e3:.1f}, max {d['max'] * 1e3:.1f})", flush=True)
     stock = [d["median"] for d in res[("stock", "none")]]
+    stock_med = statistics.median(stock)
     for spec in specs:
         mine = [d["median"] for d in res[("attncap", spec)]]
+        mine_med = statistics.median(mine)
         pairs = sorted(a / b for a, b in zip(mine, stock))
-        print(f"b={args.batch} p={args.prompt}: attncap (capture: {spec}) / stock = "
-              f"{statistics.median(mine) / statistics.median(stock):.3f} "
-              f"({statistics.median(mine) * 1e3:.1f} / {statistics.median(stock) * 1e3:.1f} ms, {args.rounds} "
+        print(f"b={args.batch} p={args.prompt}: attncap (capture: {spec}) / stock = {mine_med / stock_med:.3f} "
+              f"({mine_med * 1e3:.1f} / {stock_med * 1e3:.1f} ms, {args.rounds} "
               f"processes each); per-round ratios: median {statistics.median(pairs):.3f}, "
               f"range {pairs[0]:.3f}-{pairs[-1]:.3f}")
     return 0
