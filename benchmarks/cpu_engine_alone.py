@@ -7,7 +7,7 @@ them (stock, attncap, stock, attncap, ...), so drift of the machine falls on bot
 turn and the ratio of the medians of the medians. Same settings as ``cpu_capture.py`` (bundled SmolLM2-135M, bf16,
 greedy, 32 new tokens, prefix caching off, fresh random prompts, one warm-up turn).
 
-    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2] [--spec none,last-hm]
+    python benchmarks/cpu_engine_alone.py [--batch 1] [--prompt 256] [--turns 9] [--rounds 2] [--spec none,last-hm] [--attribute]
 
 ``--spec last-hm`` makes every attncap request capture ``{"layers": [-1], "reduce": "head_mean"}`` (read back and
 discarded after each turn, as in ``cpu_capture.py``). Several specs, comma-separated, run one attncap process each
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     bad = [x for x in specs if x not in SPECS]
     if bad or len(set(specs)) != len(specs):
         ap.error(f"--spec: {args.spec!r}: give distinct names from {', '.join(SPECS)}, comma-separated")
+    if args.rounds < 1 or args.turns < 1:
+        ap.error(f"--rounds {args.rounds} --turns {args.turns}: both must be at least 1")
     if args.one:
         d = one_engine(args.one, args.batch, args.prompt, args.turns, args.spec, args.attribute)
         print("RESULT " + json.dumps(d), flush=True)
