@@ -198,7 +198,6 @@ def test_entropy_is_invariant_to_row_scale_and_column_order(case, scale, rnd):
     kept_vals = np.concatenate([a[:, sink:].ravel(), (a * scale)[:, sink:].ravel()])
     # subnormal weights (e.g. 5e-324) lose their relative precision, or vanish, when scaled: not a property to test
     assume(np.all((kept_vals == 0) | (kept_vals >= np.finfo(np.float64).tiny)))
-    assume(all(row.sum() > 0 for row in (a * scale)[:, sink:]))
     h = row_entropy(a, sink)
     np.testing.assert_allclose(row_entropy(a * scale, sink), h, rtol=1e-9, atol=1e-12)
     kept = list(range(sink, a.shape[1]))
