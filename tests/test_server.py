@@ -143,17 +143,17 @@ def test_admit_caps(store):
     assert e.value.field == "max_bytes"
     # 1 x 4 x 100 x 109 x 4 B = 174 kB each: three fit under 600 kB in flight, the fourth does not
     for i in range(3):
-        _admit({"attncap_layers": [-1]}, request_id=f"r{i}", max_tokens=100)
+        _admit({"attncap_layers": [-1]}, request_id=f"cmpl-r{i}", max_tokens=100)
     with pytest.raises(PendingCapError, match="VLLM_ATTNCAP_MAX_PENDING_BYTES"):
-        _admit({"attncap_layers": [-1]}, request_id="r3", max_tokens=100)
+        _admit({"attncap_layers": [-1]}, request_id="cmpl-r3", max_tokens=100)
     # n samples count n times; a capture that can never fit under the in-flight cap is a 400, not "retry" (item 8)
     attncap_admission._reservations.clear()
     with pytest.raises(SpecError, match="never") as e:
-        _admit({"attncap_layers": [-1]}, request_id="r4", max_tokens=100, n=4)
+        _admit({"attncap_layers": [-1]}, request_id="cmpl-r4", max_tokens=100, n=4)
     assert e.value.field == "max_bytes" and "VLLM_ATTNCAP_MAX_PENDING_BYTES" in str(e.value)
-    _admit({"attncap_layers": [-1]}, request_id="r5", max_tokens=100, n=2)
+    _admit({"attncap_layers": [-1]}, request_id="cmpl-r5", max_tokens=100, n=2)
     with pytest.raises(PendingCapError):
-        _admit({"attncap_layers": [-1]}, request_id="r6", max_tokens=100, n=2)
+        _admit({"attncap_layers": [-1]}, request_id="cmpl-r6", max_tokens=100, n=2)
     attncap_admission._reservations.clear()
     # an open capture in the store counts at its nominal size; a finished one does not
     from vllm_attncap.store import CaptureMeta, CaptureWriter

@@ -8,11 +8,16 @@ with their nominal size (:func:`pending_capture_bytes`). A capture that could ne
 a 400 naming the limit, not a 503.
 
 Keys: a caller-chosen ``key`` addresses exactly the captures stored under it. The prompts of one completions
-request (request ids ``<response id>-<i>``) share a caller-chosen key: they are admitted together and fetched
-together (one record per prompt and sample). Any other request reusing a key whose captures are not fetched yet
-is refused. Without a ``key`` the request id is the key, verbatim (at most :data:`MAX_DERIVED_KEY_CHARS`
-characters; ``X-Request-Id`` sets its random part). Caller keys may not start with the server's request-id
-prefixes (:data:`RESERVED_KEY_PREFIXES`), so the two kinds never collide.
+request (request ids ``<response id>-<i>``, one HTTP request) share a caller-chosen key: they are admitted together
+and fetched together (one record per prompt and sample). Any other request reusing a key whose captures are not
+fetched yet is refused, including a second HTTP request that repeats the first one's ``X-Request-Id`` (the HTTP
+request is told apart by the ``caller`` token the server's guard gives each one, and a request id is never
+admitted twice under one key). Without a ``key`` the request id is the key, verbatim (at most
+:data:`MAX_DERIVED_KEY_CHARS` characters; ``X-Request-Id`` sets its random part).
+
+The two name spaces cannot collide: a derived key must start with one of the server's request-id prefixes
+(:data:`RESERVED_KEY_PREFIXES`; a request id without one, e.g. a Responses ``request_id`` the caller chose, is a 400
+asking for a ``key``), and a caller key may not start with any of them.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ __all__ = [
 RESERVATION_TTL_S = 600.0
 #: Longest request id usable as a capture key (the server's ids plus ``X-Request-Id``).
 MAX_DERIVED_KEY_CHARS = 1024
-#: Prefixes of the server's request ids (completions, chat, responses); caller keys may not use them.
-RESERVED_KEY_PREFIXES = ("cmpl-", "chatcmpl-", "resp_", "resp-")
+#: Prefixes of the server's request ids (vLLM 0.31: completions, chat and messages, responses, the token
+#: endpoint, speech, generative scoring); caller keys may not use them, derived keys must.
+RESERVED_KEY_PREFIXES = ("cmpl-", "chatcmpl-", "resp_", "resp-", "generate-tokens-", "transcription-",
+                         "translation-", "generative-scoring-")
 _FIELD_RE = re.compile(r"field '(\w+)'")
 _PROMPT_INDEX = re.compile(r"^(?P<group>.+)-(?P<index>\d+)$")
 
@@ -51,8 +58,16 @@ class _Reservation:
 
 
 _reservations: dict[str, _Reservation] = {}
-#: key -> (the request, without its prompt index, that owns a caller-chosen key; since)
-_owners: dict[str, tuple[str, float]] = {}
+@dataclass
+class _Owner:
+    group: str  # the request id without its prompt index
+    caller: object | None  # the HTTP request (the guard's token), None outside a request
+    request_ids: set[str]  # request ids admitted under the key
+    since: float
+
+
+#: caller-chosen key -> the request that owns it until its captures are fetched
+_owners: dict[str, _Owner] = {}
 _reservations_lock = threading.Lock()
 _admission_lock = threading.Lock()
 
@@ -87,8 +102,8 @@ def pending_capture_bytes() -> int:
                 del _reservations[key]
             else:
                 total += max(0, r.nbytes - nbytes)
-        for key, (_, since) in list(_owners.items()):
-            if now - since > RESERVATION_TTL_S and key not in _reservations and key not in seen:
+        for key, owner in list(_owners.items()):
+            if now - owner.since > RESERVATION_TTL_S and key not in _reservations and key not in seen:
                 del _owners[key]
     return total
 
@@ -99,6 +114,13 @@ def _group(request_id: str) -> str:
 
 
 def _derived_key(request_id: str) -> str:
+    if not request_id.startswith(RESERVED_KEY_PREFIXES):
+        raise SpecError(
+            f"attncap spec field 'key': this request's id {request_id[:80]!r} does not start with one of the "
+            f"server's request-id prefixes {list(RESERVED_KEY_PREFIXES)}, so it cannot name a capture (it could "
+            "be a caller's key); set attncap_key, or leave the request id to the server",
+            "key",
+        )
     if len(request_id) > MAX_DERIVED_KEY_CHARS or not request_id.isprintable():
         raise SpecError(
             f"attncap spec field 'key': this request's id ({len(request_id)} characters, from X-Request-Id) cannot "
@@ -121,6 +143,7 @@ def admit_request(
     max_model_len: int,
     max_bytes: int | None = None,
     max_pending_bytes: int | None = None,
+    caller: object | None = None,
 ) -> dict[str, Any] | None:
     """Validate a request's capture spec and return its normalised extra args.
 
@@ -136,6 +159,8 @@ def admit_request(
         num_layers, num_heads, max_model_len: the served model's.
         max_bytes: per-request cap (default ``VLLM_ATTNCAP_MAX_BYTES``); a spec may ask for less.
         max_pending_bytes: cap on captures in flight (default ``VLLM_ATTNCAP_MAX_PENDING_BYTES``).
+        caller: a token naming the HTTP request (the server's guard gives each its own); the prompts of one
+            request share a caller key, another request with the same id does not.
 
     Raises:
         SpecError: the spec is malformed, out of range for the model or request, over
@@ -188,7 +213,8 @@ def admit_request(
         with _reservations_lock:
             mine = _reservations.get(key)
             owner = _owners.get(key)
-            joins = spec.key is not None and owner is not None and owner[0] == group
+            joins = (spec.key is not None and owner is not None and owner.group == group
+                     and owner.caller is caller and request_id not in owner.request_ids)
             live = mine is not None and time.monotonic() - mine.since <= RESERVATION_TTL_S
         if not joins and (live or key_exists(key)):
             raise SpecError(
@@ -216,7 +242,11 @@ def admit_request(
                 prior = sum(m.nbytes for m in find_captures(key)) if joins else 0
                 _reservations[key] = _Reservation(prior + need, before + samples, now)
             if spec.key is not None:
-                _owners[key] = (group, now)
+                if joins:
+                    owner.request_ids.add(request_id)
+                    owner.since = now
+                else:
+                    _owners[key] = _Owner(group, caller, {request_id}, now)
     return {**rest, SPEC_XARG: {**spec.to_dict(), "key": key}}
 
 

@@ -13,9 +13,13 @@ Outside an API-server process (``LLM`` offline, EngineCore, workers) nothing is 
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import hashlib
 import json
 import logging
+import os
+import secrets
 import sys
 from http import HTTPStatus
 
@@ -23,8 +27,8 @@ from ..engine.parallel import global_counts
 from ..spec import DEFAULT_MAX_BYTES
 from ..store import MAX_PENDING_BYTES
 from .admission import PendingCapError, admit_request
-from .routes import ROUTE, build_router
-from .xargs import SpecError, check_request_body
+from .routes import ROUTE, STATUS_ROUTE, build_router, start_expiry_timer
+from .xargs import SpecError, check_request_body, is_capture_name
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -54,9 +58,53 @@ def _as_http_error(e: Exception) -> Exception:
     return VLLMValidationError(str(e), parameter=param)
 
 
+class Caller:
+    """The HTTP request a generation belongs to, as the guard saw it: whether it carried the server's API key
+    (True when the server has none). Compared by identity: each HTTP request gets its own."""
+
+    __slots__ = ("authenticated",)
+
+    def __init__(self, authenticated: bool):
+        self.authenticated = authenticated
+
+
+#: Set by :class:`CaptureGuard` for every HTTP request; read where the request's prompts are admitted.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attncap_caller", default=None)
+_MISSING = object()
+#: SHA-256 digests of the server's API keys (``--api-key`` / ``VLLM_API_KEY``), set when the app is built.
+_API_TOKENS: list[bytes] = []
+
+
+def _unauthorized_error() -> Exception:
+    message = ("attncap: this server has an API key; a request that asks for a capture must carry it "
+               "(Authorization: Bearer <key>), whatever its route")
+    try:
+        from vllm.exceptions import GracefulHTTPError
+
+        return GracefulHTTPError(message, HTTPStatus.UNAUTHORIZED)
+    except ImportError:  # pragma: no cover - older vLLM
+        return PermissionError(message)
+
+
+def _internal_error(e: Exception) -> Exception:
+    """An unexpected failure while admitting a capture: a 503 (store unusable) or 500, never an empty message."""
+    status = HTTPStatus.SERVICE_UNAVAILABLE if isinstance(e, OSError) else HTTPStatus.INTERNAL_SERVER_ERROR
+    what = "the capture store is unavailable" if isinstance(e, OSError) else "capture admission failed"
+    message = f"attncap: {what}: {type(e).__name__}: {e}" if str(e) else f"attncap: {what}: {type(e).__name__}"
+    try:
+        from vllm.exceptions import GracefulHTTPError
+
+        return GracefulHTTPError(message, status)
+    except ImportError:  # pragma: no cover - older vLLM
+        return RuntimeError(message)
+
+
 def _wrap_process_inputs(orig):
     @functools.wraps(orig)
     def process_inputs(self, request_id, *args, **kwargs):
+        caller = kwargs.pop("_attncap_caller", _MISSING)  # from process_inputs_async (an executor thread)
+        if caller is _MISSING:
+            caller = _CALLER.get()
         out = orig(self, request_id, *args, **kwargs)
         if not _SERVER_MODE:
             return out
@@ -64,6 +112,10 @@ def _wrap_process_inputs(orig):
         sp = getattr(request, "sampling_params", None)
         if sp is None or not sp.extra_args:
             return out
+        if _API_TOKENS and any(is_capture_name(k) for k in sp.extra_args) and not (
+                caller is not None and caller.authenticated):
+            # the guard refuses such bodies first; this holds for any route, however the spec got here
+            raise _unauthorized_error()
         mc = self.vllm_config.model_config
         try:
             new_args = admit_request(
@@ -75,9 +127,13 @@ def _wrap_process_inputs(orig):
                 num_layers=global_counts(self.vllm_config)[0],  # the whole model, whatever its TP/PP
                 num_heads=global_counts(self.vllm_config)[1],
                 max_model_len=mc.max_model_len,
+                caller=caller,
             )
         except (SpecError, PendingCapError) as e:
             raise _as_http_error(e) from None
+        except Exception as e:  # noqa: BLE001 - never a 500 with an empty message
+            logger.exception("vllm_attncap: admitting a capture failed")
+            raise _internal_error(e) from None
         if new_args is not None:
             sp.extra_args = new_args  # a fresh dict: the caller's params stay untouched
         return out
@@ -86,49 +142,236 @@ def _wrap_process_inputs(orig):
     return process_inputs
 
 
-#: Paths whose JSON bodies :class:`XargsGuard` checks.
-GUARDED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+def _wrap_init(orig_init):
+    """After ``InputProcessor.__init__``: make ``process_inputs_async`` (which runs ``process_inputs`` in an
+    executor thread, where context variables do not follow) hand the calling request's :class:`Caller` over."""
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        inner = getattr(self, "process_inputs_async", None)
+        if inner is None or not getattr(type(self).process_inputs, "__attncap_wrapped__", False):
+            return
+
+        def process_inputs_async(*a, **kw):
+            kw["_attncap_caller"] = _CALLER.get()
+            return inner(*a, **kw)
+
+        self.process_inputs_async = process_inputs_async
+
+    __init__.__attncap_wrapped__ = True
+    return __init__
 
 
-class XargsGuard:
-    """ASGI middleware: the raw-body checks of :func:`~vllm_attncap.serving.xargs.check_request_body` (duplicate
-    ``attncap*`` keys, booleans in flat fields), which the server's request model would hide, as a 400 naming the
-    field. Only POSTs to :data:`GUARDED_PATHS` whose body mentions ``attncap`` are parsed; the body is replayed
-    unchanged to the app."""
+def _verify_api_key(headers) -> bool:
+    """vLLM's own check (``AuthenticationMiddleware``): ``Authorization: Bearer <one of the keys>``."""
+    value = headers.get("authorization")
+    if not value:
+        return False
+    scheme, _, param = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    digest = hashlib.sha256(param.encode("utf-8")).digest()
+    match = False
+    for token in _API_TOKENS:
+        match |= secrets.compare_digest(digest, token)
+    return match
+
+
+def _server_api_tokens(app) -> list[bytes]:
+    """The API keys vLLM's server enforces: ``--api-key`` (one or several), else ``VLLM_API_KEY``."""
+    args = getattr(getattr(app, "state", None), "args", None)
+    keys = getattr(args, "api_key", None)
+    if isinstance(keys, str):
+        keys = [keys]
+    try:
+        from vllm import envs
+
+        env_key = envs.VLLM_API_KEY
+    except (ImportError, AttributeError):  # pragma: no cover - older vLLM
+        env_key = os.environ.get("VLLM_API_KEY")
+    return [hashlib.sha256(k.encode("utf-8")).digest() for k in (keys or [env_key]) if k]
+
+
+def _json_error(status: int, message: str, param: str | None, err_type: str) -> tuple[dict, bytes]:
+    payload = json.dumps({"error": {"message": message, "type": err_type, "param": param, "code": status}}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]}
+    return start, payload
+
+
+async def _respond(send, status: int, message: str, param: str | None, err_type: str) -> None:
+    start, payload = _json_error(status, message, param, err_type)
+    await send(start)
+    await send({"type": "http.response.body", "body": payload})
+
+
+#: Most bytes of an event stream held back while waiting for its first event.
+_MAX_HELD = 1 << 20
+#: Events that streams send before generating (the Responses API); held with the first event that follows.
+_PRELUDE_EVENTS = ("response.created", "response.in_progress")
+
+
+def _first_event_verdict(buf: bytes, final: bool):
+    """Look at the held start of an event stream: ``("error", status, body)`` when its first event is a capture
+    error, ``"pass"`` when it is anything else, ``None`` to keep holding."""
+    events = buf.replace(b"\r\n", b"\n").split(b"\n\n")
+    complete = events if final else events[:-1]
+    for event in complete:
+        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if not data.strip():
+            continue
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return "pass"
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict) and "attncap" in str(err.get("message", "")):
+            code = err.get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 400
+            return ("error", status, data)
+        if isinstance(obj, dict) and obj.get("type") in _PRELUDE_EVENTS:
+            continue
+        return "pass"
+    return "pass" if final or len(buf) > _MAX_HELD else None
+
+
+def _stream_gate(send):
+    """Wrap ``send`` for a capture request: an event stream whose first event is a capture error (raised once
+    the prompt is tokenized, e.g. a layer out of range) is answered as that error's HTTP status instead, before
+    any of the stream is sent."""
+    state = {"mode": "undecided", "start": None, "buf": b""}
+
+    async def gated(message):
+        mode = state["mode"]
+        if mode == "pass":
+            await send(message)
+            return
+        if mode == "drop":
+            return
+        if message["type"] == "http.response.start":
+            ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+            if message.get("status") == 200 and ctype.startswith(b"text/event-stream"):
+                state["start"] = message
+                return
+            state["mode"] = "pass"
+            await send(message)
+            return
+        if message["type"] == "http.response.body" and state["start"] is not None:
+            state["buf"] += message.get("body", b"")
+            more = message.get("more_body", False)
+            verdict = _first_event_verdict(state["buf"], final=not more)
+            if verdict is None:
+                return
+            if verdict == "pass":
+                state["mode"] = "pass"
+                await send(state["start"])
+                await send({"type": "http.response.body", "body": state["buf"], "more_body": more})
+                return
+            _, status, data = verdict
+            state["mode"] = "drop"
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
+            return
+        await send(message)
+
+    return gated
+
+
+def _needs_parse(body: bytes) -> bool:
+    """Whether a body may name a spec field: a UTF-8 body without the bytes ``attncap`` and without ``\\u``
+    escapes cannot; any other encoding (UTF-16, UTF-32, a BOM) is parsed."""
+    if not body:
+        return False
+    if b"attncap" in body or b"\\u" in body:
+        return True
+    try:
+        return json.detect_encoding(body) != "utf-8"
+    except Exception:  # noqa: BLE001
+        return True
+
+
+class CaptureGuard:
+    """ASGI middleware in front of every route of the server (whatever vLLM mounts, now or later).
+
+    For every HTTP request it records a :class:`Caller` (did the request carry the API key, when the server has
+    one) in a context variable, which the admission of the request's prompts reads. Then:
+
+    * ``/v1/attncap`` and everything under it (read, delete, status) needs the API key when the server has one,
+      and a key that is not printable is a 400 naming it;
+    * a body that asks for a capture (a spec name as an object key anywhere in the parsed JSON, any route, any
+      encoding ``json.loads`` accepts) needs the API key, and is checked as parsed
+      (:func:`~vllm_attncap.serving.xargs.check_request_body`: duplicates, names, types, booleans, huge integers)
+      before the route's request model sees it, a 400 naming the field when it fails;
+    * the response of such a request, when it is an event stream, is held until its first event: a capture error
+      there (found once the prompt is tokenized) becomes that HTTP status instead of a 200 stream.
+
+    The body is replayed unchanged to the app."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in GUARDED_PATHS:
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        caller = Caller(not _API_TOKENS or _verify_api_key(Headers(scope=scope)))
+        token = _CALLER.set(caller)
+        try:
+            await self._guard(scope, receive, send, caller)
+        finally:
+            _CALLER.reset(token)
+
+    async def _guard(self, scope, receive, send, caller: Caller):
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        paths = {path, path.removeprefix(root) if root else path}
+        if scope["type"] == "http" and any(p == STATUS_ROUTE or p.startswith(STATUS_ROUTE + "/") for p in paths):
+            if not caller.authenticated:
+                await _respond(send, 401, "attncap: the capture routes need the API key "
+                               "(Authorization: Bearer <key>)", "Authorization", "Unauthorized")
+                return
+            key = min(paths, key=len)[len(STATUS_ROUTE) + 1:]
+            if key and not key.isprintable():
+                await _respond(send, 400, f"attncap: key {key!r} has control characters; a key is 1-1024 "
+                               "printable characters", "key", "BadRequestError")
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([], message, receive), send)
+                await self.app(scope, _replay(chunks, message, receive), send)
                 return
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        err = check_request_body(body) if b"attncap" in body else None
-        if err is not None:
-            field = getattr(err, "field", None)
-            payload = json.dumps({"error": {
-                "message": str(err), "type": "BadRequestError", "code": 400,
-                "param": f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap",
-            }}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            return
+        check = check_request_body(body) if _needs_parse(body) else None
+        if check is not None and check.asks_capture:
+            if not caller.authenticated:
+                await _respond(send, 401, "attncap: this server has an API key; a request that asks for a capture "
+                               "must carry it (Authorization: Bearer <key>), whatever its route", "Authorization",
+                               "Unauthorized")
+                return
+            if check.error is not None:
+                field = check.error.field
+                await _respond(send, 400, str(check.error) or "attncap spec: refused",
+                               f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap", "BadRequestError")
+                return
+            send = _stream_gate(send)
         await self.app(scope, _replay([body], None, receive), send)
 
 
 def _replay(bodies, first, receive):
-    pending = [{"type": "http.request", "body": b, "more_body": False} for b in bodies]
+    pending = [{"type": "http.request", "body": b"".join(bodies), "more_body": False}] if bodies else []
     if first is not None:
         pending.append(first)
 
@@ -141,16 +384,16 @@ def _replay(bodies, first, receive):
 
 
 def _attach(app) -> None:
-    global _SERVER_MODE
+    global _SERVER_MODE, _API_TOKENS
+    _API_TOKENS = _server_api_tokens(app)
     app.include_router(build_router())
-    try:
-        app.add_middleware(XargsGuard)
-    except RuntimeError as e:  # the app already started (not the case with vLLM's build_app)
-        logger.warning("vllm_attncap: raw-body checks of vllm_xargs are off: %s", e)
+    app.add_middleware(CaptureGuard)  # vLLM's build_app attaches plugins before it adds any middleware
     _SERVER_MODE = True
+    start_expiry_timer()
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
-        "(per-request cap %d bytes, in-flight cap %d bytes)", ROUTE, DEFAULT_MAX_BYTES, MAX_PENDING_BYTES,
+        "(per-request cap %d bytes, in-flight cap %d bytes; capture requests %s the API key)", ROUTE,
+        DEFAULT_MAX_BYTES, MAX_PENDING_BYTES, "need" if _API_TOKENS else "need no (none is set)",
     )
 
 
@@ -198,6 +441,8 @@ def _patch_input_processor() -> bool:
             return False
     if not getattr(cls.process_inputs, "__attncap_wrapped__", False):
         cls.process_inputs = _wrap_process_inputs(cls.process_inputs)
+    if not getattr(cls.__init__, "__attncap_wrapped__", False):
+        cls.__init__ = _wrap_init(cls.__init__)
     return True
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import threading
 import time
 from http import HTTPStatus
 from typing import Any
@@ -18,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
+from .. import store as _store
 from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists
-from .admission import MAX_DERIVED_KEY_CHARS, pending_capture_bytes, release, reservations
+from .admission import MAX_DERIVED_KEY_CHARS, RESERVED_KEY_PREFIXES, pending_capture_bytes, release, reservations
 
-__all__ = ["ROUTE", "STATUS_ROUTE", "build_router", "capture_payload", "status_payload"]
+__all__ = ["ROUTE", "STATUS_ROUTE", "build_router", "capture_payload", "start_expiry_timer", "status_payload"]
+
+logger = logging.getLogger("vllm_attncap")
 
 ROUTE = "/v1/attncap/{key:path}"
 #: ``GET`` it for the store's and admission's state (records, bytes in flight, reservations).
@@ -64,10 +69,14 @@ def capture_payload(record: CaptureRecord, *, encoding: str = "base64") -> dict[
 
 
 def _resolve_key(key: str) -> tuple[str | None, list[str]]:
-    """The stored key for ``key``: itself, or ``key-<i>`` when a completion response id has
-    exactly one prompt capture. Returns ``(key or None, the candidate keys found)``."""
+    """The stored key for ``key``: itself, or ``key-<i>`` when ``key`` is a server response id (it starts with
+    one of :data:`~.admission.RESERVED_KEY_PREFIXES`, which caller keys may not) and that response has exactly
+    one prompt capture. A caller key is only ever matched exactly. Returns ``(key or None, the candidate keys
+    found)``."""
     if key_exists(key):
         return key, [key]
+    if not key.startswith(RESERVED_KEY_PREFIXES):
+        return None, []
     indexed_keys = []
     for i in range(MAX_PROMPTS_RESOLVED):
         if not key_exists(f"{key}-{i}"):
@@ -76,18 +85,65 @@ def _resolve_key(key: str) -> tuple[str | None, list[str]]:
     return (indexed_keys[0] if len(indexed_keys) == 1 else None), indexed_keys
 
 
+def store_state() -> dict[str, Any]:
+    """Whether this server can capture: its namespace exists and is usable (``capture_available``), where it
+    is (``store_base``; ``store_base_note`` says why it is not the configured base), or why not (``reason``)."""
+    try:
+        store = current_store()
+    except OSError as e:
+        return {"capture_available": False, "reason": str(e) or type(e).__name__}
+    state: dict[str, Any] = {"capture_available": True, "store_base": str(store.path.parent)}
+    note = getattr(_store, "base_note", lambda: None)()
+    if note:
+        state["store_base_note"] = note
+    return state
+
+
 def status_payload() -> dict[str, Any]:
-    """What ``GET /v1/attncap`` answers: records stored, their backed bytes, bytes in flight, reservations."""
+    """What ``GET /v1/attncap`` answers: whether capture is available, records stored, their backed bytes,
+    bytes in flight, reservations."""
+    state = store_state()
+    if not state["capture_available"]:
+        return {"object": "attncap.status", **state}
     store = current_store()
     metas = store.find()
     return {
         "object": "attncap.status",
+        **state,
         "records": len(metas),
         "open_records": sum(m.status == STATUS_OPEN for m in metas),
         "stored_bytes": store.pending_bytes(),
         "pending_bytes": pending_capture_bytes(),
         "reservations": len(reservations()),
     }
+
+
+_TIMER: threading.Thread | None = None
+
+
+def start_expiry_timer(period_s: float | None = None) -> threading.Thread | None:
+    """Expire unfetched captures (``VLLM_ATTNCAP_TTL_S``) on a timer in the API-server process, so that the TTL
+    holds on an idle server too (reads and listings also skip and remove expired records). Idempotent; None when
+    the TTL is off."""
+    global _TIMER
+    ttl = _store.TTL_S
+    if ttl <= 0:
+        return None
+    if _TIMER is not None and _TIMER.is_alive():
+        return _TIMER
+    period = period_s if period_s is not None else max(0.25, min(ttl / 4.0, 30.0))
+
+    def run():
+        while True:
+            time.sleep(period)
+            try:
+                current_store().expire()
+            except Exception as e:  # noqa: BLE001 - the store may be gone at shutdown
+                logger.debug("vllm_attncap: expiry pass failed: %s", e)
+
+    _TIMER = threading.Thread(target=run, name="attncap-expiry", daemon=True)
+    _TIMER.start()
+    return _TIMER
 
 
 def _bad_key(key: str) -> bool:
