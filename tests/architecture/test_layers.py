@@ -46,7 +46,7 @@ def _copy(tmp_path: Path) -> Path:
          "The reward math imports no framework"),
         ("vllm_attncap/engine/tracker.py", "def _leak():\n    from ..serving import admission  # noqa\n",
          "vllm_attncap layers"),
-        ("vllm_attncap/store.py", "def _leak():\n    import torch  # noqa\n",
+        ("vllm_attncap/store/store.py", "def _leak():\n    import torch  # noqa\n",
          "The capture spec and the store (with its per-rank parts) import neither vLLM nor torch"),
     ],
 )

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..parts import make_part_meta, part_req_id
+from ..store.parts import make_part_meta, part_req_id
 from ..spec import CaptureSpec, ResolvedSpec, resolve_spec
 from ..store import CaptureMeta, CaptureWriter, write_error
 from .parallel import RankFacts, rank_share
@@ -147,7 +147,7 @@ class CaptureTracker:
                 spec=resolved.spec.to_dict(),
             )
             share = None
-            if self.ranks is not None:  # one part per rank (vllm_attncap.parts)
+            if self.ranks is not None:  # one part per rank (vllm_attncap.store.parts)
                 share = rank_share(self.ranks, resolved)
                 meta = make_part_meta(
                     meta, self.ranks.index, self.ranks.count, layers=list(share.layers),

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..spec import DEFAULT_MAX_BYTES, SPEC_FIELDS, CaptureSpec, resolve_spec
-from ..parts import list_captures as find_captures  # a TP/PP engine's per-rank parts count as one record
-from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists
+from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists, list_captures  # TP/PP parts count as one record
 from .xargs import SPEC_XARG, SpecError, spec_from_xargs
 
 __all__ = [
@@ -89,7 +88,7 @@ def pending_capture_bytes() -> int:
     ``VLLM_ATTNCAP_MAX_PENDING_BYTES``."""
     seen: dict[str, tuple[int, int]] = {}
     total = 0
-    for meta in find_captures():
+    for meta in list_captures():
         if meta.status == STATUS_OPEN:
             total += meta.nbytes
         count, nbytes = seen.get(meta.key, (0, 0))
@@ -238,8 +237,8 @@ def admit_request(
                 r.since = now
             else:
                 # joining after the earlier prompts' records appeared: they count as seen
-                before = len(find_captures(key)) if joins else 0
-                prior = sum(m.nbytes for m in find_captures(key)) if joins else 0
+                before = len(list_captures(key)) if joins else 0
+                prior = sum(m.nbytes for m in list_captures(key)) if joins else 0
                 _reservations[key] = _Reservation(prior + need, before + samples, now)
             if spec.key is not None:
                 if joins:
