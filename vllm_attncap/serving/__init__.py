@@ -23,8 +23,12 @@ general plugin's ``register()`` runs in the API-server process too, and there
    serving. Caps: a request's buffer may not exceed ``VLLM_ATTNCAP_MAX_BYTES``
    (``max_bytes`` may ask for less, never more), and captures in flight may not
    exceed ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` in total (HTTP 503 then: retry later;
-   a capture bigger than that cap as a whole is a 400). A small ASGI middleware
-   checks the raw body first (duplicate ``attncap*`` keys, booleans as ints).
+   a capture bigger than that cap as a whole is a 400). An ASGI middleware in
+   front of every route (:class:`~vllm_attncap.serving.install.CaptureGuard`)
+   requires the API key, when the server has one, for anything that creates,
+   reads or deletes a capture, checks the spec as the parsed body holds it
+   (duplicates, escapes, encodings, booleans, huge integers), and turns a capture
+   error at the start of an event stream into that HTTP status.
 
 2. **Retrieval routes** (added to the FastAPI app by wrapping
    ``attach_endpoint_plugins``, which ``build_app`` calls once after the core

@@ -7,6 +7,9 @@
 2. **Retrieval routes** (:mod:`~vllm_attncap.serving.routes`) are added to the FastAPI app by wrapping
    ``attach_endpoint_plugins``, which ``build_app`` calls once after the core routes (no ``VLLM_PLUGINS``
    allow-listing is needed).
+3. **The guard** (:class:`CaptureGuard`), an ASGI middleware in front of every route the app mounts: the API key
+   for anything that creates, reads or deletes a capture, the spec checked as parsed, stream errors as HTTP
+   statuses (see its docstring and docs/server.md, "Guarantees, route by route").
 
 Outside an API-server process (``LLM`` offline, EngineCore, workers) nothing is patched and nothing changes.
 """

@@ -177,6 +177,9 @@ def build_router():
         wait: float = Query(10.0, ge=0.0, le=60.0, description="seconds to wait for the capture to be closed"),
         encoding: str = Query("base64", pattern="^(base64|list)$"),
     ):
+        state = store_state()
+        if not state["capture_available"]:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"capture is unavailable on this server: {state['reason']}")
         if _bad_key(key):
             return _error(HTTPStatus.BAD_REQUEST, f"key must be 1-{MAX_DERIVED_KEY_CHARS} printable characters", "key")
         deadline = time.monotonic() + wait
@@ -228,6 +231,9 @@ def build_router():
 
     @router.delete(ROUTE)
     async def delete_capture(key: str):
+        state = store_state()
+        if not state["capture_available"]:
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"capture is unavailable on this server: {state['reason']}")
         if _bad_key(key):
             return _error(HTTPStatus.BAD_REQUEST, f"key must be 1-{MAX_DERIVED_KEY_CHARS} printable characters", "key")
         stored = _resolve_key(key)[0] or key

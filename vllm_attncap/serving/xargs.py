@@ -199,8 +199,9 @@ def check_request_body(body: bytes) -> BodyCheck:
     for k, values in dups:
         if is_capture_name(k) or k in XARGS_KEYS or any(mentions_capture(v) for v in values):
             field = k[len(FLAT_PREFIX):] if k.startswith(FLAT_PREFIX) else None
-            return BodyCheck(True, SpecError(
-                f"attncap spec: {k!r} is given twice in the request body; give it once", field))
+            where = f"attncap spec field '{field}'" if field else f"attncap spec: {k!r}"
+            return BodyCheck(True, SpecError(f"{where} is given twice in the request body (as {k!r}); give it once",
+                                             field))
     try:
         _check_xargs_in(obj, 0)
     except SpecError as e:

@@ -10,7 +10,7 @@ them: :func:`read_capture` and :func:`list_captures` are the caller's entry for 
 The package imports only numpy, the standard library and :mod:`vllm_attncap.spec`.
 """
 
-from .namespace import ENV_BASE, ENV_NAMESPACE, ENV_TTL, StoreError, sweep_dead
+from .namespace import ENV_BASE, ENV_NAMESPACE, ENV_TTL, StoreError, base_note, sweep_dead
 from .parts import list_captures, read_capture
 from .record import (FORMAT_VERSION, STATS_COVERAGE, STATS_ENTROPY, STATUS_ABANDONED, STATUS_ERROR, STATUS_FINISHED,
                      STATUS_OPEN, CaptureMeta, CaptureRecord, key_hash)
@@ -35,6 +35,7 @@ __all__ = [
     "CaptureStore",
     "CaptureClaimed",
     "StoreError",
+    "base_note",
     "current_store",
     "set_current_store",
     "sweep_dead",

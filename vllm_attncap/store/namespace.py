@@ -130,6 +130,64 @@ def _ensure_base(base: Path) -> None:
     _check_dir(base, what="base", tighten=True)
 
 
+_PRIVATE_BASE_RE = re.compile(r"^vllm-attncap-%d-private-[A-Za-z0-9_]+$" % os.geteuid())
+#: Why this process's base is not the configured one (set by :func:`private_base`), or None.
+_BASE_NOTE: str | None = None
+
+
+def base_note() -> str | None:
+    """Why this process stores its captures in a private base of its own instead of the configured one (the
+    configured base was unusable: another uid's, a symlink, not a directory), or None when it uses the
+    configured base."""
+    return _BASE_NOTE
+
+
+def private_base(wanted: Path, why: BaseException) -> Path:
+    """A base of this process's own, used when ``wanted`` cannot be: a fresh directory with an unpredictable name
+    (``vllm-attncap-<uid>-private-<random>``, ``mkdtemp``: created exclusively, mode 0700) next to ``wanted``
+    (else in the temporary directory). Empty private bases of servers that are gone are removed first, and the
+    dead namespaces in them swept."""
+    global _BASE_NOTE
+    parents = [wanted.parent, Path(tempfile.gettempdir())]
+    last: BaseException = why
+    for parent in parents:
+        _sweep_private_bases(parent)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=f"vllm-attncap-{os.geteuid()}-private-", dir=parent))
+            _check_dir(path, what="base", tighten=False)
+        except OSError as e:
+            last = e
+            continue
+        _BASE_NOTE = (f"the configured capture base {wanted} is unusable ({why}); this server uses the private base "
+                      f"{path} instead")
+        logger.warning("vllm_attncap: %s", _BASE_NOTE)
+        return path
+    raise StoreError(errno.EPERM, f"vllm_attncap: the capture base {wanted} is unusable ({why}) and no private base "
+                     f"could be made ({last})")
+
+
+def _sweep_private_bases(parent: Path) -> None:
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not _PRIVATE_BASE_RE.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        sweep_dead(entry.path)
+        if time.time() - st.st_mtime > _ORPHAN_GRACE_S:
+            try:
+                os.rmdir(entry.path)  # only when empty: a live server's base holds its namespace
+            except OSError:
+                pass
+
+
 def _read_owner(ns: Path) -> dict | None:
     try:
         fd = os.open(ns / _OWNER, os.O_RDONLY | _NO_FOLLOW | _CLOEXEC)

@@ -80,7 +80,7 @@ import numpy as np
 
 from .namespace import (_CLOEXEC, _NO_FOLLOW, _NS_RE, _OWNER, ENV_JOIN_TOKEN, ENV_NAMESPACE, StoreError, _check_dir,
                         _ensure_base, _may_join, _read_owner, _start_time, _unlink, _write_exclusive, default_base,
-                        sweep_dead)
+                        private_base, sweep_dead)
 from .record import (_MAGIC, _PAGE, _PREFIX, _STATUS_CODES, _STATUS_NAMES, _SUFFIX, FORMAT_VERSION, STATUS_ERROR,
                      STATUS_OPEN, CaptureMeta, CaptureRecord, _record_name, key_hash)
 
@@ -126,6 +126,7 @@ class CaptureStore:
         self._owner_pid = os.getpid() if owner else None
         self._lock = threading.Lock()
         self._last_expire = -math.inf
+        self._private_base = False  # the base is this namespace's own (made because the configured one was unusable)
 
     def __repr__(self) -> str:
         return f"CaptureStore({str(self.path)!r}, owner={self.owner})"
@@ -135,8 +136,16 @@ class CaptureStore:
     def create(cls, base: Path | str | None = None, *, sweep: bool = True) -> "CaptureStore":
         """A fresh namespace under ``base`` (default :func:`default_base`), owned by this process; removes
         dead engines' namespaces of the same base first (``sweep``)."""
-        base = Path(base) if base is not None else default_base()
-        _ensure_base(base)
+        private = False
+        if base is not None:
+            base = Path(base)
+            _ensure_base(base)
+        else:
+            base = default_base()
+            try:
+                _ensure_base(base)
+            except OSError as e:  # another uid's (anyone can pre-create the predictable default), a symlink, ...
+                base, private = private_base(base, e), True
         if sweep:
             sweep_dead(base)
         for _ in range(8):
@@ -153,6 +162,7 @@ class CaptureStore:
                  "format_version": FORMAT_VERSION, "join": secrets.token_hex(16)}
         _write_exclusive(ns / _OWNER, json.dumps(owner).encode())
         store = cls(ns, owner=True)
+        store._private_base = private
         atexit.register(store.remove)
         return store
 
@@ -176,6 +186,11 @@ class CaptureStore:
         if self.owner and self._owner_pid != os.getpid():
             return  # a forked child inherited the atexit hook: the namespace is not its to remove
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._private_base:
+            try:
+                os.rmdir(self.path.parent)  # the private base made for this namespace, when nothing else is in it
+            except OSError:
+                pass
 
     # -- records --------------------------------------------------------------------------------------------------
     def _record_paths(self, key: str | None) -> list[Path]:
@@ -215,8 +230,11 @@ class CaptureStore:
         meta.rows_written, meta.closed = int(rows), (closed or None)
         return meta, int(data_offset)
 
-    def _scan(self, key: str | None) -> list[tuple[Path, CaptureMeta]]:
+    def _scan(self, key: str | None, *, expired: bool = False) -> list[tuple[Path, CaptureMeta]]:
+        """The records under exactly ``key`` (all when None), in order. Records past the TTL are removed on the
+        way and left out (``expired``: kept, for :meth:`expire`), so the TTL holds for every read and listing."""
         out = []
+        ttl, now = TTL_S, time.time()
         for p in self._record_paths(key):
             fd = self._open_record(p)
             if fd is None:
@@ -226,6 +244,10 @@ class CaptureStore:
             finally:
                 os.close(fd)
             if got is None or (key is not None and got[0].key != key):
+                continue
+            if not expired and _past_ttl(got[0], now, ttl):
+                if _unlink(p):
+                    logger.info("vllm_attncap: removed capture %r (unfetched for more than %s s)", got[0].key, ttl)
                 continue
             out.append((p, got[0]))
         out.sort(key=lambda pm: pm[1].order)
@@ -326,9 +348,8 @@ class CaptureStore:
         if ttl <= 0:
             return 0
         now, n = time.time(), 0
-        for path, meta in self._scan(None):
-            since = meta.closed or meta.created
-            if meta.status != STATUS_OPEN and since and now - since > ttl:
+        for path, meta in self._scan(None, expired=True):
+            if _past_ttl(meta, now, ttl):
                 n += _unlink(path)
                 logger.info("vllm_attncap: removed capture %r (unfetched for more than %s s)", meta.key, ttl)
         return n
@@ -384,6 +405,12 @@ class CaptureStore:
             _unlink(self.record_path(key, req_id))
             fd, _ = self._create_file(key, req_id, meta, 0)
         os.close(fd)
+
+
+def _past_ttl(meta: CaptureMeta, now: float, ttl: float) -> bool:
+    """Whether a closed record is older than the TTL (``ttl`` <= 0: never)."""
+    since = meta.closed or meta.created
+    return ttl > 0 and meta.status != STATUS_OPEN and bool(since) and now - since > ttl
 
 
 class _nullcontext:
