@@ -65,10 +65,12 @@ class Caller:
     """The HTTP request a generation belongs to, as the guard saw it: whether it carried the server's API key
     (True when the server has none). Compared by identity: each HTTP request gets its own."""
 
-    __slots__ = ("authenticated",)
+    __slots__ = ("authenticated", "error")
 
     def __init__(self, authenticated: bool):
         self.authenticated = authenticated
+        #: (HTTP status, message, param) of the capture error admission raised for this request, if any
+        self.error: tuple[int, str, str | None] | None = None
 
 
 #: Set by :class:`CaptureGuard` for every HTTP request; read where the request's prompts are admitted.
@@ -102,6 +104,14 @@ def _internal_error(e: Exception) -> Exception:
         return RuntimeError(message)
 
 
+def _noted(caller: Caller | None, error: Exception, param: str | None) -> Exception:
+    """Record a capture error on the request's :class:`Caller` (the stream gate answers with it) and return it."""
+    if caller is not None:
+        status = getattr(error, "http_status", None)
+        caller.error = (int(status) if status is not None else 400, str(error), param)
+    return error
+
+
 def _wrap_process_inputs(orig):
     @functools.wraps(orig)
     def process_inputs(self, request_id, *args, **kwargs):
@@ -118,7 +128,7 @@ def _wrap_process_inputs(orig):
         if _API_TOKENS and any(is_capture_name(k) for k in sp.extra_args) and not (
                 caller is not None and caller.authenticated):
             # the guard refuses such bodies first; this holds for any route, however the spec got here
-            raise _unauthorized_error()
+            raise _noted(caller, _unauthorized_error(), "Authorization")
         mc = self.vllm_config.model_config
         try:
             new_args = admit_request(
@@ -133,10 +143,12 @@ def _wrap_process_inputs(orig):
                 caller=caller,
             )
         except (SpecError, PendingCapError) as e:
-            raise _as_http_error(e) from None
+            field = getattr(e, "field", None)
+            raise _noted(caller, _as_http_error(e), None if isinstance(e, PendingCapError) else
+                         (f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap")) from None
         except Exception as e:  # noqa: BLE001 - never a 500 with an empty message
             logger.exception("vllm_attncap: admitting a capture failed")
-            raise _internal_error(e) from None
+            raise _noted(caller, _internal_error(e), None) from None
         if new_args is not None:
             sp.extra_args = new_args  # a fresh dict: the caller's params stay untouched
         return out
@@ -215,9 +227,10 @@ _MAX_HELD = 1 << 20
 _PRELUDE_EVENTS = ("response.created", "response.in_progress")
 
 
-def _first_event_verdict(buf: bytes, final: bool):
+def _first_event_verdict(buf: bytes, final: bool, refused: bool = False):
     """Look at the held start of an event stream: ``("error", status, body)`` when its first event is a capture
-    error, ``"pass"`` when it is anything else, ``None`` to keep holding."""
+    error (or any error, when admission refused the capture: ``refused``), ``"pass"`` when it is anything else,
+    ``None`` to keep holding."""
     events = buf.replace(b"\r\n", b"\n").split(b"\n\n")
     complete = events if final else events[:-1]
     for event in complete:
@@ -229,7 +242,7 @@ def _first_event_verdict(buf: bytes, final: bool):
         except ValueError:
             return "pass"
         err = obj.get("error") if isinstance(obj, dict) else None
-        if isinstance(err, dict) and "attncap" in str(err.get("message", "")):
+        if isinstance(err, dict) and (refused or "attncap" in str(err.get("message", ""))):
             code = err.get("code")
             status = code if isinstance(code, int) and 400 <= code < 600 else 400
             return ("error", status, data)
@@ -239,10 +252,12 @@ def _first_event_verdict(buf: bytes, final: bool):
     return "pass" if final or len(buf) > _MAX_HELD else None
 
 
-def _stream_gate(send):
-    """Wrap ``send`` for a capture request: an event stream whose first event is a capture error (raised once
-    the prompt is tokenized, e.g. a layer out of range) is answered as that error's HTTP status instead, before
-    any of the stream is sent."""
+def _stream_gate(send, caller: Caller):
+    """Wrap ``send`` for a capture request: an event stream whose first event is an error, when admission refused
+    the request's capture (recorded on ``caller``; raised once the prompt is tokenized, e.g. a layer out of range)
+    or the event names a capture error, is answered as that error's HTTP status instead, before any of the stream
+    is sent. The body is then vLLM's error format built from the admission's own error, whatever the route's
+    stream made of it."""
     state = {"mode": "undecided", "start": None, "buf": b""}
 
     async def gated(message):
@@ -263,7 +278,7 @@ def _stream_gate(send):
         if message["type"] == "http.response.body" and state["start"] is not None:
             state["buf"] += message.get("body", b"")
             more = message.get("more_body", False)
-            verdict = _first_event_verdict(state["buf"], final=not more)
+            verdict = _first_event_verdict(state["buf"], final=not more, refused=caller.error is not None)
             if verdict is None:
                 return
             if verdict == "pass":
@@ -272,6 +287,10 @@ def _stream_gate(send):
                 await send({"type": "http.response.body", "body": state["buf"], "more_body": more})
                 return
             _, status, data = verdict
+            if caller.error is not None:
+                status, message, param = caller.error
+                data = json.dumps({"error": {"message": message, "type": HTTPStatus(status).phrase.replace(" ", ""),
+                                             "param": param, "code": status}}).encode()
             state["mode"] = "drop"
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"),
@@ -369,7 +388,7 @@ class CaptureGuard:
                 await _respond(send, 400, str(check.error) or "attncap spec: refused",
                                f"vllm_xargs.attncap.{field}" if field else "vllm_xargs.attncap", "BadRequestError")
                 return
-            send = _stream_gate(send)
+            send = _stream_gate(send, caller)
         await self.app(scope, _replay([body], None, receive), send)
 
 

@@ -137,6 +137,7 @@ def start_expiry_timer(period_s: float | None = None) -> threading.Thread | None
         while True:
             time.sleep(period)
             try:
+                pending_capture_bytes()  # retire the reservations of records that appeared, before any expires
                 current_store().expire()
             except Exception as e:  # noqa: BLE001 - the store may be gone at shutdown
                 logger.debug("vllm_attncap: expiry pass failed: %s", e)
