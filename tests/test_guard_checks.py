@@ -34,6 +34,7 @@ def _body(xargs_json: str) -> bytes:
         ('{"attncap_layers": [%s]}' % ("9" * 5001), "layers"),
         ('{"attncap_reduce": "max"}', "reduce"),
         ('{"attncap_colour": "red"}', "colour"),
+        ('{"attncap": "{\\"layers\\": [0], \\"l\\\\u0061yers\\": [1]}"}', "layers"),  # twice in the JSON string
     ],
 )
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-le", "utf-32"])

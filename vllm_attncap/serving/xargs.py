@@ -8,9 +8,12 @@ mixed (a field given twice is an error)::
     "vllm_xargs": {"attncap_layers": [-1], "attncap_reduce": "head_mean"}
 
 Both forms follow the same rules: a field given twice (in either form, or as a duplicate key of the JSON
-object) is an error; booleans are refused where ints are expected (:func:`check_request_body` sees the raw HTTP
-body, since the server's request model turns ``true`` into ``1``); a value nested deeper than
-:data:`MAX_DEPTH` is refused before it is parsed.
+object) is an error; booleans are refused where ints are expected, and integers beyond int64 (:data:`MAX_INT`),
+naming the field; a value nested deeper than :data:`MAX_DEPTH` is refused before it is parsed.
+
+:func:`check_request_body` applies the same rules to an HTTP body as the server parses it (``json.loads`` of the
+bytes, so escapes resolved and UTF-16/32 decoded), before the route's request model sees it: that model would turn
+``true`` into ``1``, keep the last of duplicate keys, and fail without naming the field on a huge integer.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ def parse_spec_json(text: str) -> Any:
         if not text.strip():
             return {}
         return json.loads(text, object_pairs_hook=_no_duplicates("vllm_xargs.attncap"), parse_int=_parse_int)
+    except SpecError:  # a duplicate key, from the hook (a ValueError too)
+        raise
     except json.JSONDecodeError as e:
         raise SpecError(f"attncap spec: vllm_xargs.attncap is not valid JSON ({e.msg} at character {e.pos})") from None
     except RecursionError:  # pragma: no cover - the depth check comes first
