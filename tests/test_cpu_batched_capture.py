@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_attncap.engine import cpu_capture
+from vllm_attncap.engine.cpu import capture as cpu_capture
 from vllm_attncap.engine.capture import capture_layer
-from vllm_attncap.engine.compute.reference import gather_keys
+from vllm_attncap.engine.reference import gather_keys
 from vllm_attncap.engine.plan import RowBatch, StepPlan
 from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 from store_utils import private_store  # noqa: E402
@@ -99,7 +99,7 @@ def _run(use_kernel, tmp_path, monkeypatch, seed=0):
             if not plan.wants(layer):
                 continue
             if use_kernel:
-                cpu_capture.capture_layer_cpu(impl, layer, query[layer], stores[layer], BS, plan)
+                cpu_capture.capture_layer(impl, layer, query[layer], stores[layer], BS, plan)
             else:
                 capture_layer(impl, layer, query[layer],
                               lambda b, s=stores[layer]: gather_keys(s, b.block_table_row, b.ctx_len, BS), plan)

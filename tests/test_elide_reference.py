@@ -1,4 +1,4 @@
-"""The elided-column reference (vllm_attncap/engine/compute/elide.py) against a plain
+"""The elided-column reference (vllm_attncap/engine/elide.py) against a plain
 loop written straight from method.md "Long histories"."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_attncap.engine.compute.elide import ELIDED, apply_elision, elide_history, plan_elision
-from vllm_attncap.engine.compute.reference import history_stats
+from vllm_attncap.engine.elide import ELIDED, apply_elision, elide_history, plan_elision
+from vllm_attncap.engine.reference import history_stats
 
 
 def elide_loop(row, history_len, sink, salient, n_max, recent):

@@ -159,7 +159,7 @@ def test_records_without_parts_pass_through(ns):
 
 def test_history_stats_matches_the_torch_reference():
     torch = pytest.importorskip("torch")
-    from vllm_attncap.engine.compute.reference import history_stats as torch_stats
+    from vllm_attncap.engine.reference import history_stats as torch_stats
 
     rows = _rows(np.random.default_rng(2))
     rows[0, 0, 1, :] = 0.0  # a row without history mass: NaN in both

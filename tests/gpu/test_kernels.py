@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vllm_attncap.engine.compute import cuda as attncap_cuda
-from vllm_attncap.engine.compute.elide import apply_elision, plan_elision
-from vllm_attncap.engine.compute.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
-from vllm_attncap.engine.compute.reference import attention_probs, gather_keys, history_stats, reduce_heads
+from vllm_attncap.engine.cuda import kernels as attncap_cuda
+from vllm_attncap.engine.elide import apply_elision, plan_elision
+from vllm_attncap.engine.cuda.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
+from vllm_attncap.engine.reference import attention_probs, gather_keys, history_stats, reduce_heads
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (torch.cuda.is_available() is False)")]

@@ -52,7 +52,7 @@ class StepPlan:
         use_kernels: whether the CUDA kernels capture this step (decided at the first captured layer).
         kernel_groups: the kernel path's row groups, built at the first captured layer.
         block_table: the step's block table (rows indexed by ``RowBatch.batch_row``).
-        cpu_step: the CPU kernel path's tables (:class:`~.cpu_capture.CpuStep`), built at the first captured layer.
+        cpu_step: the CPU kernel path's tables (:class:`~.cpu.capture.CpuStep`), built at the first captured layer.
     """
 
     batches: list[RowBatch]

@@ -194,7 +194,7 @@ def _stats_history(resolved: ResolvedSpec) -> tuple[int, int, list[int]]:
     spec asks for it (the elision plan depends only on the spec and the prompt, so every rank makes the same)."""
     spec = resolved.spec
     if spec.n_max is not None:
-        from .compute.elide import plan_elision
+        from .elide import plan_elision
 
         plan = plan_elision(resolved.history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
                             recent=spec.elision_window)

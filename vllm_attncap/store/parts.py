@@ -106,7 +106,7 @@ def make_part_meta(
 def history_stats(rows: np.ndarray, width: int, sink: int, salient) -> tuple[np.ndarray, np.ndarray]:
     """Per-row coverage and history entropy of ``rows`` ``(..., >= width)`` over history columns
     ``sink..width-1`` (renormalised per row); NaN for a row without history mass. The numpy twin of
-    ``vllm_attncap.engine.compute.reference.history_stats``."""
+    ``vllm_attncap.engine.reference.history_stats``."""
     block = rows[..., sink:width].astype(np.float64)
     mass = block.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

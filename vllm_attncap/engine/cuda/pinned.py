@@ -366,7 +366,7 @@ class HostSink:
 
 
 class CudaRingOps:
-    """The device layer of :class:`~vllm_attncap.engine.result_ring.ResultRing` on CUDA: pinned slots, copies on a
+    """The device layer of :class:`~vllm_attncap.engine.cuda.result_ring.ResultRing` on CUDA: pinned slots, copies on a
     side stream ordered after the compute stream, completion events."""
 
     def __init__(self, device: torch.device) -> None:

@@ -263,7 +263,7 @@ def capture_layer(
         block_size: KV-cache block size.
     """
     if _ext is None:
-        raise RuntimeError("the CPU capture kernel (vllm_attncap.engine.compute._cpu_kernels) is not built")
+        raise RuntimeError("the CPU capture kernel (vllm_attncap.engine.cpu._cpu_kernels) is not built")
     if not 0 <= layer < tables.num_layers:
         raise ValueError(f"cpu capture: layer {layer} out of range 0..{tables.num_layers - 1}")
     if key_slots.dim() != 3 or key_slots.dtype not in KEY_DTYPES or not key_slots.is_contiguous():

@@ -1,9 +1,9 @@
 """Batched capture of one step on CPU: one kernel call per layer for every captured row of the step.
 
-The CPU backend (:mod:`.backends.cpu`) calls :func:`capture_layer_cpu` after the stock kernel, in place of the
-per-request torch path (:func:`.capture.capture_layer`). At the step's first captured layer it builds, once,
-the kernel's tables (:func:`.compute.cpu_kernels.build_tables`: rows, positions, heads, output pointers into the
-requests' mapped files, layer slots) and caches them on the :class:`~.plan.StepPlan`; every layer then makes one
+The CPU backend (:mod:`.backend`) calls :func:`capture_layer` after the stock kernel, in place of the
+per-request torch path (:func:`vllm_attncap.engine.capture.capture_layer`). At the step's first captured layer it
+builds, once, the kernel's tables (:func:`.kernels.build_tables`: rows, positions, heads, output pointers into the
+requests' mapped files, layer slots) and caches them on the :class:`~vllm_attncap.engine.plan.StepPlan`; every layer then makes one
 call of the C++ kernel (kernels/cpu_capture.cpp), which reads the shadow keys through the block table and writes
 rows or statistics straight into the mapped files — no per-request torch ops, no intermediate copies.
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .capture import _elision_plan, capture_layer
-from .compute import cpu_kernels
-from .compute.reference import gather_keys
-from .plan import RowBatch, StepPlan
+from .. import capture as torch_capture
+from ..plan import RowBatch, StepPlan
+from ..reference import gather_keys
+from . import kernels as cpu_kernels
 
-__all__ = ["CpuStep", "capture_layer_cpu", "kernel_enabled"]
+__all__ = ["CpuStep", "capture_layer", "kernel_enabled"]
 
 
 def kernel_enabled() -> bool:
@@ -71,7 +71,7 @@ def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
         if b.rc.writer.array is None:
             continue  # closed buffer: nothing to write
         # sharded (TP/PP) requests capture their rank's part on the torch path (engine.parallel)
-        if not use or b.batch_row < 0 or b.rc.sharded or _elision_plan(b) is not None:
+        if not use or b.batch_row < 0 or b.rc.sharded or torch_capture.elision_plan(b) is not None:
             fallback.append(b)
         else:
             kernel.append(b)
@@ -84,7 +84,7 @@ def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
     return step
 
 
-def capture_layer_cpu(
+def capture_layer(
     impl,
     layer_index: int,
     query: torch.Tensor,
@@ -116,7 +116,7 @@ def capture_layer_cpu(
         for writer, upto in step.done_at.get(layer_index, ()):
             writer.note_rows(upto)
     if step.fallback is not None:
-        capture_layer(
+        torch_capture.capture_layer(
             impl, layer_index, query,
             lambda b: gather_keys(key_slots, b.block_table_row, b.ctx_len, block_size), step.fallback,
             sliding_window=sliding_window,

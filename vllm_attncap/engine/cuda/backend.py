@@ -1,6 +1,6 @@
 """attncap on CUDA: vLLM 0.25.1's FLASH_ATTN backend plus capture.
 
-Same shape as :mod:`vllm_attncap.engine.backends.cpu` (Backend / MetadataBuilder / Impl,
+Same shape as :mod:`vllm_attncap.engine.cpu.backend` (Backend / MetadataBuilder / Impl,
 subclassing vLLM's own classes, which the runner requires: its builders check
 ``isinstance(layer.impl, FlashAttentionImpl)``):
 
@@ -15,9 +15,9 @@ subclassing vLLM's own classes, which the runner requires: its builders check
   :class:`AttnCapFlashMetadata`. It declares ``UNIFORM_SINGLE_TOKEN_DECODE``
   CUDA-graph support, so vLLM keeps its default ``FULL_AND_PIECEWISE`` mode: pure
   decode steps replay full graphs that hold the fused decode-capture kernel over
-  static buffers (:mod:`vllm_attncap.engine.graph_capture`), and a step with a
+  static buffers (:mod:`vllm_attncap.engine.cuda.graph_step`), and a step with a
   request the graph cannot capture is switched to PIECEWISE by the runner hook
-  (:mod:`vllm_attncap.engine.graph_dispatch`); docs/gpu.md, "CUDA graphs".
+  (:mod:`vllm_attncap.engine.cuda.graph_dispatch`); docs/gpu.md, "CUDA graphs".
 * :class:`AttnCapFlashImpl` runs FlashAttention first — generated tokens are
   exactly FLASH_ATTN's — then captures the planned rows of its layer.
 
@@ -26,9 +26,9 @@ store), split exactly as ``FlashAttentionImpl`` does in vLLM 0.23-0.25:
 ``kv_cache.unbind(1)[0]`` of ``[num_blocks, 2, block_size, H_kv, D]``.
 
 Two ways to compute a layer's rows, chosen once per step: the CUDA kernels
-(:mod:`vllm_attncap.engine.kernel_capture`), or the torch path shared with the CPU
+(:mod:`vllm_attncap.engine.cuda.capture`), or the torch path shared with the CPU
 backend (:func:`vllm_attncap.engine.capture.capture_layer` over
-:func:`~vllm_attncap.engine.compute.reference.gather_paged_keys`).
+:func:`~vllm_attncap.engine.reference.gather_paged_keys`).
 
 Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md, "What awaits a GPU run").
 """
@@ -49,17 +49,19 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from .. import runner_hooks
+from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..capture import capture_layer
-from ..compute.pinned import HostSink
-from ..compute.reference import gather_paged_keys
-from ..compute import cuda as attncap_cuda
-from ..graph_buffers import BufferLayout
-from ..graph_capture import GraphCapture
-from ..graph_dispatch import policy as graph_policy
-from ..kernel_capture import capture_layer_kernels, kernels_available, step_uses_kernels
 from ..plan import StepPlan, build_step_plan
+from ..reference import gather_paged_keys
 from ..tracker import get_tracker
-from .common import extend_metadata, layer_index_of, model_shape_from_config
+from . import kernels as attncap_cuda
+from . import capture as kernel_capture
+from .capture import kernels_available, step_uses_kernels
+from .graph_buffers import BufferLayout
+from . import graph_dispatch
+from .graph_dispatch import policy as graph_policy
+from .graph_step import GraphCapture
+from .pinned import HostSink
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -146,6 +148,7 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         runner_hooks.on_step_end(flush_pending)
         runner_hooks.on_finish(finish_requests)
         runner_hooks.on_output(output_mark)
+        graph_dispatch.install(graph_policy)
         # layer indices of this KV-cache group (several groups = several builders and plans per step)
         try:
             self._own_layers: frozenset[int] | None = frozenset(_layer_index_of_name(n) for n in layer_names)
@@ -218,8 +221,8 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
                     reason)
         _GRAPH = None
         return None
-    from ..compute.pinned import CudaRingOps, Uploader
-    from ..result_ring import ResultRing
+    from .pinned import CudaRingOps, Uploader
+    from .result_ring import ResultRing
 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -288,8 +291,8 @@ class AttnCapFlashImpl(FlashAttentionImpl):
         key_cache = kv_cache.unbind(1)[0]  # vLLM 0.23-0.25 FlashAttention split
         window = window_length(self, attn_metadata)
         if step_uses_kernels(plan, self, query, key_cache):
-            capture_layer_kernels(self, self._layer_index, query, key_cache, attn_metadata.block_table, window, plan,
-                                  _SINK)
+            kernel_capture.capture_layer(self, self._layer_index, query, key_cache, attn_metadata.block_table, window,
+                                         plan, _SINK)
         else:
             capture_layer(self, self._layer_index, query,
                           lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,

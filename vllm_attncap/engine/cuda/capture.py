@@ -1,14 +1,14 @@
 """The CUDA kernel path of capture: one step's captured rows, grouped, launched per layer, copied to the host.
 
-Used by :class:`~vllm_attncap.engine.backends.flash.AttnCapFlashImpl` when the extension is built, the head size
+Used by :class:`~vllm_attncap.engine.cuda.backend.AttnCapFlashImpl` when the extension is built, the head size
 is 64 or 128 and ``VLLM_ATTNCAP_KERNELS`` is not ``0``. The step's captured rows are grouped by spec (mode,
 reduction, layers, heads); per group and layer one ``paged_attention_probs`` launch, then ``head_mean`` /
 ``history_stats`` on the device, then an asynchronous copy to pinned host memory
-(:class:`~vllm_attncap.engine.compute.pinned.HostSink`: side stream, the compute stream never waits). The host
+(:class:`~vllm_attncap.engine.cuda.pinned.HostSink`: side stream, the compute stream never waits). The host
 writes pinned rows into each request's buffer (:class:`~vllm_attncap.store.CaptureWriter`) once per step, after the
 forward (the runner hook's step end).
 
-The math is :mod:`vllm_attncap.engine.compute.reference`'s; tests/gpu compares the two.
+The math is :mod:`vllm_attncap.engine.reference`'s; tests/gpu compares the two.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .compute import cuda as attncap_cuda
-from .compute.pinned import HostSink
-from .plan import RowBatch, StepPlan
+from ..plan import RowBatch, StepPlan
+from . import kernels as attncap_cuda
+from .pinned import HostSink
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["KERNEL_DTYPES", "capture_layer_kernels", "kernels_available", "step_uses_kernels"]
+__all__ = ["KERNEL_DTYPES", "capture_layer", "kernels_available", "step_uses_kernels"]
 
 _WARNED_LHM_GROUPS = False
 
@@ -177,7 +177,7 @@ def _result_shape(g: _Group) -> tuple[int, ...]:
     return (2, *per_row) if g.mode == "stats" else (*per_row, g.width)
 
 
-def capture_layer_kernels(impl, layer_index: int, query: torch.Tensor, key_cache: torch.Tensor,
+def capture_layer(impl, layer_index: int, query: torch.Tensor, key_cache: torch.Tensor,
                           block_table: torch.Tensor, window: int, plan: StepPlan, sink: HostSink) -> None:
     """Capture layer ``layer_index`` of every planned request with the CUDA kernels; results leave through ``sink``.
 

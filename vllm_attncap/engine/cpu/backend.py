@@ -10,7 +10,7 @@ Backend / MetadataBuilder / Impl, as in vLLM's own backends:
   step, the capture plan (:mod:`vllm_attncap.engine.plan`).
 * :class:`AttnCapCPUImpl` runs the stock kernel first — generated tokens are
   exactly CPU_ATTN's — then captures the planned rows of its layer, all rows of
-  the step in one call of the CPU capture kernel (:mod:`vllm_attncap.engine.cpu_capture`).
+  the step in one call of the CPU capture kernel (:mod:`vllm_attncap.engine.cpu.capture`).
 
 Why a shadow key store: the CPU KV cache holds keys in an ISA-specific packed
 layout (column-major blocks for ``vec``, VNNI tiles for ``amx``); reading it
@@ -45,12 +45,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .. import runner_hooks
-from ..graph_dispatch import policy as graph_policy
-from ..compute import cpu_kernels
-from ..cpu_capture import capture_layer_cpu
+from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..plan import StepPlan, build_step_plan
 from ..tracker import get_tracker
-from .common import extend_metadata, layer_index_of, model_shape_from_config
+from . import kernels as cpu_kernels
+from . import capture as cpu_capture
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -141,8 +140,7 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         tracker.set_model_shape(shape)
         raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
-        runner_hooks.install()
-        graph_policy.graphs = False  # vLLM runs no CUDA graphs on CPU: no step has a graph to leave
+        runner_hooks.install()  # no CUDA graphs on CPU: no per-step graph decision is registered
         # With prefix caching a later request may read the blocks written now: every step keeps every kept layer.
         self._keys_every_step = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True))
         STEP_KEYS.layers = None
@@ -203,7 +201,7 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
             if self._layer_index is None:
                 self._layer_index = layer_index_of(layer)
             if plan.wants(self._layer_index):
-                capture_layer_cpu(
+                cpu_capture.capture_layer(
                     self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan,
                     sliding_window=self.sliding_window if self.sliding_window is not None else -1,
                 )

@@ -182,7 +182,7 @@ def elide_history(
     """Plan and apply the rule to rows ``probs (..., C)``; returns ``(rows, plan)``.
 
     Feed ``rows, plan.out_history_len, sink, plan.salient`` to
-    :func:`vllm_attncap.engine.compute.reference.history_stats` for the reward inputs.
+    :func:`vllm_attncap.engine.reference.history_stats` for the reward inputs.
     """
     plan = plan_elision(history_len, probs.shape[-1], sink=sink, salient=salient, n_max=n_max, recent=recent)
     return apply_elision(probs, plan), plan
