@@ -300,6 +300,7 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
     from vllm_attncap.engine.cuda import backend as flash
     from vllm_attncap.engine.capture import capture_layer
     from vllm_attncap.engine.reference import gather_keys, gather_paged_keys
+    from vllm_attncap.engine.cuda.capture import KernelStep
     from vllm_attncap.engine.cuda.capture import capture_layer as capture_layer_kernels
     from vllm_attncap.engine.plan import build_step_plan
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
@@ -350,14 +351,16 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
                 for kv_l in kv:
                     kv_l[int(table[idx, pos // bs]), 0, pos % bs] = torch.randn((kv_heads, d), generator=g).to(dtype)
         if plan is not None:
+            kernel_steps = [KernelStep() for _ in plans]  # what each group's AttnCapFlashMetadata carries
             for layer in range(num_layers):
-                plan = plans[next(i for i, own in enumerate(groups) if own is None or layer in own)]
+                group = next(i for i, own in enumerate(groups) if own is None or layer in own)
+                plan = plans[group]
                 if not plan.wants(layer):
                     continue
                 query, key_cache = queries[layer], kv[layer].unbind(1)[0]  # each layer its own q and cache
                 if path == "kernels":
                     capture_layer_kernels(impl, layer, query, key_cache, cm.block_table_tensor, window, plan,
-                                          flash._SINK)
+                                          kernel_steps[group], flash._SINK)
                 elif path == "torch":
                     capture_layer(impl, layer, query,
                                   lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,

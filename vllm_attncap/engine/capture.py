@@ -30,34 +30,34 @@ __all__ = ["capture_layer", "elision_plan", "write_probs"]
 
 def _device_cache(b: RowBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     c = b.rc.cache
-    if c.get("device") != device:
-        c["device"] = device
-        c["heads"] = torch.tensor(b.rc.local_heads, dtype=torch.long, device=device)  # this rank's own indices
+    if c.device != device:
+        c.device = device
+        c.heads = torch.tensor(b.rc.local_heads, dtype=torch.long, device=device)  # this rank's own indices
         sal = b.rc.spec.salient
-        c["salient"] = torch.tensor(sal, dtype=torch.long, device=device) if sal else None
-    return c["heads"], c["salient"]
+        c.salient = torch.tensor(sal, dtype=torch.long, device=device) if sal else None
+    return c.heads, c.salient
 
 
 def elision_plan(b: RowBatch) -> ElisionPlan | None:
     """The request's long-history elision plan (spec ``n_max``), made once per request; None when not asked for
     or when the history fits (the identity plan)."""
     c = b.rc.cache
-    if "elision" not in c:
+    if not c.elision_planned:
         spec, history_len = b.rc.spec, b.rc.resolved.history_len
         plan = None
         if spec.n_max is not None:
             plan = plan_elision(history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
                                 recent=spec.elision_window)
             plan = None if plan.is_identity else plan
-        c["elision"] = plan
-    return c["elision"]
+        c.elision, c.elision_planned = plan, True
+    return c.elision
 
 
 def _elided_salient(b: RowBatch, plan: ElisionPlan, device: torch.device) -> torch.Tensor | None:
     c = b.rc.cache
-    t = c.get("elided_salient")
+    t = c.elided_salient
     if t is None or t.device != device:
-        t = c["elided_salient"] = torch.tensor(plan.salient, dtype=torch.long, device=device) if plan.salient else None
+        t = c.elided_salient = torch.tensor(plan.salient, dtype=torch.long, device=device) if plan.salient else None
     return t
 
 

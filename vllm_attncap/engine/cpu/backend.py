@@ -124,9 +124,12 @@ class AttnCapCPUMetadata(CPUAttentionMetadata):
 
     Attributes:
         attncap_plan: which query rows of the step are captured, for which request (None: nobody captures).
+        attncap_cpu_step: the CPU kernel path's tables for the step (:func:`~.capture.prepare_step`), made by the
+            Impl at the step's first captured layer.
     """
 
     attncap_plan: StepPlan | None = None
+    attncap_cpu_step: cpu_capture.CpuStep | None = None
 
 
 class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -138,6 +141,7 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         tracker.reset()  # a new engine in this process: earlier engines' captures are dead
         shape = model_shape_from_config(vllm_config)
         tracker.set_model_shape(shape)
+        tracker.set_cache_type(cpu_capture.CpuRequestCache)
         raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
         runner_hooks.install()  # no CUDA graphs on CPU: no per-step graph decision is registered
@@ -201,8 +205,11 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
             if self._layer_index is None:
                 self._layer_index = layer_index_of(layer)
             if plan.wants(self._layer_index):
+                step = attn_metadata.attncap_cpu_step
+                if step is None:
+                    step = attn_metadata.attncap_cpu_step = cpu_capture.prepare_step(plan, self._key_slots.dtype)
                 cpu_capture.capture_layer(
-                    self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan,
+                    self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan, step,
                     sliding_window=self.sliding_window if self.sliding_window is not None else -1,
                 )
         return output

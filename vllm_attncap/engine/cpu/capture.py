@@ -3,7 +3,7 @@
 The CPU backend (:mod:`.backend`) calls :func:`capture_layer` after the stock kernel, in place of the
 per-request torch path (:func:`vllm_attncap.engine.capture.capture_layer`). At the step's first captured layer it
 builds, once, the kernel's tables (:func:`.kernels.build_tables`: rows, positions, heads, output pointers into the
-requests' mapped files, layer slots) and caches them on the :class:`~vllm_attncap.engine.plan.StepPlan`; every layer then makes one
+requests' mapped files, layer slots) into a :class:`CpuStep` (kept on the step's ``AttnCapCPUMetadata``); every layer then makes one
 call of the C++ kernel (kernels/cpu_capture.cpp), which reads the shadow keys through the block table and writes
 rows or statistics straight into the mapped files — no per-request torch ops, no intermediate copies.
 
@@ -22,14 +22,23 @@ import torch
 from .. import capture as torch_capture
 from ..plan import RowBatch, StepPlan
 from ..reference import gather_keys
+from ..tracker import RequestCache
 from . import kernels as cpu_kernels
 
-__all__ = ["CpuStep", "capture_layer", "kernel_enabled"]
+__all__ = ["CpuRequestCache", "CpuStep", "capture_layer", "kernel_enabled", "prepare_step"]
 
 
 def kernel_enabled() -> bool:
     """Whether the CPU kernel is built and not switched off (``VLLM_ATTNCAP_CPU_KERNEL=0``)."""
     return cpu_kernels.available() and os.environ.get("VLLM_ATTNCAP_CPU_KERNEL", "1") != "0"
+
+
+@dataclass
+class CpuRequestCache(RequestCache):
+    """The CPU room's per-request cache: the torch path's fields plus the kernel's step-invariant tables
+    (installed by the CPU metadata builder with ``CaptureTracker.set_cache_type``)."""
+
+    kernel: cpu_kernels.KernelCache = field(default_factory=cpu_kernels.KernelCache)
 
 
 @dataclass
@@ -60,11 +69,13 @@ def _kernel_request(b: RowBatch) -> cpu_kernels.KernelRequest:
         salient=spec.salient,
         first_layer=rc.first_layer,
         last_layer=rc.last_layer,
-        cache=rc.cache,
+        cache=rc.cache.kernel if isinstance(rc.cache, CpuRequestCache) else None,
     )
 
 
-def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
+def prepare_step(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
+    """The step's :class:`CpuStep` (made at its first captured layer): the kernel's tables for the requests it
+    covers, the rest left to the torch path."""
     kernel, fallback = [], []
     use = kernel_enabled() and key_dtype in cpu_kernels.KEY_DTYPES and plan.block_table is not None
     for b in plan.batches:
@@ -91,6 +102,7 @@ def capture_layer(
     key_slots: torch.Tensor,
     block_size: int,
     plan: StepPlan,
+    step: CpuStep,
     *,
     sliding_window: int = -1,
 ) -> None:
@@ -101,12 +113,10 @@ def capture_layer(
         query: ``(num_tokens, H, D)`` this step's queries.
         key_slots: ``(num_slots, H_kv, D)`` the shadow key store.
         block_size: KV-cache block size.
-        plan: this step's plan (its ``cpu_step`` is filled at the first captured layer).
+        plan: this step's plan.
+        step: the step's :class:`CpuStep` (:func:`prepare_step`, once per step).
         sliding_window: the window the platform kernel used (-1 = none).
     """
-    step = plan.cpu_step
-    if step is None:
-        step = plan.cpu_step = _prepare(plan, key_slots.dtype)
     if step.tables is not None:
         cpu_kernels.capture_layer(
             step.tables, layer_index, query, key_slots, plan.block_table, block_size,

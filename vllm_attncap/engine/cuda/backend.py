@@ -36,7 +36,7 @@ Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -56,7 +56,7 @@ from ..reference import gather_paged_keys
 from ..tracker import get_tracker
 from . import kernels as attncap_cuda
 from . import capture as kernel_capture
-from .capture import kernels_available, step_uses_kernels
+from .capture import KernelStep, kernels_available, step_uses_kernels
 from .graph_buffers import BufferLayout
 from . import graph_dispatch
 from .graph_dispatch import policy as graph_policy
@@ -116,10 +116,13 @@ class AttnCapFlashMetadata(FlashAttentionMetadata):
         attncap_plan: which query rows of the step are captured by the eager paths (None: none).
         attncap_graph: set on uniform single-token decode steps when the in-graph path is on: every layer launches
             the fused decode kernel over its static buffers (rows whose flag is off exit at once).
+        attncap_kernel_step: what the eager kernel path decides about the step at its first captured layer
+            (:class:`~.capture.KernelStep`: whether the kernels capture it, its row groups).
     """
 
     attncap_plan: StepPlan | None = None
     attncap_graph: GraphCapture | None = None
+    attncap_kernel_step: KernelStep = field(default_factory=KernelStep)
 
 
 class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -177,7 +180,8 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             # eager / piecewise decode steps launch the fused kernel only when some row uses it; full-graph
             # replays run it whatever the metadata says
             graph = self._graph if uniform and self._graph.active else None
-        return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph)
+        return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph,
+                               attncap_kernel_step=KernelStep())
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> AttnCapFlashMetadata:
         """The metadata recorded into a full graph: the same static buffers, every row off (no active runner)."""
@@ -290,9 +294,10 @@ class AttnCapFlashImpl(FlashAttentionImpl):
             return output
         key_cache = kv_cache.unbind(1)[0]  # vLLM 0.23-0.25 FlashAttention split
         window = window_length(self, attn_metadata)
-        if step_uses_kernels(plan, self, query, key_cache):
+        step = attn_metadata.attncap_kernel_step
+        if step_uses_kernels(plan, step, self, query, key_cache):
             kernel_capture.capture_layer(self, self._layer_index, query, key_cache, attn_metadata.block_table, window,
-                                         plan, _SINK)
+                                         plan, step, _SINK)
         else:
             capture_layer(self, self._layer_index, query,
                           lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,
