@@ -47,7 +47,7 @@ def elision_plan(b: RowBatch) -> ElisionPlan | None:
         plan = None
         if spec.n_max is not None:
             plan = plan_elision(history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
-                                recent=spec.elision_window)
+                                window=spec.elision_window)
             plan = None if plan.is_identity else plan
         c.elision, c.elision_planned = plan, True
     return c.elision

@@ -239,7 +239,7 @@ def _stats_history(resolved: ResolvedSpec) -> tuple[int, int, list[int]]:
         from .elide import plan_elision
 
         plan = plan_elision(resolved.history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
-                            recent=spec.elision_window)
+                            window=spec.elision_window)
         if not plan.is_identity:
             return plan.out_history_len, spec.sink, list(plan.salient)
     return resolved.history_len, spec.sink, list(spec.salient)

@@ -2,7 +2,7 @@
 
 See :mod:`vllm_attncap.store.store` for the rules (who creates, joins and removes a namespace).
 
-This module imports only the standard library.
+This module imports only the standard library and :mod:`vllm_attncap.envs`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+
+from .. import envs
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -112,7 +114,7 @@ def _check_dir(path: Path, *, what: str, tighten: bool) -> None:
 
 def default_base() -> Path:
     """The base directory: ``$VLLM_ATTNCAP_STORE``, ``$VLLM_ATTNCAP_DIR`` or ``/dev/shm/vllm-attncap-<uid>``."""
-    env = os.environ.get(ENV_BASE) or os.environ.get(ENV_BASE_OLD)
+    env = envs.get(ENV_BASE) or envs.get(ENV_BASE_OLD)
     if env:
         return Path(env)
     shm = Path("/dev/shm")
@@ -198,7 +200,7 @@ def _may_join(owner: dict) -> bool:
     pid = owner.get("pid")
     if pid in _ancestors():
         return True
-    token, expected = os.environ.get(ENV_JOIN_TOKEN), owner.get("join")
+    token, expected = envs.get(ENV_JOIN_TOKEN), owner.get("join")
     if not (isinstance(token, str) and isinstance(expected, str) and isinstance(pid, int)):
         return False
     return hmac.compare_digest(token.encode(), expected.encode()) and _alive(pid, owner.get("start"))

@@ -55,7 +55,7 @@ the layout), all importable from :mod:`vllm_attncap.store`:
 * the raw records of this namespace, parts not combined: :func:`list_records`, :func:`read_records`;
 * the namespace: :func:`current_store` (a :class:`CaptureStore`), :func:`store_dir`, :func:`pending_bytes`.
 
-The store package imports only numpy, the standard library and :mod:`vllm_attncap.spec`.
+The store package imports only numpy, the standard library, :mod:`vllm_attncap.spec` and :mod:`vllm_attncap.envs`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import envs
 from .namespace import (_CLOEXEC, _NO_FOLLOW, _NS_RE, _OWNER, ENV_JOIN_TOKEN, ENV_NAMESPACE, StoreError, _check_dir,
                         _ensure_base, _may_join, _read_owner, _start_time, _unlink, _write_exclusive, default_base,
                         sweep_dead)
@@ -98,13 +99,8 @@ __all__ = [
     "discard_capture",
     "write_error",
     "pending_bytes",
-    "MAX_PENDING_BYTES",
-    "TTL_S",
 ]
 
-MAX_PENDING_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_PENDING_BYTES", str(2 * 1024**3)))
-#: Seconds after which a finished capture nobody fetched is removed (0: never).
-TTL_S = float(os.environ.get("VLLM_ATTNCAP_TTL_S", "3600"))
 #: How often (at most) a writer's cap check also runs the TTL pass.
 _EXPIRE_EVERY_S = 10.0
 
@@ -322,7 +318,7 @@ class CaptureStore:
 
     def expire(self, ttl_s: float | None = None) -> int:
         """Remove closed records older than ``ttl_s`` (default ``$VLLM_ATTNCAP_TTL_S``); returns how many."""
-        ttl = TTL_S if ttl_s is None else float(ttl_s)
+        ttl = envs.VLLM_ATTNCAP_TTL_S if ttl_s is None else float(ttl_s)
         if ttl <= 0:
             return 0
         now, n = time.time(), 0
@@ -335,7 +331,7 @@ class CaptureStore:
 
     def enforce_cap(self, incoming: int, cap: int | None = None) -> None:
         """Delete the oldest closed records when the namespace would exceed ``cap`` with ``incoming`` more."""
-        cap = MAX_PENDING_BYTES if cap is None else cap
+        cap = envs.VLLM_ATTNCAP_MAX_PENDING_BYTES if cap is None else cap
         now = time.monotonic()
         if now - self._last_expire > _EXPIRE_EVERY_S:  # the TTL pass reads every record: not on every request
             self._last_expire = now
@@ -399,12 +395,12 @@ _CURRENT_LOCK = threading.Lock()
 
 
 def _export(store: CaptureStore) -> None:
-    os.environ[ENV_NAMESPACE] = str(store.path)
+    envs.export(ENV_NAMESPACE, str(store.path))
     token = store.join_token
     if token:
-        os.environ[ENV_JOIN_TOKEN] = token
+        envs.export(ENV_JOIN_TOKEN, token)
     else:
-        os.environ.pop(ENV_JOIN_TOKEN, None)
+        envs.unset(ENV_JOIN_TOKEN)
 
 
 def current_store() -> CaptureStore:
@@ -414,11 +410,11 @@ def current_store() -> CaptureStore:
     global _CURRENT
     with _CURRENT_LOCK:
         if _CURRENT is not None and _CURRENT.path.is_dir():
-            env = os.environ.get(ENV_NAMESPACE)
+            env = envs.get(ENV_NAMESPACE)
             if env is None or Path(env) == _CURRENT.path:
                 _export(_CURRENT)
                 return _CURRENT
-        env = os.environ.get(ENV_NAMESPACE)
+        env = envs.get(ENV_NAMESPACE)
         if env and _NS_RE.match(Path(env).name) and Path(env).is_dir():
             owner = _read_owner(Path(env))
             if owner is not None and _may_join(owner):
@@ -438,8 +434,8 @@ def set_current_store(store: CaptureStore | None) -> None:
     with _CURRENT_LOCK:
         _CURRENT = store
         if store is None:
-            os.environ.pop(ENV_NAMESPACE, None)
-            os.environ.pop(ENV_JOIN_TOKEN, None)
+            envs.unset(ENV_NAMESPACE)
+            envs.unset(ENV_JOIN_TOKEN)
         else:
             _export(store)
 

@@ -33,7 +33,6 @@ request may hit a block written now.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from ... import envs
 from .. import runner_hooks
 from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..plan import StepPlan, build_step_plan
@@ -67,7 +67,7 @@ def shadow_layers(num_layers: int, value: str | None = None) -> frozenset[int] |
     Raises:
         ValueError: naming the setting and the allowed values, for anything but ``all`` or in-range indices.
     """
-    raw = os.environ.get(SHADOW_LAYERS_ENV, "all") if value is None else value
+    raw = envs.get(SHADOW_LAYERS_ENV) if value is None else value
     text = raw.strip().lower()
     if text in ("", "all"):
         return None
@@ -142,7 +142,7 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         shape = model_shape_from_config(vllm_config)
         tracker.set_model_shape(shape)
         tracker.set_cache_type(cpu_capture.CpuRequestCache)
-        raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
+        raw = envs.get(SHADOW_LAYERS_ENV)
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
         runner_hooks.install()  # no CUDA graphs on CPU: no per-step graph decision is registered
         # With prefix caching a later request may read the blocks written now: every step keeps every kept layer.

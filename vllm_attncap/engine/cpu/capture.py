@@ -14,11 +14,11 @@ Without the compiled kernel, or with ``VLLM_ATTNCAP_CPU_KERNEL=0``, every reques
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
+from ... import envs
 from .. import capture as torch_capture
 from ..plan import RowBatch, StepPlan
 from ..reference import gather_keys
@@ -30,7 +30,7 @@ __all__ = ["CpuRequestCache", "CpuStep", "capture_layer", "kernel_enabled", "pre
 
 def kernel_enabled() -> bool:
     """Whether the CPU kernel is built and not switched off (``VLLM_ATTNCAP_CPU_KERNEL=0``)."""
-    return cpu_kernels.available() and os.environ.get("VLLM_ATTNCAP_CPU_KERNEL", "1") != "0"
+    return cpu_kernels.available() and envs.VLLM_ATTNCAP_CPU_KERNEL
 
 
 @dataclass

@@ -48,6 +48,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from ... import envs
 from .. import runner_hooks
 from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..capture import capture_layer
@@ -194,20 +195,16 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=None, attncap_graph=self._graph)
 
 
-#: Environment switch of the in-graph capture path (``0``: every capturing step runs PIECEWISE).
-GRAPH_ENV = "VLLM_ATTNCAP_GRAPH"
 _GRAPH: GraphCapture | None = None
 
 
 def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture | None:
     """The process's in-graph capture state, or None when the fused kernel cannot serve this engine."""
     global _GRAPH
-    import os
-
     reason = None
     dtype = getattr(vllm_config.model_config, "dtype", None)
-    if os.environ.get(GRAPH_ENV, "1") == "0":
-        reason = f"{GRAPH_ENV}=0"
+    if not envs.VLLM_ATTNCAP_GRAPH:
+        reason = "VLLM_ATTNCAP_GRAPH=0"
     elif not (torch.cuda.is_available() and kernels_available()):
         reason = "the CUDA capture kernels are not built"
     elif shape.head_size not in attncap_cuda.PROBS_HEAD_DIMS:
@@ -234,12 +231,12 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
     max_rows = vllm_config.scheduler_config.max_num_seqs
     layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
                           num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
-                          n_splits=int(os.environ.get("VLLM_ATTNCAP_SPLITS", "4")))
-    kinds = ("stats", "rows") if os.environ.get("VLLM_ATTNCAP_GRAPH_ROWS", "1") != "0" else ("stats",)
+                          n_splits=envs.VLLM_ATTNCAP_SPLITS)
+    kinds = ("stats", "rows") if envs.VLLM_ATTNCAP_GRAPH_ROWS else ("stats",)
     if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev and _GRAPH.kinds == kinds:
         _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
         return _GRAPH
-    ring_slots = int(os.environ.get("VLLM_ATTNCAP_RING_SLOTS", "4"))
+    ring_slots = envs.VLLM_ATTNCAP_RING_SLOTS
     # one step's upload: the row table + the masks of at most max_rows requests seen for the first time
     upload_bytes = max_rows * (8 * 4 + shape.num_layers + shape.num_heads + layout.width + 48) + 64
     attncap_cuda.preload(dev)  # no kernel module may load lazily inside a graph capture

@@ -14,13 +14,13 @@ The math is :mod:`vllm_attncap.engine.reference`'s; tests/gpu compares the two.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ... import envs
 from ..plan import RowBatch, StepPlan
 from . import kernels as attncap_cuda
 from .pinned import HostSink
@@ -74,7 +74,7 @@ def step_uses_kernels(plan: StepPlan, step: KernelStep, impl, query: torch.Tenso
     use = step.use_kernels
     if use is None:
         use = (
-            os.environ.get("VLLM_ATTNCAP_KERNELS", "1") != "0"
+            envs.VLLM_ATTNCAP_KERNELS
             # long-history elision (spec n_max) runs on the torch path; the elide_rows kernel is not wired in yet
             and not any(b.rc.spec.n_max is not None for b in plan.batches)
             # under TP/PP a rank captures its share of heads and layers (engine.parallel): the torch path
