@@ -81,7 +81,7 @@ def test_any_key_and_request_id_fit(ns):
 
 
 def test_unsafe_bases_are_refused(tmp_path):
-    """Item 2: never use a base that is a symlink or another user's; an own base that is too open is tightened."""
+    """Item 2: never use a base that is a symlink or another user's, nor an own base that is too open."""
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     link = tmp_path / "link"
@@ -97,8 +97,10 @@ def test_unsafe_bases_are_refused(tmp_path):
     loose = tmp_path / "loose"
     loose.mkdir()
     os.chmod(loose, 0o777)
-    store = S.CaptureStore.create(loose)
-    assert stat.S_IMODE(os.lstat(loose).st_mode) == 0o700
+    with pytest.raises(S.StoreError, match="0700"):
+        S.CaptureStore.create(loose)
+    assert stat.S_IMODE(os.lstat(loose).st_mode) == 0o777  # refused, not changed
+    store = S.CaptureStore.create(tmp_path / "base")
     os.chmod(store.path, 0o755)
     with pytest.raises(S.StoreError, match="0700"):
         S.CaptureStore.attach(store.path)

@@ -57,7 +57,6 @@ _TABLE = [
     # the store (store/)
     Setting("VLLM_ATTNCAP_STORE", "path", None,
             "base directory of the capture store (default /dev/shm/vllm-attncap-<uid>, else the temp directory)"),
-    Setting("VLLM_ATTNCAP_DIR", "path", None, "older name of VLLM_ATTNCAP_STORE (read when that is unset)"),
     Setting("VLLM_ATTNCAP_NAMESPACE", "path", None,
             "the engine's namespace directory; set by the process that creates it, inherited by its engine processes"),
     Setting("VLLM_ATTNCAP_NAMESPACE_TOKEN", "str", None,

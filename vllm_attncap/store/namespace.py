@@ -24,7 +24,6 @@ from .. import envs
 logger = logging.getLogger("vllm_attncap")
 
 ENV_BASE = "VLLM_ATTNCAP_STORE"
-ENV_BASE_OLD = "VLLM_ATTNCAP_DIR"
 ENV_NAMESPACE = "VLLM_ATTNCAP_NAMESPACE"
 ENV_JOIN_TOKEN = "VLLM_ATTNCAP_NAMESPACE_TOKEN"
 ENV_TTL = "VLLM_ATTNCAP_TTL_S"
@@ -88,11 +87,8 @@ def _ancestors() -> set[int]:
 
 
 # -- directories ----------------------------------------------------------------------------------------------------
-def _check_dir(path: Path, *, what: str, tighten: bool) -> None:
-    """Refuse ``path`` unless it is a real directory owned by this uid with no group/other access.
-
-    ``tighten``: a directory of ours that is too open is made 0700 (the base of older versions was 0755).
-    """
+def _check_dir(path: Path, *, what: str) -> None:
+    """Refuse ``path`` unless it is a real directory owned by this uid with no group/other access."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -106,15 +102,13 @@ def _check_dir(path: Path, *, what: str, tighten: bool) -> None:
             f"remove it or point {ENV_BASE} at a directory of your own",
         )
     if st.st_mode & 0o077:
-        if not tighten:
-            raise StoreError(errno.EPERM, f"vllm_attncap: refusing the capture {what} {path}: mode "
-                             f"{stat.S_IMODE(st.st_mode):o} lets other users in (must be 0700)")
-        os.chmod(path, 0o700)  # checked above: a directory of ours, not a symlink
+        raise StoreError(errno.EPERM, f"vllm_attncap: refusing the capture {what} {path}: mode "
+                         f"{stat.S_IMODE(st.st_mode):o} lets other users in (must be 0700)")
 
 
 def default_base() -> Path:
-    """The base directory: ``$VLLM_ATTNCAP_STORE``, ``$VLLM_ATTNCAP_DIR`` or ``/dev/shm/vllm-attncap-<uid>``."""
-    env = envs.get(ENV_BASE) or envs.get(ENV_BASE_OLD)
+    """The base directory: ``$VLLM_ATTNCAP_STORE`` or ``/dev/shm/vllm-attncap-<uid>``."""
+    env = envs.get(ENV_BASE)
     if env:
         return Path(env)
     shm = Path("/dev/shm")
@@ -129,7 +123,7 @@ def _ensure_base(base: Path) -> None:
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
-    _check_dir(base, what="base", tighten=True)
+    _check_dir(base, what="base")
 
 
 def _read_owner(ns: Path) -> dict | None:

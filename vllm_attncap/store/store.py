@@ -7,7 +7,7 @@ runs and read, then deleted, by the caller.
 
 **Namespaces.** Every engine instance gets a namespace of its own: a directory with an unpredictable name
 (``ns-<32 hex>``, mode 0700) under the *base* (``$VLLM_ATTNCAP_STORE``, else ``/dev/shm/vllm-attncap-<uid>``,
-mode 0700; ``$VLLM_ATTNCAP_DIR`` is accepted as an older name for the base). The first process that uses the store
+mode 0700). The first process that uses the store
 (the frontend: the offline ``LLM`` process or the API server, where the plugin's ``register()`` runs before the
 engine spawns) creates it, writes an owner file (pid and process start time) and exports its path in
 ``$VLLM_ATTNCAP_NAMESPACE``; EngineCore and worker processes inherit the variable and use the same namespace. A
@@ -144,7 +144,7 @@ class CaptureStore:
                 continue
         else:  # pragma: no cover - 128-bit collisions
             raise StoreError(errno.EEXIST, f"vllm_attncap: could not create a namespace in {base}")
-        _check_dir(ns, what="namespace", tighten=False)
+        _check_dir(ns, what="namespace")
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "created": time.time(),
                  "format_version": FORMAT_VERSION, "join": secrets.token_hex(16)}
         _write_exclusive(ns / _OWNER, json.dumps(owner).encode())
@@ -156,8 +156,8 @@ class CaptureStore:
     def attach(cls, path: Path | str) -> "CaptureStore":
         """An existing namespace (checked: a directory of this uid, mode 0700)."""
         path = Path(path)
-        _check_dir(path.parent, what="base", tighten=False)
-        _check_dir(path, what="namespace", tighten=False)
+        _check_dir(path.parent, what="base")
+        _check_dir(path, what="namespace")
         return cls(path, owner=False)
 
     @property
