@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..spec import DEFAULT_MAX_BYTES, SPEC_FIELDS, CaptureSpec, resolve_spec
-from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists, list_captures  # TP/PP parts count as one record
+from .. import envs
+from ..spec import SPEC_FIELDS, CaptureSpec, resolve_spec
+from ..store import STATUS_OPEN, key_exists, list_captures  # TP/PP parts count as one record
 from .xargs import SPEC_XARG, SpecError, spec_from_xargs
 
 __all__ = [
@@ -170,8 +171,8 @@ def admit_request(
     spec_dict, rest = spec_from_xargs(extra_args)
     if spec_dict is None:
         return None
-    cap = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
-    pending_cap = MAX_PENDING_BYTES if max_pending_bytes is None else int(max_pending_bytes)
+    cap = envs.VLLM_ATTNCAP_MAX_BYTES if max_bytes is None else int(max_bytes)
+    pending_cap = envs.VLLM_ATTNCAP_MAX_PENDING_BYTES if max_pending_bytes is None else int(max_pending_bytes)
     unknown = sorted(set(spec_dict) - set(SPEC_FIELDS))
     if unknown:
         raise SpecError(

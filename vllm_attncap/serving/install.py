@@ -27,8 +27,7 @@ import sys
 from http import HTTPStatus
 
 from ..engine.parallel import global_counts
-from ..spec import DEFAULT_MAX_BYTES
-from ..store import MAX_PENDING_BYTES
+from .. import envs
 from .admission import PendingCapError, admit_request
 from .routes import ROUTE, STATUS_ROUTE, build_router, start_expiry_timer
 from .xargs import SpecError, check_request_body, is_capture_name
@@ -415,7 +414,8 @@ def _attach(app) -> None:
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
         "(per-request cap %d bytes, in-flight cap %d bytes; capture requests %s the API key)", ROUTE,
-        DEFAULT_MAX_BYTES, MAX_PENDING_BYTES, "need" if _API_TOKENS else "need no (none is set)",
+        envs.VLLM_ATTNCAP_MAX_BYTES, envs.VLLM_ATTNCAP_MAX_PENDING_BYTES,
+        "need" if _API_TOKENS else "need no (none is set)",
     )
 
 

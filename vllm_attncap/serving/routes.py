@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import envs
 from .. import store as _store
 from ..store import (STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists,
                      list_captures, read_capture)  # list and read: a TP/PP engine's per-rank parts combined
@@ -126,7 +127,7 @@ def start_expiry_timer(period_s: float | None = None) -> threading.Thread | None
     holds on an idle server too (reads and listings also skip and remove expired records). Idempotent; None when
     the TTL is off."""
     global _TIMER
-    ttl = _store.TTL_S
+    ttl = envs.VLLM_ATTNCAP_TTL_S
     if ttl <= 0:
         return None
     if _TIMER is not None and _TIMER.is_alive():

@@ -7,15 +7,15 @@ over it; its docstring states the rules), :mod:`~vllm_attncap.store.writer` (:cl
 and :mod:`~vllm_attncap.store.parts` (the per-rank parts of a TP/PP engine's record, and the readers that combine
 them: :func:`read_capture` and :func:`list_captures` are the caller's entry for every engine).
 
-The package imports only numpy, the standard library and :mod:`vllm_attncap.spec`.
+The package imports only numpy, the standard library, :mod:`vllm_attncap.spec` and :mod:`vllm_attncap.envs`.
 """
 
 from .namespace import ENV_BASE, ENV_NAMESPACE, ENV_TTL, StoreError, base_note, sweep_dead
 from .parts import list_captures, read_capture
 from .record import (FORMAT_VERSION, STATS_COVERAGE, STATS_ENTROPY, STATUS_ABANDONED, STATUS_ERROR, STATUS_FINISHED,
                      STATUS_OPEN, CaptureMeta, CaptureRecord, key_hash)
-from .store import (MAX_PENDING_BYTES, TTL_S, CaptureClaimed, CaptureStore, current_store, discard_capture,
-                    key_exists, list_records, pending_bytes, read_records, set_current_store, store_dir, write_error)
+from .store import (CaptureClaimed, CaptureStore, current_store, discard_capture, key_exists, list_records,
+                    pending_bytes, read_records, set_current_store, store_dir, write_error)
 from .writer import CaptureWriter
 
 __all__ = [
@@ -49,6 +49,4 @@ __all__ = [
     "discard_capture",
     "write_error",
     "pending_bytes",
-    "MAX_PENDING_BYTES",
-    "TTL_S",
 ]

@@ -2,7 +2,7 @@
 
 See :mod:`vllm_attncap.store.store` for the rules (who creates, joins and removes a namespace).
 
-This module imports only the standard library.
+This module imports only the standard library and :mod:`vllm_attncap.envs`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import envs
+
 logger = logging.getLogger("vllm_attncap")
 
 ENV_BASE = "VLLM_ATTNCAP_STORE"
-ENV_BASE_OLD = "VLLM_ATTNCAP_DIR"
 ENV_NAMESPACE = "VLLM_ATTNCAP_NAMESPACE"
 ENV_JOIN_TOKEN = "VLLM_ATTNCAP_NAMESPACE_TOKEN"
 ENV_TTL = "VLLM_ATTNCAP_TTL_S"
@@ -86,11 +87,8 @@ def _ancestors() -> set[int]:
 
 
 # -- directories ----------------------------------------------------------------------------------------------------
-def _check_dir(path: Path, *, what: str, tighten: bool) -> None:
-    """Refuse ``path`` unless it is a real directory owned by this uid with no group/other access.
-
-    ``tighten``: a directory of ours that is too open is made 0700 (the base of older versions was 0755).
-    """
+def _check_dir(path: Path, *, what: str) -> None:
+    """Refuse ``path`` unless it is a real directory owned by this uid with no group/other access."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -104,15 +102,13 @@ def _check_dir(path: Path, *, what: str, tighten: bool) -> None:
             f"remove it or point {ENV_BASE} at a directory of your own",
         )
     if st.st_mode & 0o077:
-        if not tighten:
-            raise StoreError(errno.EPERM, f"vllm_attncap: refusing the capture {what} {path}: mode "
-                             f"{stat.S_IMODE(st.st_mode):o} lets other users in (must be 0700)")
-        os.chmod(path, 0o700)  # checked above: a directory of ours, not a symlink
+        raise StoreError(errno.EPERM, f"vllm_attncap: refusing the capture {what} {path}: mode "
+                         f"{stat.S_IMODE(st.st_mode):o} lets other users in (must be 0700)")
 
 
 def default_base() -> Path:
-    """The base directory: ``$VLLM_ATTNCAP_STORE``, ``$VLLM_ATTNCAP_DIR`` or ``/dev/shm/vllm-attncap-<uid>``."""
-    env = os.environ.get(ENV_BASE) or os.environ.get(ENV_BASE_OLD)
+    """The base directory: ``$VLLM_ATTNCAP_STORE`` or ``/dev/shm/vllm-attncap-<uid>``."""
+    env = envs.get(ENV_BASE)
     if env:
         return Path(env)
     shm = Path("/dev/shm")
@@ -127,7 +123,7 @@ def _ensure_base(base: Path) -> None:
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
-    _check_dir(base, what="base", tighten=True)
+    _check_dir(base, what="base")
 
 
 _PRIVATE_BASE_RE = re.compile(r"^vllm-attncap-%d-private-[A-Za-z0-9_]+$" % os.geteuid())
@@ -154,7 +150,7 @@ def private_base(wanted: Path, why: BaseException) -> Path:
         _sweep_private_bases(parent)
         try:
             path = Path(tempfile.mkdtemp(prefix=f"vllm-attncap-{os.geteuid()}-private-", dir=parent))
-            _check_dir(path, what="base", tighten=False)
+            _check_dir(path, what="base")
         except OSError as e:
             last = e
             continue
@@ -256,7 +252,7 @@ def _may_join(owner: dict) -> bool:
     pid = owner.get("pid")
     if pid in _ancestors():
         return True
-    token, expected = os.environ.get(ENV_JOIN_TOKEN), owner.get("join")
+    token, expected = envs.get(ENV_JOIN_TOKEN), owner.get("join")
     if not (isinstance(token, str) and isinstance(expected, str) and isinstance(pid, int)):
         return False
     return hmac.compare_digest(token.encode(), expected.encode()) and _alive(pid, owner.get("start"))

@@ -17,7 +17,7 @@ then combined into the record a single-rank engine writes, in the same layout:
   added;
 * statistics of a mean that spans ranks come as partial rows over the (elided) history: they are added, then
   coverage and entropy are computed here (:func:`history_stats`, the numpy twin of
-  ``engine.compute.reference.history_stats``).
+  ``engine.reference.history_stats``).
 
 A request is complete only when every part is: if any part is an error (a rank refused or failed the capture) the
 combined record is that error, and parts still missing after ``wait_s`` make it an error too; the reader never
@@ -106,7 +106,7 @@ def make_part_meta(
 def history_stats(rows: np.ndarray, width: int, sink: int, salient) -> tuple[np.ndarray, np.ndarray]:
     """Per-row coverage and history entropy of ``rows`` ``(..., >= width)`` over history columns
     ``sink..width-1`` (renormalised per row); NaN for a row without history mass. The numpy twin of
-    ``vllm_attncap.engine.compute.reference.history_stats``."""
+    ``vllm_attncap.engine.reference.history_stats``."""
     block = rows[..., sink:width].astype(np.float64)
     mass = block.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -7,7 +7,7 @@ runs and read, then deleted, by the caller.
 
 **Namespaces.** Every engine instance gets a namespace of its own: a directory with an unpredictable name
 (``ns-<32 hex>``, mode 0700) under the *base* (``$VLLM_ATTNCAP_STORE``, else ``/dev/shm/vllm-attncap-<uid>``,
-mode 0700; ``$VLLM_ATTNCAP_DIR`` is accepted as an older name for the base). The first process that uses the store
+mode 0700). The first process that uses the store
 (the frontend: the offline ``LLM`` process or the API server, where the plugin's ``register()`` runs before the
 engine spawns) creates it, writes an owner file (pid and process start time) and exports its path in
 ``$VLLM_ATTNCAP_NAMESPACE``; EngineCore and worker processes inherit the variable and use the same namespace. A
@@ -55,7 +55,7 @@ the layout), all importable from :mod:`vllm_attncap.store`:
 * the raw records of this namespace, parts not combined: :func:`list_records`, :func:`read_records`;
 * the namespace: :func:`current_store` (a :class:`CaptureStore`), :func:`store_dir`, :func:`pending_bytes`.
 
-The store package imports only numpy, the standard library and :mod:`vllm_attncap.spec`.
+The store package imports only numpy, the standard library, :mod:`vllm_attncap.spec` and :mod:`vllm_attncap.envs`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import envs
 from .namespace import (_CLOEXEC, _NO_FOLLOW, _NS_RE, _OWNER, ENV_JOIN_TOKEN, ENV_NAMESPACE, StoreError, _check_dir,
                         _ensure_base, _may_join, _read_owner, _start_time, _unlink, _write_exclusive, default_base,
                         private_base, sweep_dead)
@@ -98,13 +99,8 @@ __all__ = [
     "discard_capture",
     "write_error",
     "pending_bytes",
-    "MAX_PENDING_BYTES",
-    "TTL_S",
 ]
 
-MAX_PENDING_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_PENDING_BYTES", str(2 * 1024**3)))
-#: Seconds after which a finished capture nobody fetched is removed (0: never).
-TTL_S = float(os.environ.get("VLLM_ATTNCAP_TTL_S", "3600"))
 #: How often (at most) a writer's cap check also runs the TTL pass.
 _EXPIRE_EVERY_S = 10.0
 
@@ -157,7 +153,7 @@ class CaptureStore:
                 continue
         else:  # pragma: no cover - 128-bit collisions
             raise StoreError(errno.EEXIST, f"vllm_attncap: could not create a namespace in {base}")
-        _check_dir(ns, what="namespace", tighten=False)
+        _check_dir(ns, what="namespace")
         owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "created": time.time(),
                  "format_version": FORMAT_VERSION, "join": secrets.token_hex(16)}
         _write_exclusive(ns / _OWNER, json.dumps(owner).encode())
@@ -170,8 +166,8 @@ class CaptureStore:
     def attach(cls, path: Path | str) -> "CaptureStore":
         """An existing namespace (checked: a directory of this uid, mode 0700)."""
         path = Path(path)
-        _check_dir(path.parent, what="base", tighten=False)
-        _check_dir(path, what="namespace", tighten=False)
+        _check_dir(path.parent, what="base")
+        _check_dir(path, what="namespace")
         return cls(path, owner=False)
 
     @property
@@ -234,7 +230,7 @@ class CaptureStore:
         """The records under exactly ``key`` (all when None), in order. Records past the TTL are removed on the
         way and left out (``expired``: kept, for :meth:`expire`), so the TTL holds for every read and listing."""
         out = []
-        ttl, now = TTL_S, time.time()
+        ttl, now = envs.VLLM_ATTNCAP_TTL_S, time.time()
         for p in self._record_paths(key):
             fd = self._open_record(p)
             if fd is None:
@@ -344,7 +340,7 @@ class CaptureStore:
 
     def expire(self, ttl_s: float | None = None) -> int:
         """Remove closed records older than ``ttl_s`` (default ``$VLLM_ATTNCAP_TTL_S``); returns how many."""
-        ttl = TTL_S if ttl_s is None else float(ttl_s)
+        ttl = envs.VLLM_ATTNCAP_TTL_S if ttl_s is None else float(ttl_s)
         if ttl <= 0:
             return 0
         now, n = time.time(), 0
@@ -356,7 +352,7 @@ class CaptureStore:
 
     def enforce_cap(self, incoming: int, cap: int | None = None) -> None:
         """Delete the oldest closed records when the namespace would exceed ``cap`` with ``incoming`` more."""
-        cap = MAX_PENDING_BYTES if cap is None else cap
+        cap = envs.VLLM_ATTNCAP_MAX_PENDING_BYTES if cap is None else cap
         now = time.monotonic()
         if now - self._last_expire > _EXPIRE_EVERY_S:  # the TTL pass reads every record: not on every request
             self._last_expire = now
@@ -426,12 +422,12 @@ _CURRENT_LOCK = threading.Lock()
 
 
 def _export(store: CaptureStore) -> None:
-    os.environ[ENV_NAMESPACE] = str(store.path)
+    envs.export(ENV_NAMESPACE, str(store.path))
     token = store.join_token
     if token:
-        os.environ[ENV_JOIN_TOKEN] = token
+        envs.export(ENV_JOIN_TOKEN, token)
     else:
-        os.environ.pop(ENV_JOIN_TOKEN, None)
+        envs.unset(ENV_JOIN_TOKEN)
 
 
 def current_store() -> CaptureStore:
@@ -441,11 +437,11 @@ def current_store() -> CaptureStore:
     global _CURRENT
     with _CURRENT_LOCK:
         if _CURRENT is not None and _CURRENT.path.is_dir():
-            env = os.environ.get(ENV_NAMESPACE)
+            env = envs.get(ENV_NAMESPACE)
             if env is None or Path(env) == _CURRENT.path:
                 _export(_CURRENT)
                 return _CURRENT
-        env = os.environ.get(ENV_NAMESPACE)
+        env = envs.get(ENV_NAMESPACE)
         if env and _NS_RE.match(Path(env).name) and Path(env).is_dir():
             owner = _read_owner(Path(env))
             if owner is not None and _may_join(owner):
@@ -465,8 +461,8 @@ def set_current_store(store: CaptureStore | None) -> None:
     with _CURRENT_LOCK:
         _CURRENT = store
         if store is None:
-            os.environ.pop(ENV_NAMESPACE, None)
-            os.environ.pop(ENV_JOIN_TOKEN, None)
+            envs.unset(ENV_NAMESPACE)
+            envs.unset(ENV_JOIN_TOKEN)
         else:
             _export(store)
 
