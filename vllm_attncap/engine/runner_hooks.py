@@ -365,7 +365,14 @@ def install() -> None:
                            "the full decode graph cannot capture may lose those captures")
     if _INSTALLED:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:  # vLLM 0.34 removed the V1 GPU runner: Model Runner V2 only
+        _INSTALLED = True
+        if not _MRV2_INSTALLED:
+            logger.warning("vllm_attncap: neither the V1 model runner nor Model Runner V2 is loaded; capture "
+                           "cannot see the step's requests")
+        return
 
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
