@@ -1,6 +1,6 @@
 """The fused decode-capture kernel against its torch reference, on fresh random inputs (GPU only).
 
-- eager launches: fp16/bf16, head dim 64/128, GQA groups 1/3/4, sliding window, soft-cap, ALiBi, sinks, stats and
+- eager launches over both KV-cache layouts (0.25.1 and 0.31+): fp16/bf16, head dim 64/128, GQA groups 1/3/4, sliding window, soft-cap, ALiBi, sinks, stats and
   head-mean rows rows mixed with rows that are off, several layers accumulating, split counts 1 and 4;
 - the launch recorded into a CUDA graph, replayed with new row tables, positions and block tables (the full-graph
   use), with the counters left at zero;
@@ -29,20 +29,24 @@ from vllm_attncap.engine.compute.decode_reference import (
     decode_capture_reference,
 )
 from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
+from vllm_attncap.engine.kv_layout import HEAD_MAJOR, KV_FIRST, key_cache_view
 from store_utils import private_store  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 ATOL, RTOL = 2e-5, 2e-3
 
 
-def _case(seed, *, dtype, D, H, Hkv, L=3, B=7, bs=16, W=640, splits=4, max_len=600):
+def _case(seed, *, dtype, D, H, Hkv, L=3, B=7, bs=16, W=640, splits=4, max_len=600, layout=KV_FIRST):
+    """``layout``: the FlashAttention KV cache of vLLM 0.25.1 (kv_first) or 0.31+ (head_major); the kernel reads
+    the key view of either (strided, no copy)."""
     g = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
     lay = BufferLayout(max_rows=B, num_layers=L, num_heads=H, num_kv_heads=Hkv, width=W, n_splits=splits)
     bufs = DecodeBuffers(lay, lambda s, d: torch.zeros(s, dtype=d, device=dev))
     nblk = 400
-    kv = torch.randn((nblk, 2, bs, Hkv, D), generator=g).to(dtype).to(dev)
-    key_cache = kv.unbind(1)[0]
+    shape = (nblk, 2, bs, Hkv, D) if layout == KV_FIRST else (nblk, Hkv, bs, 2 * D)
+    kv = torch.randn(shape, generator=g).to(dtype).to(dev)
+    key_cache = key_cache_view(kv, Hkv, D, layout)
     mb = -(-W // bs)
     bt = torch.stack([torch.randperm(nblk, generator=g)[:mb] for _ in range(B)]).to(torch.int32).to(dev)
     seq = torch.randint(2, max_len, (B,), generator=g).to(torch.int32)
@@ -122,7 +126,8 @@ def test_decode_kernel_matches_reference(kernels, dtype, D, H, Hkv, opts, splits
     from vllm_attncap.engine.compute.cuda import DecodeCapture
 
     seed = zlib.crc32(repr((str(dtype), D, H, splits, sorted(opts))).encode()) % 10_000  # the same in every process
-    lay, bufs, key_cache, bt, seq, q, g = _case(seed, dtype=dtype, D=D, H=H, Hkv=Hkv, splits=splits)
+    layout = HEAD_MAJOR if splits == 4 else KV_FIRST  # both layouts, without doubling the cases
+    lay, bufs, key_cache, bt, seq, q, g = _case(seed, dtype=dtype, D=D, H=H, Hkv=Hkv, splits=splits, layout=layout)
     n_rows = lay.max_rows - 1  # the last row is beyond the launch: untouched
     _random_rows(bufs, lay, seq, g, n_rows)
     bufs.stats.fill_(-3.0)
