@@ -520,7 +520,7 @@ def test_unsupported_step_gives_the_graph_no_rows_and_fails_the_requests(monkeyp
     assert find_captures("a")[0].status == "error"
     # the builder's routing: an unsupported uniform step is handed to begin_step as non-uniform (no graph rows)
     src = Path(flash.__file__).read_text()
-    assert "if uniform and _unsupported_md(md) is not None:" in src
+    assert "if uniform and plan is not None and _unsupported_md(md) is not None:" in src
 
 
 # --------------------------------------------------------------------------- 11. memory outside profiling
@@ -541,3 +541,79 @@ def test_static_buffers_fit_the_documented_cap():
     kinds, reason = fit_graph_budget(mid, ("stats", "rows"), 4, GRAPH_MAX_MIB_DEFAULT * 2**20)
     assert kinds == ("stats",) and reason is None  # the rows pass is dropped first
     assert mid.nbytes(("stats",)) + 4 * mid.result_bytes(("stats",)) <= GRAPH_MAX_MIB_DEFAULT * 2**20
+
+
+# --------------------------------------------------------------------------- 7. no-capture steps: stock's launches
+
+
+def test_plain_graph_set_replays_no_capture_kernel(monkeypatch):
+    """Model Runner V2's CudaGraphManager (its 0.25.1 capture loop, with a fake graph that records launches) wrapped
+    by wrap_graph_manager: the FULL graphs are captured twice, through the real AttnCapFlashImpl.forward; a step
+    without rows for the fused kernel replays the plain graph (stock's launches only), a capturing step the other."""
+    from vllm.v1.attention.backends import flash_attn as fa
+
+    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.graph_dispatch import StepGraphPolicy, wrap_graph_manager
+
+    pol = StepGraphPolicy()
+    pol.in_graph = True
+    monkeypatch.setattr(flash, "graph_policy", pol)
+    launches: list[str] = []
+    monkeypatch.setattr(fa.FlashAttentionImpl, "forward", lambda self, *a, **kw: launches.append("flash_attn"))
+    monkeypatch.setattr(flash.AttnCapFlashImpl, "_graph_capture", lambda self, *a: launches.append("capture"))
+    capturing = [False]
+    monkeypatch.setattr(flash, "_capturing", lambda: capturing[0])
+    impls = []
+    for i in range(3):
+        impl = flash.AttnCapFlashImpl.__new__(flash.AttnCapFlashImpl)
+        impl._layer_index, impl._dev, impl.attn_type = i, {}, fa.AttentionType.DECODER
+        impls.append(impl)
+    md = flash.AttnCapFlashMetadata.__new__(flash.AttnCapFlashMetadata)
+    md.attncap_plan, md.attncap_graph = None, object()  # what build_for_cudagraph_capture attaches
+
+    PW, FULL = "PIECEWISE", "FULL"
+
+    class Desc(SimpleNamespace):
+        def __hash__(self):
+            return hash((self.cg_mode, self.n))
+
+    class Manager:  # the structure of vllm/v1/worker/gpu/cudagraph_utils.py CudaGraphManager (0.25.1)
+        def __init__(self):
+            self.graphs, self.replayed = {}, []
+            self._capture_descs = {PW: [Desc(cg_mode=PW, n=8)], FULL: [Desc(cg_mode=FULL, n=1),
+                                                                      Desc(cg_mode=FULL, n=8)]}
+
+        def capture(self, create_forward_fn):
+            for mode in (PW, FULL):
+                for desc in self._capture_descs.get(mode, []):
+                    create_forward_fn()  # warmup, eager
+                    if mode == FULL:
+                        assert desc not in self.graphs
+                        launches.clear()
+                        capturing[0] = True
+                        create_forward_fn()
+                        capturing[0] = False
+                        self.graphs[desc] = list(launches)
+            return {}
+
+        def run_fullgraph(self, desc):
+            self.replayed.append(self.graphs[desc])
+
+    def forward_fn():
+        for impl in impls:
+            impl.forward(None, None, None, None, None, md, None)
+
+    assert wrap_graph_manager(Manager, pol, full_mode=FULL) and wrap_graph_manager(Manager, pol, full_mode=FULL)
+    m = Manager()
+    m.capture(forward_fn)
+    full = [d for d in m._capture_descs[FULL]]
+    assert m._capture_descs == {PW: m._capture_descs[PW], FULL: full}  # restored
+    for d in full:
+        assert m.graphs[d].count("capture") == 3 and m._attncap_plain[d] == ["flash_attn"] * 3
+    rows = [False]
+    pol.step_in_graph = lambda: rows[0]
+    m.run_fullgraph(full[0])  # nobody captures: stock's launches only
+    rows[0] = True
+    m.run_fullgraph(full[1])
+    assert m.replayed == [["flash_attn"] * 3, ["flash_attn", "capture"] * 3]
+    assert (pol.plain_replays, pol.capture_replays) == (1, 1) and m.graphs is not m._attncap_plain

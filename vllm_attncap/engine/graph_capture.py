@@ -100,6 +100,10 @@ class GraphCapture:
     def begin_step(self, plan: StepPlan | None, uniform_decode: bool, replays: bool | None = None) -> StepPlan | None:
         """See the module docstring. ``replays``: whether this step replays a full graph (None: ``uniform_decode``
         and :attr:`full_graphs`); in such a step a row without a request slot fails its request's capture."""
+        ring = self.ring
+        if plan is None and not self._table_on and not self._step_rows and (
+                ring is None or (not ring.in_flight and ring.last_event is None)):
+            return None  # nobody captures and nothing is in flight: nothing to do (the common step)
         with self._lock:
             return self._begin_step(plan, uniform_decode, self.full_graphs if replays is None else replays)
 
@@ -151,6 +155,8 @@ class GraphCapture:
         return plan
 
     def end_step(self) -> None:
+        if not self._step_rows:
+            return
         with self._lock:
             self._end_step()
 

@@ -25,7 +25,12 @@ from .graph_buffers import graph_kind
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "policy"]
+__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "wrap_graph_manager", "policy",
+           "PLAIN_GRAPHS_ENV"]
+
+#: ``0`` turns the plain graph set off (every full decode graph then holds the capture kernels, which exit at once
+#: for rows that capture nothing)
+PLAIN_GRAPHS_ENV = "VLLM_ATTNCAP_PLAIN_GRAPHS"
 
 #: Dispatch arguments that, rewritten so, make vLLM treat a batch as non-uniform (MRv2, V1).
 _NON_UNIFORM = {"uniform_token_count": None, "uniform_decode": False}
@@ -53,6 +58,15 @@ class StepGraphPolicy:
         #: what the graph captures (the CUDA builder sets it with :attr:`in_graph`)
         self.kinds: tuple[str, ...] = ("stats", "rows")
         self._kinds: dict[str, str | None] = {}
+        #: whether a full graph being captured records the fused capture kernels (False while the plain graph
+        #: set is captured, :func:`wrap_graph_manager`)
+        self.record_kernels = True
+        #: ``() -> bool``: whether the step being run has rows for the fused kernel (set by the CUDA builder);
+        #: a full-graph replay of a step without them uses the plain graph, which holds no capture kernel
+        self.step_in_graph: Callable[[], bool] | None = None
+        #: full-graph replays that used the plain / capturing graph set (diagnostics, tests)
+        self.plain_replays = 0
+        self.capture_replays = 0
 
     def kind_of(self, req_id: str, raw_spec: Any) -> str | None:
         k = self._kinds.get(req_id, "?")
@@ -129,3 +143,72 @@ def wrap_dispatch(orig: Callable, pol: StepGraphPolicy | None = None) -> Callabl
 
     dispatch.__attncap_wrapped__ = True
     return dispatch
+
+
+def wrap_graph_manager(cls: Any, pol: StepGraphPolicy | None = None, full_mode: Any = None) -> bool:
+    """Two sets of full decode graphs on Model Runner V2's ``CudaGraphManager`` (idempotent; False when ``cls``
+    lacks ``capture`` / ``run_fullgraph`` / ``graphs``).
+
+    ``capture`` runs vLLM's capture twice: first as vLLM does (PIECEWISE, then FULL) with
+    :attr:`StepGraphPolicy.record_kernels` off, so the FULL graphs hold no capture kernel (the *plain* set); then
+    the FULL descriptors only, with the kernels recorded (the *capturing* set). ``run_fullgraph`` replays the
+    capturing graph when the step has rows for the fused kernel (:attr:`StepGraphPolicy.step_in_graph`), else the
+    plain one: a step where nobody captures replays exactly stock's launches. Both sets share vLLM's graph memory
+    pool (only one graph replays at a time, as with vLLM's own graphs) and the same static inputs and outputs.
+    """
+    pol = pol or policy
+    cap, run = getattr(cls, "capture", None), getattr(cls, "run_fullgraph", None)
+    if cap is None or run is None:
+        return False
+    if getattr(cap, "__attncap_wrapped__", False):
+        return True
+    if full_mode is None:
+        from vllm.config import CUDAGraphMode
+
+        full_mode = CUDAGraphMode.FULL
+
+    @functools.wraps(cap)
+    def capture(self, *args, **kwargs):
+        descs = getattr(self, "_capture_descs", None)
+        if not isinstance(descs, dict) or full_mode not in descs or not pol.in_graph:
+            return cap(self, *args, **kwargs)
+        pol.record_kernels = False
+        try:
+            states = cap(self, *args, **kwargs)  # as vLLM captures, the FULL graphs without capture kernels
+        finally:
+            pol.record_kernels = True
+        plain = {d: g for d, g in self.graphs.items() if getattr(d, "cg_mode", None) == full_mode}
+        for d in plain:
+            del self.graphs[d]
+        self._capture_descs = {full_mode: descs[full_mode]}
+        try:
+            more = cap(self, *args, **kwargs)  # the FULL graphs again, with the capture kernels
+        finally:
+            self._capture_descs = descs
+        self.__dict__["_attncap_plain"] = plain
+        if isinstance(states, dict) and isinstance(more, dict):
+            states.update(more)
+        logger.info("vllm_attncap: %d full decode graphs captured twice (plain / capturing)", len(plain))
+        return states
+
+    @functools.wraps(run)
+    def run_fullgraph(self, desc, *args, **kwargs):
+        plain = self.__dict__.get("_attncap_plain")
+        if plain is None or desc not in plain:
+            return run(self, desc, *args, **kwargs)
+        on = pol.step_in_graph is not None and pol.step_in_graph()
+        if on:
+            pol.capture_replays += 1
+            return run(self, desc, *args, **kwargs)
+        pol.plain_replays += 1
+        graphs = self.graphs
+        self.graphs = plain  # run_fullgraph replays self.graphs[desc]
+        try:
+            return run(self, desc, *args, **kwargs)
+        finally:
+            self.graphs = graphs
+
+    capture.__attncap_wrapped__ = True
+    run_fullgraph.__attncap_wrapped__ = True
+    cls.capture, cls.run_fullgraph = capture, run_fullgraph
+    return True

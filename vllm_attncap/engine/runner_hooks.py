@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable
 
 from .graph_dispatch import policy as graph_policy
-from .graph_dispatch import wrap_dispatch
+from .graph_dispatch import PLAIN_GRAPHS_ENV, wrap_dispatch, wrap_graph_manager
 from .tracker import get_tracker
 
 logger = logging.getLogger("vllm_attncap")
@@ -89,7 +90,7 @@ def on_finish(fn: Callable[[Any], None]) -> None:
 def on_output(fn: Callable[[], Callable[[], None]]) -> None:
     """When a runner produces a step's output, call ``fn()`` (a mark of what was submitted so far); the callable it
     returns runs before that output leaves the worker: at once for a plain output, inside ``get_output()`` for an
-    asynchronous one (idempotent per ``fn``)."""
+    asynchronous one; ``None`` means nothing to wait for (idempotent per ``fn``)."""
     if fn not in _ON_OUTPUT:
         _ON_OUTPUT.append(fn)
 
@@ -114,9 +115,14 @@ def _wrap_sample_tokens(orig):
         finishers = []
         for fn in _ON_OUTPUT:
             try:
-                finishers.append(fn())
+                f = fn()
             except Exception:
                 logger.exception("vllm_attncap: output callback %r failed", fn)
+                continue
+            if f is not None:  # None: nothing of this step to wait for
+                finishers.append(f)
+        if not finishers:
+            return out
         get = getattr(out, "get_output", None)
         if callable(get):
             @functools.wraps(get)
@@ -288,12 +294,19 @@ def _wrap_mrv2_prepare_inputs(orig):
     def prepare_inputs(self, *args, **kwargs):
         global _ACTIVE
         batch = orig(self, *args, **kwargs)
-        if _IN_MRV2_STEP:
+        if _IN_MRV2_STEP and self.__dict__.get("_attncap_params"):  # only when a live request asks for capture
             _ACTIVE = MRv2StepView(self, batch)
         return batch
 
     prepare_inputs.__attncap_wrapped__ = True
     return prepare_inputs
+
+
+def _any_capture(new_reqs) -> bool:
+    for r in new_reqs or ():
+        if _spec_from_params(getattr(r, "sampling_params", None)) is not None:
+            return True
+    return False
 
 
 def _wrap_mrv2_execute_model(orig):
@@ -303,7 +316,9 @@ def _wrap_mrv2_execute_model(orig):
         _ACTIVE = None
         _IN_MRV2_STEP = True
         so = args[0] if args else kwargs.get("scheduler_output")
-        if so is not None:
+        if so is not None and not _params_of(self) and not _any_capture(getattr(so, "scheduled_new_reqs", None)):
+            graph_policy.force = False  # no live request asks for capture: nothing to decide (the common step)
+        elif so is not None:
             params = _params_of(self)
             new = {r.req_id: r for r in getattr(so, "scheduled_new_reqs", None) or ()}
 
@@ -363,6 +378,12 @@ def install() -> None:
         if _MRV2_INSTALLED and not _install_dispatch(*_MRV2_DISPATCH):
             logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
                            "the full decode graph cannot capture may lose those captures")
+        if _MRV2_INSTALLED and os.environ.get(PLAIN_GRAPHS_ENV, "1") != "0":
+            mod = sys.modules.get(_MRV2_DISPATCH[0])
+            cls = getattr(mod, _MRV2_DISPATCH[1], None) if mod is not None else None
+            if cls is None or not wrap_graph_manager(cls):
+                logger.warning("vllm_attncap: Model Runner V2's CUDA-graph manager has no capture/run_fullgraph; "
+                               "full decode graphs keep the capture kernels in every step")
     if _INSTALLED:
         return
     try:

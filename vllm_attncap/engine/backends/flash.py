@@ -167,6 +167,7 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         graph_policy.in_graph = self._graph is not None
         if self._graph is not None:
             graph_policy.kinds = self._graph.kinds
+            graph_policy.step_in_graph = _step_in_graph
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapFlashMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -180,13 +181,15 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             graph = self._graph  # a graph capture's own build: attach the buffers, touch nothing
         elif self._graph is not None:
             uniform = getattr(common_attn_metadata, "max_query_len", 0) == 1
-            if uniform and _unsupported_md(md) is not None:
+            if uniform and plan is not None and _unsupported_md(md) is not None:
                 uniform = False  # the kernel must not run for this step: its rows stay with the eager paths
             plan = self._graph.begin_step(plan, uniform, replays=uniform and not graph_policy.force
                                           and self._graph.full_graphs)
             # eager / piecewise decode steps launch the fused kernel only when some row uses it; full-graph
             # replays run it whatever the metadata says
             graph = self._graph if uniform and self._graph.active else None
+        if plan is None and graph is None:
+            return md  # nobody captures in this step: vLLM's own metadata, no copy (forward checks its type)
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> AttnCapFlashMetadata:
@@ -366,13 +369,14 @@ class AttnCapFlashImpl(FlashAttentionImpl):
         output_block_scale=None,
     ):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        plan = attn_metadata.attncap_plan if isinstance(attn_metadata, AttnCapFlashMetadata) else None
-        graph = attn_metadata.attncap_graph if isinstance(attn_metadata, AttnCapFlashMetadata) else None
+        if attn_metadata.__class__ is not AttnCapFlashMetadata:  # a step where nobody captures (build() said so)
+            return output
+        plan, graph = attn_metadata.attncap_plan, attn_metadata.attncap_graph
         if (plan is None and graph is None) or self.attn_type != AttentionType.DECODER:
             return output
         if self._layer_index is None:
             self._layer_index = layer_index_of(layer)
-        if graph is not None:
+        if graph is not None and (graph_policy.record_kernels or not _capturing()):
             self._graph_capture(graph, query, kv_cache, attn_metadata)
         if plan is None or not plan.wants(self._layer_index):
             return output
@@ -480,6 +484,11 @@ def _fail_plan(plan: StepPlan, layer: int, message: str) -> None:
         tracker.fail(b.rc.req_id, message)
 
 
+def _step_in_graph() -> bool:
+    """Whether the step being run has rows for the fused kernel (its full-graph replay needs the capturing set)."""
+    return _GRAPH is not None and _GRAPH.active
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -533,9 +542,12 @@ def flush_pending() -> None:
 def output_mark():
     """When a step's output is produced: a callable that writes every result submitted so far (waiting for those
     only), run by the runner hook before that output leaves the worker."""
-    g = _GRAPH.mark() if _GRAPH is not None else 0
-    sink = getattr(_SINK, "submitted", None)
     graph = _GRAPH
+    ring = graph.ring if graph is not None else None
+    if (ring is None or not ring.in_flight) and not _SINK.pending:
+        return None  # nothing in flight: nothing to wait for (the common no-capture step)
+    g = graph.mark() if graph is not None else 0
+    sink = getattr(_SINK, "submitted", None)
 
     def flush() -> None:
         if graph is not None:
