@@ -30,10 +30,13 @@ from vllm_attncap.engine.compute.decode_reference import (
 )
 from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
 from vllm_attncap.engine.kv_layout import HEAD_MAJOR, KV_FIRST, key_cache_view
+from float_tolerance import float_atol  # noqa: E402
 from store_utils import private_store  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-ATOL, RTOL = 2e-5, 2e-3
+# float32 on both sides over up to W = 640 keys, two dependent stages (the softmax max/sum, then the reduction):
+# float_atol gives 2.4e-5; the relative slack covers __expf's ~2 ulp and the entropy's ln S - V/S cancellation
+ATOL, RTOL = float_atol(np.float32, 640, stages=2), 2e-3
 
 
 def _case(seed, *, dtype, D, H, Hkv, L=3, B=7, bs=16, W=640, splits=4, max_len=600, layout=KV_FIRST):
