@@ -32,10 +32,10 @@ def _measure(batch: int, layers: int, steps: int) -> dict:
     from vllm.v1.attention.backends import flash_attn as fa
 
     from vllm_attncap.engine import runner_hooks
-    from vllm_attncap.engine.backends import flash
-    from vllm_attncap.engine.graph_buffers import BufferLayout
-    from vllm_attncap.engine.graph_capture import GraphCapture
-    from vllm_attncap.engine.graph_dispatch import policy
+    from vllm_attncap.engine.cuda import backend as flash
+    from vllm_attncap.engine.cuda.graph_buffers import BufferLayout
+    from vllm_attncap.engine.cuda.graph_step import GraphCapture
+    from vllm_attncap.engine.cuda.graph_dispatch import policy
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
     torch.cuda.is_current_stream_capturing = lambda: False  # a C call on a CUDA build; absent on a CPU one

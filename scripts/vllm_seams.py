@@ -1,5 +1,5 @@
 """Every vLLM symbol, signature and field the CUDA path uses: the table ``scripts/check_vllm_seams.py`` checks
-against each release's source (tests/test_vllm_seams.py checks our code uses nothing outside it).
+against each release's source (tests/engine/cuda/test_vllm_seams.py checks our code uses nothing outside it).
 
 One entry per seam: ``(kind, module, name, detail, used_by)``.
 
@@ -23,10 +23,10 @@ FA = "vllm.v1.attention.backends.flash_attn"
 BACKEND = "vllm.v1.attention.backend"
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 MRV2_RUNNER = "vllm.v1.worker.gpu.model_runner"
-FLASH = "vllm_attncap/engine/backends/flash.py"
+FLASH = "vllm_attncap/engine/cuda/backend.py"
 HOOKS = "vllm_attncap/engine/runner_hooks.py"
 PLAN = "vllm_attncap/engine/plan.py"
-COMMON = "vllm_attncap/engine/backends/common.py"
+COMMON = "vllm_attncap/engine/backend.py"
 PARALLEL = "vllm_attncap/engine/parallel.py"
 PLUGIN = "vllm_attncap/engine/plugin.py"
 
@@ -59,7 +59,7 @@ SEAMS: list[tuple[str, str, str, object, str]] = [
     # the KV-cache layout (vllm_attncap/engine/kv_layout.py reads it from the cache; this tells which release has which)
     ("source", FA, "FlashAttentionImpl.forward",
      {"kv_first": "kv_cache.unbind(1)", "head_major": "kv_cache.transpose(1, 2).split("}, FLASH),
-    ("member", FA, "FlashAttentionBackend.get_kv_cache_shape", "optional", "vllm_attncap/engine/kv_layout.py"),
+    ("member", FA, "FlashAttentionBackend.get_kv_cache_shape", "optional", "vllm_attncap/engine/cuda/kv_layout.py"),
     # FlashAttentionImpl state the capture reads
     ("field", FA, "FlashAttentionImpl.scale", None, FLASH),
     ("field", FA, "FlashAttentionImpl.logits_soft_cap", None, FLASH),
@@ -137,6 +137,18 @@ SEAMS: list[tuple[str, str, str, object, str]] = [
     ("field", "vllm.config.compilation", "CompilationConfig.static_forward_context", None, FLASH),
     ("field", "vllm.config.compilation", "CompilationConfig.cudagraph_mode", None, FLASH),
     ("member", "vllm.config.compilation", "CUDAGraphMode.has_full_cudagraphs", None, FLASH),
+    ("class", "vllm.config", "CUDAGraphMode", None, "vllm_attncap/engine/cuda/graph_dispatch.py"),
+    # the two graph sets (graph_dispatch.wrap_graph_manager): MRv2's capture loop and replay
+    ("method", "vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager.capture", ("create_forward_fn",),
+     "vllm_attncap/engine/cuda/graph_dispatch.py"),
+    ("method", "vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager.run_fullgraph", ("desc",),
+     "vllm_attncap/engine/cuda/graph_dispatch.py"),
+    ("field", "vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager.graphs", None,
+     "vllm_attncap/engine/cuda/graph_dispatch.py"),
+    ("field", "vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager._capture_descs", None,
+     "vllm_attncap/engine/cuda/graph_dispatch.py"),
+    ("field", "vllm.v1.worker.gpu.cudagraph_utils", "BatchExecutionDescriptor.cg_mode", None,
+     "vllm_attncap/engine/cuda/graph_dispatch.py"),
     ("field", "vllm.config.scheduler", "SchedulerConfig.max_num_seqs", None, FLASH),
     ("field", "vllm.config.vllm", "VllmConfig.speculative_config", None, FLASH),
     # parallel state (engine/parallel.py)
