@@ -133,8 +133,13 @@ def _free_engine(llm) -> None:
     torch.cuda.empty_cache()
 
 
+#: full decode graphs without torch.compile: seconds to start instead of a cold compile per engine (the attention
+#: backend is part of vLLM's compile-cache key, so stock and attncap would each compile)
+FULL_DECODE_ONLY = {"cudagraph_mode": "FULL_DECODE_ONLY", "mode": 0}
+
+
 def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, eager: bool, mem: float,
-               piecewise: bool = False) -> dict:
+               piecewise: bool = False, compilation: dict | None = None) -> dict:
     """{(batch, prompt, mode): {"turn_ms", "prefill_ms", "decode_tps", "capture_ok"}} for one engine."""
     import numpy as np
     from vllm import LLM
@@ -148,6 +153,8 @@ def bench_vllm(model_dir: Path, name: str, attncap: bool, cases, repeats: int, e
         kw["attention_backend"] = "attncap"
     if piecewise:
         kw["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+    elif compilation is not None:
+        kw["compilation_config"] = dict(compilation)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
@@ -299,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 repeats, prompt 512 only")
     ap.add_argument("--no-piecewise", action="store_true", help="skip the stock engine forced to PIECEWISE")
     ap.add_argument("--eager", action="store_true", help="enforce_eager for both engines (no torch.compile/graphs)")
+    ap.add_argument("--full-decode-only", action="store_true",
+                    help="both engines with compilation_config=" + json.dumps(FULL_DECODE_ONLY) + " (full decode "
+                         "graphs, no torch.compile: no cold compile); implies --no-piecewise")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-max-gib", type=float, default=24.0)
     ap.add_argument("--mem", type=float, default=0.6, help="gpu_memory_utilization of each engine (one at a time)")
@@ -316,8 +326,10 @@ def main(argv=None) -> int:
     cases = [(int(b), int(p)) for p in args.prompts.split(",") for b in args.batches.split(",")]
     import torch
 
-    print(f"capture_overhead: {torch.cuda.get_device_name()}, plugin via {how}, "
-          f"{'enforce_eager' if args.eager else 'default compilation'}, repeats {args.repeats}", flush=True)
+    graphs = ("enforce_eager" if args.eager else "FULL_DECODE_ONLY, no torch.compile" if args.full_decode_only
+              else "default compilation")
+    print(f"capture_overhead: {torch.cuda.get_device_name()}, plugin via {how}, {graphs}, repeats {args.repeats}",
+          flush=True)
     from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     print(f"capture kernels: {'built' if attncap_cuda.is_available() else 'NOT built (torch path)'}", flush=True)
@@ -326,6 +338,7 @@ def main(argv=None) -> int:
     def save() -> None:
         try:
             Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), eager=args.eager,
+                                                       full_decode_only=args.full_decode_only,
                                                        repeats=args.repeats, results=dump), indent=1))
         except OSError as e:
             print(f"could not write {args.json}: {e}")
@@ -334,17 +347,18 @@ def main(argv=None) -> int:
         for name in models:
             d = write_config(Path(tmp), name)
             entry = dump[name] = {}
-            stock = bench_vllm(d, name, False, cases, args.repeats, args.eager, args.mem)
+            comp = FULL_DECODE_ONLY if args.full_decode_only else None
+            stock = bench_vllm(d, name, False, cases, args.repeats, args.eager, args.mem, compilation=comp)
             entry["stock"] = {str(k): v for k, v in stock.items()}
             save()
-            cap = bench_vllm(d, name, True, cases, args.repeats, args.eager, args.mem)
+            cap = bench_vllm(d, name, True, cases, args.repeats, args.eager, args.mem, compilation=comp)
             entry["attncap"] = {str(k): v for k, v in cap.items()}
             save()
             hf = {} if args.no_hf else bench_hf(name, cases, args.repeats, args.hf_max_gib)
             entry["hf_ms"] = {str(k): v for k, v in hf.items()}
             save()
             stock_pw = {}
-            if not args.no_piecewise and not args.eager:
+            if not args.no_piecewise and not args.eager and not args.full_decode_only:
                 stock_pw = bench_vllm(d, name, False, cases, args.repeats, args.eager, args.mem, piecewise=True)
                 entry["stock_pw"] = {str(k): v for k, v in stock_pw.items()}
                 save()

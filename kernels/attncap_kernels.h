@@ -139,7 +139,7 @@ bool probs_head_dim_supported(int head_dim);
 // Fused decode capture (decode_capture.cu; reference: vllm_attncap/engine/cuda/decode_reference.py).
 // Row table: one int32 record of kRowFields per padded batch row, uploaded once per step.
 enum RowField : int {
-  kRowFlags = 0,       // kFlagStats | kFlagRows; 0 = the row captures nothing (padded rows too)
+  kRowFlags = 0,       // kFlagStats | kFlagRows (| kFlagSalient); 0 = the row captures nothing (padded rows too)
   kRowSlot = 1,        // request slot: row of layer_mask / head_mask / salient_mask
   kRowHistory = 2,     // history_len (stats)
   kRowSink = 3,        // sink (stats)
@@ -148,7 +148,10 @@ enum RowField : int {
   kRowHeads = 6,       // rows: number of selected heads (the mean's divisor)
   kRowFields = 8,
 };
-enum RowFlag : int { kFlagStats = 1, kFlagRows = 2 };
+// kFlagSalient (stats rows): the request has a salient position in [sink, history_len). Without one the coverage
+// is 0 even over an empty history block (as the reference and the eager history_stats kernel give); with one, an
+// empty block gives NaN coverage. Entropy over an empty block is NaN either way.
+enum RowFlag : int { kFlagStats = 1, kFlagRows = 2, kFlagSalient = 4 };
 
 struct DecodeCaptureParams {
   const void* q;               // (>= n_rows, H, D): row b's query is token b

@@ -16,7 +16,8 @@
 //   h's online state. Stats rows: over the history block [max(sink, window lo),
 //   min(history_len, pos + 1)) the state is (m, S = sum e^(s-m), V = sum e^(s-m)(s-m),
 //   C = salient part of S): the renormalised block's entropy is ln S - V / S and its
-//   coverage C / S, so no probability row is ever written. Splits combine through
+//   coverage C / S, so no probability row is ever written. An empty block (no key: S = 0) gives NaN entropy
+//   and NaN coverage if the request has a salient position in [sink, history_len) (kFlagSalient), else 0. Splits combine through
 //   `partials` and a per-(row, KV head) counter: the last block to finish combines
 //   and writes stats[b, layer, h, :] and resets the counter (graph replays reuse it).
 //   Rows rows: (m, S) over the whole causal range go to `partials`.
@@ -212,11 +213,15 @@ __global__ void __launch_bounds__(kThreads) decode_pass1_kernel(DecodeCapturePar
   }
   if (threadIdx.x < G) {
     float* out = p.stats + ((static_cast<int64_t>(b) * p.num_layers + p.layer) * H + h) * 2;
+    // the convention of reference.history_stats and the eager kernel: no salient position in the history
+    // block -> coverage 0 (even when the block holds no key, e.g. outside a sliding window); entropy NaN when
+    // the block holds no key
+    const bool any_salient = flags & kFlagSalient;
     if (tot.s > 0.f) {
-      out[0] = tot.c / tot.s;
+      out[0] = any_salient ? tot.c / tot.s : 0.f;
       out[1] = logf(tot.s) - tot.v / tot.s;
     } else {
-      out[0] = CUDART_NAN_F;
+      out[0] = any_salient ? CUDART_NAN_F : 0.f;
       out[1] = CUDART_NAN_F;
     }
   }

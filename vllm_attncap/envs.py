@@ -86,6 +86,12 @@ _TABLE = [
     Setting("VLLM_ATTNCAP_RING_SLOTS", "int", 4, "slots of the pinned result ring of in-graph capture"),
     Setting("VLLM_ATTNCAP_PINNED_BYTES", "int", 1024**3,
             "cap on pinned host memory for the CUDA eager paths' in-flight copies (bytes)"),
+    Setting("VLLM_ATTNCAP_GRAPH_MAX_MIB", "float", 256.0,
+            "cap (MiB) on the in-graph path's memory allocated after vLLM's profiling: static device buffers plus "
+            "the pinned result ring; over it the head-mean rows pass, then the whole in-graph path, is off"),
+    Setting("VLLM_ATTNCAP_PLAIN_GRAPHS", "bool", True,
+            "0: one set of full decode graphs holding the capture kernels, instead of a plain set (replayed when "
+            "no row captures) and a capturing set (Model Runner V2)"),
 ]
 
 #: name -> :class:`Setting`, every ``VLLM_ATTNCAP_*`` variable vllm_attncap reads.

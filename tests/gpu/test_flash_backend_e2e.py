@@ -21,13 +21,23 @@ Two parts:
    - ``enforce_eager=True`` and the default compilation (marked ``slow``; checks
      the resolved CUDA-graph mode is PIECEWISE and that capture still runs).
 
-Tolerances (provisional: chosen before any GPU run, to be tightened from the
-printed maxima):
+Tolerances (derived, not guessed; the printed maxima are recorded with each GPU run):
 
 - vs HF fp32: vLLM computes in fp16/bf16, so q and k differ from the fp32
-  reference by activation rounding. fp16: ``max |diff| <= 1e-2`` and every row's
-  total variation ``0.5 * sum |diff| <= 2e-2``; bf16: ``3e-2`` and ``5e-2``. A
+  reference by the dtype's activation rounding, which depends on the model (the
+  tiny random model's logits are sharp: q/k init std 0.15). The rounding floor is
+  measured on the same model and tokens: HF run in the engine's dtype against HF
+  fp32 (:func:`_dtype_floor`). vLLM's kernels round in another order, and two
+  independent roundings of one computation each sit about one floor from the exact
+  value, so ``|vLLM - fp32| <= |vLLM - HF_dtype| + |HF_dtype - fp32| ~ 2 floors``:
+  the tolerance is ``2 * floor + float_atol(float32, k, stages)`` (tests/float_tolerance.py),
+  for the elementwise maximum and for the worst row's total variation alike. A
   misplaced row, head, layer or request gives a row TV of O(0.3-1).
+- tokens are compared only where both sides must agree: engines with other
+  graph modes, split counts or prefix-cache states may flip a bf16 near-tie, so a
+  divergence is accepted where the reference's top-2 log-prob gap is below 0.05,
+  and captures of two engines are compared on the common prefix of their tokens
+  (rows are teacher-forced on each engine's own tokens against HF).
 - kernel vs torch path (same q, same cache, float32 math): ``atol=1e-5, rtol=1e-3``
   as in tests/gpu/test_kernels.py; stats ``atol=1e-5, rtol=1e-4``.
 - every row sums to 1 within ``1e-4`` and is zero right of its causal limit.
@@ -505,8 +515,6 @@ def test_host_sink_recycles_pinned_blocks_and_degrades_when_full(monkeypatch):
 
 # =========================================================================== part 2: GPU engines
 
-FP16_TOL = (1e-2, 2e-2)  # (max |captured - HF fp32|, max per-row total variation)
-BF16_TOL = (3e-2, 5e-2)
 PATH_TOL = dict(atol=1e-5, rtol=1e-3)
 STAT_TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -615,9 +623,64 @@ def _runner(llm):
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
 
+_HF_LOW: dict = {}
+
+
+def _hf_in(dtype: str, model_path):
+    """HF eager in the engine's dtype (the rounding-floor reference), cached per dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _HF_LOW:
+        _HF_LOW[dtype] = AutoModelForCausalLM.from_pretrained(
+            model_path, attn_implementation="eager", dtype=getattr(torch, dtype)).to("cuda").eval()
+    return _HF_LOW[dtype]
+
+
+def _dtype_floor(hf32, hf_low, outs, specs) -> tuple[float, float]:
+    """(max |HF_dtype - HF_fp32|, worst row TV) over the same requests, tokens and reduction."""
+    fmax = ftv = 0.0
+    for out, spec in zip(outs, specs):
+        a = _reduce_ref(_hf_rows(hf32, out.prompt_token_ids, out.token_ids), out.layers, out.heads,
+                        spec.get("reduce", "none"))
+        b = _reduce_ref(_hf_rows(hf_low, out.prompt_token_ids, out.token_ids), out.layers, out.heads,
+                        spec.get("reduce", "none"))
+        d = np.abs(a - b)
+        fmax, ftv = max(fmax, float(d.max())), max(ftv, float(0.5 * d.sum(-1).max()))
+    return fmax, ftv
+
+
+def derived_tol(hf32, model_path, dtype, outs, specs) -> tuple[float, float]:
+    """(max |diff|, row TV) allowed between the engine's rows and HF fp32 (module docstring, "Tolerances")."""
+    from float_tolerance import float_atol
+
+    fmax, ftv = _dtype_floor(hf32, _hf_in(dtype, model_path), outs, specs)
+    k = max(len(o.prompt_token_ids) + len(o.token_ids) for o in outs)
+    slack = float_atol(np.float32, k, stages=hf32.config.num_hidden_layers + 1)
+    tol = (2 * fmax + slack, 2 * ftv + slack)
+    print(f"[tol {dtype}] floor HF_{dtype} vs HF fp32: max {fmax:.2e}, TV {ftv:.2e} -> tol {tol[0]:.2e}, {tol[1]:.2e}")
+    return tol
+
+
+def _same_or_near_tie(got: list[int], ref_out, label: str, gap_max: float = 0.05) -> int:
+    """``got`` equals the reference's tokens, or first differs where the reference's top-2 log-prob gap is below
+    ``gap_max`` (a bf16 near-tie another kernel order may flip); returns the common-prefix length."""
+    rt = list(ref_out.outputs[0].token_ids)
+    if got == rt:
+        return len(rt)
+    first = next((i for i, (x, y) in enumerate(zip(got, rt)) if x != y), min(len(got), len(rt)))
+    lps = ref_out.outputs[0].logprobs
+    assert lps is not None, "ask for logprobs=2 in the reference run"
+    lp = sorted((v.logprob for v in lps[first].values()), reverse=True) if first < len(lps) else []
+    gap = lp[0] - lp[1] if len(lp) > 1 else math.inf
+    print(f"[{label}] tokens diverge at {first}: reference top-2 gap {gap:.3g}")
+    assert gap < gap_max, f"{label}: tokens diverge at {first} where the reference's top-2 gap is {gap}"
+    return first
+
+
 def _check_vs_hf(outs, specs, hf, tol, label):
     """Elementwise max |diff| and the worst row's total variation 0.5 * sum |diff| (a
-    misplaced row, head, layer or request gives TV ~ 0.3-1 whatever the context length)."""
+    misplaced row, head, layer or request gives TV ~ 0.3-1 whatever the context length).
+    ``tol``: (max, TV), from :func:`derived_tol`."""
     worst_max = worst_tv = 0.0
     for out, spec in zip(outs, specs):
         assert out.error is None, out.error
@@ -673,7 +736,8 @@ def test_rows_match_hf(eager_engine, hf_fp32):
             outs = generate_with_attentions(llm, PROMPTS[:5], sps, spec=specs, use_tqdm=False)
         finally:
             os.environ.pop("VLLM_ATTNCAP_KERNELS", None)
-        _check_vs_hf(outs, specs, hf_fp32, FP16_TOL if dtype == "float16" else BF16_TOL, f"{dtype} kernels={kernels}")
+        tol = derived_tol(hf_fp32, hf_fp32.name_or_path, dtype, outs, specs)
+        _check_vs_hf(outs, specs, hf_fp32, tol, f"{dtype} kernels={kernels}")
 
 
 @gpu
@@ -722,17 +786,20 @@ def test_tokens_identical_to_stock_flash_attn(eager_engine, tiny_gpu_model):
     from vllm_attncap import generate_with_attentions
 
     dtype, llm = eager_engine
-    sp = SamplingParams(max_tokens=24, temperature=0)
+    sp = SamplingParams(max_tokens=24, temperature=0, logprobs=2)
     stock = _make(tiny_gpu_model, attncap=False, dtype=dtype)
     try:
-        ref = [list(o.outputs[0].token_ids) for o in stock.generate(PROMPTS, sp, use_tqdm=False)]
+        ref = stock.generate(PROMPTS, sp, use_tqdm=False)
     finally:
         _free(stock)
-    plain = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+    # a fresh stock engine vs this engine (whose prefix cache may be warm): equal up to bf16/fp16 near-ties
+    plain = llm.generate(PROMPTS, sp, use_tqdm=False)
     specs = [{} if i % 2 == 0 else {"mode": "stats", "reduce": "head_mean"} for i in range(len(PROMPTS))]
     with_capture = generate_with_attentions(llm, PROMPTS, sp, spec=specs, use_tqdm=False)
-    assert plain == ref
-    assert [o.token_ids for o in with_capture] == ref
+    for i, (p, r) in enumerate(zip(plain, ref)):
+        _same_or_near_tie(list(p.outputs[0].token_ids), r, f"{dtype} plain {i}")
+    for i, (c, p) in enumerate(zip(with_capture, plain)):  # same engine, same cache state: capture changes nothing
+        _same_or_near_tie(c.token_ids, p, f"{dtype} capture {i}")
 
 
 @gpu
@@ -743,19 +810,21 @@ def test_chunked_prefill_and_prefix_cache(eager_engine, hf_fp32):
     from vllm_attncap import generate_with_attentions
 
     dtype, llm = eager_engine
-    tol = FP16_TOL if dtype == "float16" else BF16_TOL
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     # chunked prefill: max_num_batched_tokens=128, prompts of ~300 tokens
     prompts = [_long_prompt(300, 1), _long_prompt(200, 2), "hi there"]
     outs = generate_with_attentions(llm, prompts, sp, spec={"layers": [0, -1]}, use_tqdm=False)
     assert max(o.prompt_len for o in outs) > 128
-    _check_vs_hf(outs, [{"layers": [0, -1]}] * 3, hf_fp32, tol, f"{dtype} chunked")
+    specs = [{"layers": [0, -1]}] * 3
+    _check_vs_hf(outs, specs, hf_fp32, derived_tol(hf_fp32, hf_fp32.name_or_path, dtype, outs, specs),
+                 f"{dtype} chunked")
     # prefix cache: a second request reuses the first one's blocks
     shared = _long_prompt(120, 3)
     llm.generate([shared + " first"], sp, use_tqdm=False)
     outs = generate_with_attentions(llm, [shared + " second question"], sp, use_tqdm=False)
     assert outs[0].output.num_cached_tokens >= 16
-    _check_vs_hf(outs, [{}], hf_fp32, tol, f"{dtype} prefix-cache")
+    _check_vs_hf(outs, [{}], hf_fp32, derived_tol(hf_fp32, hf_fp32.name_or_path, dtype, outs, [{}]),
+                 f"{dtype} prefix-cache")
 
 
 @gpu
@@ -787,17 +856,12 @@ def test_default_compilation_runs_capture_piecewise(tiny_gpu_model, hf_fp32):
         specs = [{} if i % 2 == 0 else {"layers": [-1], "reduce": "head_mean"} for i in range(len(PROMPTS))]
         outs = generate_with_attentions(llm, PROMPTS, sp, spec=specs, use_tqdm=False)
         plain = llm.generate(PROMPTS, sp, use_tqdm=False)
-        assert [o.token_ids for o in outs] == [list(o.outputs[0].token_ids) for o in plain]
-        for o, r in zip(outs, ref):
-            rt = list(r.outputs[0].token_ids)
-            if o.token_ids == rt:
-                continue
-            first = next(i for i, (x, y) in enumerate(zip(o.token_ids, rt)) if x != y)
-            lp = sorted((v.logprob for v in r.outputs[0].logprobs[first].values()), reverse=True)
-            gap = lp[0] - lp[1] if len(lp) > 1 else math.inf
-            print(f"divergence at token {first}: stock top-2 gap {gap:.3g}")
-            assert gap < 0.05, f"tokens diverge at {first} where stock's top-2 gap is {gap}"
-        _check_vs_hf(outs, specs, hf_fp32, BF16_TOL, "bf16 compiled")
+        for i, (o, p) in enumerate(zip(outs, plain)):
+            _same_or_near_tie(o.token_ids, p, f"compiled capture {i}")
+        for i, (o, r) in enumerate(zip(outs, ref)):
+            _same_or_near_tie(o.token_ids, r, f"compiled vs stock {i}")
+        _check_vs_hf(outs, specs, hf_fp32, derived_tol(hf_fp32, hf_fp32.name_or_path, "bfloat16", outs, specs),
+                     "bf16 compiled")
     finally:
         _free(llm)
 
@@ -858,21 +922,29 @@ def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
     print(f"in-graph steps {ginfo['graph_steps']}, steps switched to PIECEWISE/eager {ginfo['forced']}; eager {einfo}")
     assert einfo["graph_steps"] == 0 and ginfo["graph_steps"] > 0 and ginfo["forced"] > 0
     assert ginfo["recomputed"] > 0, "no request was preempted: lower num_gpu_blocks_override"
-    worst = 0.0
+    # rows: each engine teacher-forced against HF fp32 on its own tokens (no greedy identity across graph modes)
+    rows = [(o, s) for o, s in zip(graph + eager, specs + specs) if s.get("mode") != "stats"]
+    tol = derived_tol(hf_fp32, tiny_gpu_model, "bfloat16", [o for o, _ in rows], [s for _, s in rows])
+    _check_vs_hf([o for o, _ in rows], [s for _, s in rows], hf_fp32, tol, "bf16 full graph + eager")
+    # statistics: graph vs eager on the common prefix of their tokens (a flipped near-tie changes later rows)
+    worst, compared, total = 0.0, 0, 0
     for i, (e, g, spec) in enumerate(zip(eager, graph, specs)):
         assert (e.error, g.error) == (None, None)
-        if e.token_ids != g.token_ids:
-            pytest.fail(f"request {i}: tokens differ between full-graph and eager engines")
-        if spec.get("mode") == "stats":
-            a = np.stack([g.stats["coverage"], g.stats["entropy"]])
-            b = np.stack([e.stats["coverage"], e.stats["entropy"]])
-        else:
-            a, b = np.asarray(g.attention), np.asarray(e.attention)
-        assert a.shape == b.shape, (i, a.shape, b.shape)
-        d = float(np.nanmax(np.abs(a - b)))
-        worst = max(worst, d)
+        n = next((j for j, (x, y) in enumerate(zip(e.token_ids, g.token_ids)) if x != y),
+                 min(len(e.token_ids), len(g.token_ids)))
+        total += len(e.token_ids)
+        if spec.get("mode") != "stats" or n == 0:
+            continue
+        a = np.stack([g.stats["coverage"], g.stats["entropy"]])[..., :n]
+        b = np.stack([e.stats["coverage"], e.stats["entropy"]])[..., :n]
+        compared += n
         assert np.array_equal(np.isnan(a), np.isnan(b)), i
-        assert d <= 3e-2, (i, spec, d)
-    print(f"full graph vs eager: max |diff| {worst:.2e}")
-    rows = [(o, s) for o, s in zip(graph, specs) if s.get("mode") != "stats"]
-    _check_vs_hf([o for o, _ in rows], [s for _, s in rows], hf_fp32, BF16_TOL, "bf16 full graph")
+        d = float(np.nanmax(np.abs(a - b))) if np.isfinite(a).any() else 0.0
+        worst = max(worst, d)
+        # coverage is a probability mass (<= 1, so the rows' TV bound holds); entropy is up to ln(context) nats,
+        # a sum of -p ln p terms: its error is bounded by that TV times (1 + ln context)
+        bound = tol[1] * (1 + math.log(max(2, len(e.prompt_token_ids) + n)))
+        assert d <= bound, (i, spec, d, bound)
+    print(f"full graph vs eager statistics on common token prefixes: max |diff| {worst:.2e} "
+          f"({compared} rows compared)")
+    assert compared > 0

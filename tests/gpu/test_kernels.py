@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from vllm_attncap.engine.cuda import kernels as attncap_cuda
+from vllm_attncap.engine.cuda.kv_layout import HEAD_MAJOR, KV_FIRST, key_cache_view
 from vllm_attncap.engine.elide import apply_elision, plan_elision
 from vllm_attncap.engine.cuda.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
 from vllm_attncap.engine.reference import attention_probs, gather_keys, history_stats, reduce_heads
@@ -83,10 +84,10 @@ def make_case(seed, *, num_heads, num_kv_heads, head_dim, block_size, dtype, ctx
     num_blocks = sum(blocks_per_req) + 7
     if layout == "v025":  # [num_blocks, 2, block_size, H_kv, D], key = unbind(1)[0]
         kv = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-        key_cache = kv.to(DEVICE).unbind(1)[0]
+        key_cache = key_cache_view(kv.to(DEVICE), num_kv_heads, head_dim, KV_FIRST)  # = unbind(1)[0]
     elif layout == "v026":  # [num_blocks, H_kv, block_size, 2*D], key = transpose(1, 2).split(D)[0]
         kv = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_dim, generator=g).to(dtype)
-        key_cache = kv.to(DEVICE).transpose(1, 2).split(head_dim, dim=-1)[0]
+        key_cache = key_cache_view(kv.to(DEVICE), num_kv_heads, head_dim, HEAD_MAJOR)  # = transpose.split[0]
     else:
         raise ValueError(layout)
     assert key_cache.shape == (num_blocks, block_size, num_kv_heads, head_dim)

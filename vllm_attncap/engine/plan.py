@@ -138,6 +138,8 @@ def build_step_plan(
     """
     if runner is None:
         return None
+    if getattr(runner, "is_mrv2_step_view", False) and not runner.params:
+        return None  # MRv2: no live request asked for capture (the hook stashes only those): nothing to look at
     # Under FULL graphs Model Runner V2 passes a padded num_reqs: plan over the batch's real rows only.
     num_reqs = min(cm.num_reqs, _real_rows(runner.input_batch))
     qsl = None

@@ -86,7 +86,7 @@ def on_finish(fn: Callable[[Any], None]) -> None:
 def on_output(fn: Callable[[], Callable[[], None]]) -> None:
     """When a runner produces a step's output, call ``fn()`` (a mark of what was submitted so far); the callable it
     returns runs before that output leaves the worker: at once for a plain output, inside ``get_output()`` for an
-    asynchronous one (idempotent per ``fn``)."""
+    asynchronous one; ``None`` means nothing to wait for (idempotent per ``fn``)."""
     if fn not in _ON_OUTPUT:
         _ON_OUTPUT.append(fn)
 
@@ -118,9 +118,14 @@ def _wrap_sample_tokens(orig):
         finishers = []
         for fn in _ON_OUTPUT:
             try:
-                finishers.append(fn())
+                f = fn()
             except Exception:
                 logger.exception("vllm_attncap: output callback %r failed", fn)
+                continue
+            if f is not None:  # None: nothing of this step to wait for
+                finishers.append(f)
+        if not finishers:
+            return out
         get = getattr(out, "get_output", None)
         if callable(get):
             @functools.wraps(get)
@@ -163,6 +168,16 @@ def _schedule(scheduler_output, raw_spec_of: Callable[[str], Any]) -> None:
     sched = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
     for fn in _ON_SCHEDULE:
         fn(sched, raw_spec_of)
+
+
+def _no_spec(rid: str) -> Any:
+    return None
+
+
+def _schedule_nothing() -> None:
+    """Tell the :func:`on_schedule` callbacks that no scheduled request asks for capture (an empty id list)."""
+    for fn in _ON_SCHEDULE:
+        fn((), _no_spec)
 
 
 def _spec_from_params(sp: Any) -> Any:
@@ -282,12 +297,19 @@ def _wrap_mrv2_prepare_inputs(orig):
     def prepare_inputs(self, *args, **kwargs):
         global _ACTIVE
         batch = orig(self, *args, **kwargs)
-        if _IN_MRV2_STEP:
+        if _IN_MRV2_STEP and self.__dict__.get("_attncap_params"):  # only when a live request asks for capture
             _ACTIVE = MRv2StepView(self, batch)
         return batch
 
     prepare_inputs.__attncap_wrapped__ = True
     return prepare_inputs
+
+
+def _any_capture(new_reqs) -> bool:
+    for r in new_reqs or ():
+        if _spec_from_params(getattr(r, "sampling_params", None)) is not None:
+            return True
+    return False
 
 
 def _wrap_mrv2_execute_model(orig):
@@ -297,7 +319,9 @@ def _wrap_mrv2_execute_model(orig):
         _ACTIVE = None
         _IN_MRV2_STEP = True
         so = args[0] if args else kwargs.get("scheduler_output")
-        if so is not None:
+        if so is not None and not _params_of(self) and not _any_capture(getattr(so, "scheduled_new_reqs", None)):
+            _schedule_nothing()  # no live request asks for capture: nothing to look up (the common step)
+        elif so is not None:
             params = _params_of(self)
             new = {r.req_id: r for r in getattr(so, "scheduled_new_reqs", None) or ()}
 
@@ -356,7 +380,14 @@ def install() -> None:
         _MRV2_INSTALLED = _install_mrv2_if_loaded()
     if _INSTALLED:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:  # vLLM 0.34 removed the V1 GPU runner: Model Runner V2 only
+        _INSTALLED = True
+        if not _MRV2_INSTALLED:
+            logger.warning("vllm_attncap: neither the V1 model runner nor Model Runner V2 is loaded; capture "
+                           "cannot see the step's requests")
+        return
 
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)

@@ -227,6 +227,22 @@ class CaptureTracker:
                 rc.writer.close()
             self.refused.discard(rid)
 
+    def fail(self, req_id: str, message: str) -> None:
+        """End a live request's capture with an error (the request itself keeps running): its buffer is closed and
+        replaced by an error record naming ``message``, so the caller sees why instead of rows silently missing."""
+        rc = self.active.pop(req_id, None)
+        if rc is None:
+            return
+        self.refused.add(req_id)
+        logger.error("vllm_attncap: capture of request %s failed: %s", req_id, message)
+        rc.cache.clear()
+        key, rid = rc.writer.meta.key, rc.writer.meta.req_id
+        rc.writer.close(status="error")
+        try:
+            write_error(key, rid, message)
+        except OSError as e:
+            logger.error("vllm_attncap: could not record the failure of request %s: %s", req_id, e)
+
     def close_all(self) -> None:
         self.finish(list(self.active))
 

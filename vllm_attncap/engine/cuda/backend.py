@@ -22,15 +22,19 @@ subclassing vLLM's own classes, which the runner requires: its builders check
   exactly FLASH_ATTN's — then captures the planned rows of its layer.
 
 Keys are read straight from the paged KV cache (plain layout on CUDA, no shadow
-store), split exactly as ``FlashAttentionImpl`` does in vLLM 0.23-0.25:
-``kv_cache.unbind(1)[0]`` of ``[num_blocks, 2, block_size, H_kv, D]``.
+store), split as ``FlashAttentionImpl`` splits it in the running release: the layout
+is probed once from the backend class and checked against the cache tensor
+(:mod:`vllm_attncap.engine.cuda.kv_layout`: ``[num_blocks, 2, block_size, H_kv, D]``,
+``unbind(1)``, up to 0.25.1; ``[num_blocks, H_kv, block_size, 2 * D]``,
+``transpose(1, 2).split(D, -1)``, from 0.31).
 
 Two ways to compute a layer's rows, chosen once per step: the CUDA kernels
 (:mod:`vllm_attncap.engine.cuda.capture`), or the torch path shared with the CPU
 backend (:func:`vllm_attncap.engine.capture.capture_layer` over
 :func:`~vllm_attncap.engine.reference.gather_paged_keys`).
 
-Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md, "What awaits a GPU run").
+Status: written against vLLM 0.25.1's source and checked statically against 0.33 / 0.34
+(``scripts/check_vllm_seams.py``); not yet run on a GPU (docs/gpu.md, "What awaits a GPU run").
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from .graph_buffers import BufferLayout
 from . import graph_dispatch
 from .graph_dispatch import policy as graph_policy
 from .graph_step import GraphCapture
+from .kv_layout import key_cache_view, probe_layout
 from .pinned import HostSink
 
 logger = logging.getLogger("vllm_attncap")
@@ -119,6 +124,8 @@ class AttnCapFlashMetadata(FlashAttentionMetadata):
             the fused decode kernel over its static buffers (rows whose flag is off exit at once).
         attncap_kernel_step: what the eager kernel path decides about the step at its first captured layer
             (:class:`~.capture.KernelStep`: whether the kernels capture it, its row groups).
+
+    A step where nobody captures gets vLLM's own :class:`FlashAttentionMetadata` (no copy), not this class.
     """
 
     attncap_plan: StepPlan | None = None
@@ -158,12 +165,17 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             self._own_layers: frozenset[int] | None = frozenset(_layer_index_of_name(n) for n in layer_names)
         except (AssertionError, ValueError):  # a layer name without an index: capture every planned layer
             self._own_layers = None
+        global _KV_LAYOUT
+        _KV_LAYOUT = probe_layout(AttnCapFlashBackend)
+        self._layer_names = list(layer_names)
+        self._vllm_config = vllm_config
         self._graph = _make_graph_capture(vllm_config, shape, self._own_layers, device)
         graph_policy.num_layers = shape.num_layers
         graph_policy.graphs = True
         graph_policy.in_graph = self._graph is not None
         if self._graph is not None:
             graph_policy.kinds = self._graph.kinds
+            graph_policy.step_in_graph = _step_in_graph
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> AttnCapFlashMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -177,10 +189,15 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             graph = self._graph  # a graph capture's own build: attach the buffers, touch nothing
         elif self._graph is not None:
             uniform = getattr(common_attn_metadata, "max_query_len", 0) == 1
-            plan = self._graph.begin_step(plan, uniform)
+            if uniform and plan is not None and _unsupported_md(md) is not None:
+                uniform = False  # the kernel must not run for this step: its rows stay with the eager paths
+            plan = self._graph.begin_step(plan, uniform, replays=uniform and not graph_policy.force
+                                          and self._graph.full_graphs)
             # eager / piecewise decode steps launch the fused kernel only when some row uses it; full-graph
             # replays run it whatever the metadata says
             graph = self._graph if uniform and self._graph.active else None
+        if plan is None and graph is None:
+            return md  # nobody captures in this step: vLLM's own metadata, no copy (forward checks its type)
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph,
                                attncap_kernel_step=KernelStep())
 
@@ -189,10 +206,22 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         md = super().build_for_cudagraph_capture(common_attn_metadata)  # calls build(): no active runner, no plan
         if self._graph is None:
             return md
+        self._prepare_records(md)  # outside the stream capture (V1 captures right after this call)
         if isinstance(md, AttnCapFlashMetadata):  # our declared fields: set them in place
             md.attncap_plan, md.attncap_graph = None, self._graph
             return md
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=None, attncap_graph=self._graph)
+
+    def _prepare_records(self, md) -> None:
+        """Build every layer's fused-kernel launch record (and its float32 ALiBi / sink copies on the device) now,
+        outside any stream capture: a pageable host-to-device copy is illegal inside one, and a conversion recorded
+        into one graph would live in that graph's private memory while every other graph reads it."""
+        ctx = getattr(getattr(self._vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+        for name in self._layer_names:
+            layer = ctx.get(name)
+            impl = getattr(layer, "impl", None)
+            if isinstance(impl, AttnCapFlashImpl) and impl.attn_type == AttentionType.DECODER:
+                impl.decode_record(self._graph, layer, md, self.device)
 
 
 _GRAPH: GraphCapture | None = None
@@ -201,22 +230,19 @@ _GRAPH: GraphCapture | None = None
 def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture | None:
     """The process's in-graph capture state, or None when the fused kernel cannot serve this engine."""
     global _GRAPH
-    reason = None
-    dtype = getattr(vllm_config.model_config, "dtype", None)
-    if not envs.VLLM_ATTNCAP_GRAPH:
-        reason = "VLLM_ATTNCAP_GRAPH=0"
-    elif not (torch.cuda.is_available() and kernels_available()):
+
+    reason = graph_refusal(vllm_config, shape, own_layers)
+    if reason is None and not (torch.cuda.is_available() and kernels_available()):
         reason = "the CUDA capture kernels are not built"
-    elif shape.head_size not in attncap_cuda.PROBS_HEAD_DIMS:
-        reason = f"head size {shape.head_size} (compiled: {attncap_cuda.PROBS_HEAD_DIMS})"
-    elif shape.num_heads // shape.num_kv_heads > 32:
-        reason = "more than 32 query heads per KV head"
-    elif shape.num_heads * (shape.head_size + 2) * 4 > 48 * 1024:
-        reason = f"{shape.num_heads} query heads of size {shape.head_size} exceed the rows pass's shared memory"
-    elif dtype not in (torch.float16, torch.bfloat16):
-        reason = f"model dtype {dtype}"
-    elif own_layers is not None and own_layers != frozenset(range(shape.num_layers)):
-        reason = "several KV-cache groups"
+    kinds = ("stats", "rows") if envs.VLLM_ATTNCAP_GRAPH_ROWS else ("stats",)
+    max_rows = vllm_config.scheduler_config.max_num_seqs
+    ring_slots = envs.VLLM_ATTNCAP_RING_SLOTS
+    layout = None
+    if reason is None:
+        layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
+                              num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
+                              n_splits=envs.VLLM_ATTNCAP_SPLITS)
+        kinds, reason = fit_graph_budget(layout, kinds, ring_slots, graph_budget_bytes())
     if reason is not None:
         logger.info("vllm_attncap: decode capture inside full CUDA graphs is off (%s); capturing steps run PIECEWISE",
                     reason)
@@ -228,15 +254,10 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    max_rows = vllm_config.scheduler_config.max_num_seqs
-    layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
-                          num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
-                          n_splits=envs.VLLM_ATTNCAP_SPLITS)
-    kinds = ("stats", "rows") if envs.VLLM_ATTNCAP_GRAPH_ROWS else ("stats",)
     if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev and _GRAPH.kinds == kinds:
         _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
+        _GRAPH.full_graphs = _runs_full_graphs(vllm_config)
         return _GRAPH
-    ring_slots = envs.VLLM_ATTNCAP_RING_SLOTS
     # one step's upload: the row table + the masks of at most max_rows requests seen for the first time
     upload_bytes = max_rows * (8 * 4 + shape.num_layers + shape.num_heads + layout.width + 48) + 64
     attncap_cuda.preload(dev)  # no kernel module may load lazily inside a graph capture
@@ -246,10 +267,88 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
         uploader=Uploader(dev, upload_bytes),
         make_ring=lambda nbytes: ResultRing(CudaRingOps(dev), ring_slots, nbytes),
         kinds=kinds,
+        fail=lambda rid, msg: get_tracker().fail(rid, msg),
     )
-    logger.info("vllm_attncap: decode capture inside full CUDA graphs is on (%.1f MiB of static buffers)",
-                layout.nbytes() / 2**20)
+    _GRAPH.full_graphs = _runs_full_graphs(vllm_config)
+    logger.info("vllm_attncap: decode capture inside full CUDA graphs is on (kinds %s; %.1f MiB of static device "
+                "buffers and at most %.1f MiB of pinned result ring, allocated after vLLM's memory profiling: "
+                "VLLM_ATTNCAP_GRAPH_MAX_MIB caps them, docs/gpu.md)", kinds, layout.nbytes(kinds) / 2**20,
+                ring_slots * _GRAPH.slot_bytes() / 2**20)
     return _GRAPH
+
+
+#: Cap on the in-graph path's memory outside vLLM's profiling (``VLLM_ATTNCAP_GRAPH_MAX_MIB``, MiB): the static
+#: device buffers plus the pinned result ring. Over it, the head-mean rows pass is dropped first (its buffers grow
+#: with max_num_seqs x max_model_len), then the whole in-graph path (capturing steps run PIECEWISE).
+GRAPH_MAX_MIB_ENV = "VLLM_ATTNCAP_GRAPH_MAX_MIB"
+GRAPH_MAX_MIB_DEFAULT = 256
+
+
+def graph_budget_bytes() -> int:
+    mib = float(envs.VLLM_ATTNCAP_GRAPH_MAX_MIB)
+    if mib < 0:
+        raise ValueError(f"{GRAPH_MAX_MIB_ENV}={mib!r}: expected a number of MiB (>= 0)")
+    return int(mib * 2**20)
+
+
+def fit_graph_budget(layout: BufferLayout, kinds: tuple[str, ...], ring_slots: int,
+                     budget: int) -> tuple[tuple[str, ...], str | None]:
+    """The kinds the in-graph path can afford under ``budget`` bytes (device buffers + ``ring_slots`` pinned
+    result slots), and None; or the kinds and why the path is off."""
+    def cost(k: tuple[str, ...]) -> int:
+        return layout.nbytes(k) + ring_slots * layout.result_bytes(k)
+
+    if cost(kinds) <= budget:
+        return kinds, None
+    if "rows" in kinds and cost(("stats",)) <= budget:
+        logger.warning("vllm_attncap: head-mean rows inside full graphs would take %.0f MiB (> %s=%.0f); only "
+                       "statistics run in the graph, rows requests run PIECEWISE", cost(kinds) / 2**20,
+                       GRAPH_MAX_MIB_ENV, budget / 2**20)
+        return ("stats",), None
+    return kinds, (f"its buffers would take {cost(kinds) / 2**20:.0f} MiB (> {GRAPH_MAX_MIB_ENV}="
+                   f"{budget / 2**20:.0f}); lower max_num_seqs or max_model_len, or raise the cap")
+
+
+def graph_refusal(vllm_config, shape, own_layers) -> str | None:
+    """Why this engine's configuration keeps capture out of the full decode graphs (None: it can run there).
+
+    The fused kernel sees one rank's heads and layers: under tensor parallelism a rank holds ``H / tp`` query and
+    ``H_kv / tp`` KV heads while :class:`~vllm_attncap.engine.tracker.ModelShape` counts the whole model's query
+    heads (specs are validated against those), so the graph path is off and capturing steps run PIECEWISE through
+    the eager path, which handles sharded requests (docs/parallel.md). Pipeline parallelism gives a rank a subset
+    of the layers: off as well.
+    """
+    pc = getattr(vllm_config, "parallel_config", None)
+    tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+    dtype = getattr(vllm_config.model_config, "dtype", None)
+    if not envs.VLLM_ATTNCAP_GRAPH:
+        return "VLLM_ATTNCAP_GRAPH=0"
+    if tp > 1:
+        return f"tensor parallelism (tensor_parallel_size={tp})"
+    if pp > 1:
+        return f"pipeline parallelism (pipeline_parallel_size={pp})"
+    if shape.head_size not in attncap_cuda.PROBS_HEAD_DIMS:
+        return f"head size {shape.head_size} (compiled: {attncap_cuda.PROBS_HEAD_DIMS})"
+    if shape.num_heads // shape.num_kv_heads > 32:
+        return "more than 32 query heads per KV head"
+    if shape.num_heads * (shape.head_size + 2) * 4 > 48 * 1024:
+        return f"{shape.num_heads} query heads of size {shape.head_size} exceed the rows pass's shared memory"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"model dtype {dtype}"
+    if own_layers is not None and own_layers != frozenset(range(shape.num_layers)):
+        return "several KV-cache groups"
+    return None
+
+
+def _runs_full_graphs(vllm_config) -> bool:
+    """Whether uniform decode steps replay full CUDA graphs in this engine (else every step runs attention
+    eagerly or piecewise and rows without a request slot can go to the eager path)."""
+    if getattr(vllm_config.model_config, "enforce_eager", False):
+        return False
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    has_full = getattr(mode, "has_full_cudagraphs", None)
+    return bool(has_full()) if callable(has_full) else True
 
 
 class AttnCapFlashImpl(FlashAttentionImpl):
@@ -273,13 +372,14 @@ class AttnCapFlashImpl(FlashAttentionImpl):
         output_block_scale=None,
     ):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        plan = attn_metadata.attncap_plan if isinstance(attn_metadata, AttnCapFlashMetadata) else None
-        graph = attn_metadata.attncap_graph if isinstance(attn_metadata, AttnCapFlashMetadata) else None
+        if attn_metadata.__class__ is not AttnCapFlashMetadata:  # a step where nobody captures (build() said so)
+            return output
+        plan, graph = attn_metadata.attncap_plan, attn_metadata.attncap_graph
         if (plan is None and graph is None) or self.attn_type != AttentionType.DECODER:
             return output
         if self._layer_index is None:
             self._layer_index = layer_index_of(layer)
-        if graph is not None:
+        if graph is not None and (graph_policy.record_kernels or not _capturing()):
             self._graph_capture(graph, query, kv_cache, attn_metadata)
         if plan is None or not plan.wants(self._layer_index):
             return output
@@ -287,9 +387,9 @@ class AttnCapFlashImpl(FlashAttentionImpl):
             return output  # never inside a graph capture (plans only exist in real steps anyway)
         reason = _unsupported(self, attn_metadata)
         if reason is not None:
-            _warn_once(reason, "vllm_attncap: capture skipped: %s", reason)
+            _fail_plan(plan, self._layer_index, f"attncap: capture is not supported for this step: {reason}")
             return output
-        key_cache = kv_cache.unbind(1)[0]  # vLLM 0.23-0.25 FlashAttention split
+        key_cache = key_cache_view(kv_cache, self.num_kv_heads, self.head_size, _KV_LAYOUT)
         window = window_length(self, attn_metadata)
         step = attn_metadata.attncap_kernel_step
         if step_uses_kernels(plan, step, self, query, key_cache):
@@ -301,18 +401,36 @@ class AttnCapFlashImpl(FlashAttentionImpl):
                           sliding_window=window)
         return output
 
+    def decode_record(self, graph: GraphCapture, layer, md, device) -> Any:
+        """This layer's fused-kernel launch record for ``graph`` (built once; the builder builds it outside any
+        stream capture, :meth:`AttnCapFlashMetadataBuilder._prepare_records`)."""
+        dc = self._dev.get("decode")
+        if dc is not None and dc[0] is graph:
+            return dc[1]
+        if self._layer_index is None:
+            self._layer_index = layer_index_of(layer)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        rec = _DECODE_RECORD(
+            graph.buffers, layer=self._layer_index, scale=self.scale, softcap=float(self.logits_soft_cap or 0.0),
+            window=window_length(self, md), alibi=self.alibi_on(dev), sinks=self.sinks_on(dev),
+            rows="rows" in graph.kinds)
+        self._dev["decode"] = (graph, rec)
+        return rec
+
     def _graph_capture(self, graph: GraphCapture, query, kv_cache, md) -> None:
         """Launch the fused decode kernel of this layer over the static buffers (recorded into a full graph)."""
         dc = self._dev.get("decode")
         if dc is None or dc[0] is not graph:
-            if _unsupported(self, md) is not None:
-                return
-            dev = query.device
-            dc = self._dev["decode"] = (graph, attncap_cuda.DecodeCapture(
-                graph.buffers, layer=self._layer_index, scale=self.scale, softcap=float(self.logits_soft_cap or 0.0),
-                window=window_length(self, md), alibi=self.alibi_on(dev), sinks=self.sinks_on(dev),
-                rows="rows" in graph.kinds))
-        dc[1].launch(query, kv_cache.unbind(1)[0], md.block_table, md.seq_lens, query.shape[0])
+            if _capturing() and (self.alibi_slopes is not None or self.sinks is not None):
+                raise RuntimeError("vllm_attncap: the fused decode-capture record of layer "
+                                   f"{self._layer_index} was not prepared before the CUDA graph capture (its ALiBi / "
+                                   "sink copies cannot be made inside one); build_for_cudagraph_capture prepares it")
+            self.decode_record(graph, None, md, query.device)
+            dc = self._dev["decode"]
+        key_cache = key_cache_view(kv_cache, self.num_kv_heads, self.head_size, _KV_LAYOUT)
+        dc[1].launch(query, key_cache, md.block_table, md.seq_lens, query.shape[0])
 
     # device copies of per-head parameters (kernels want float32 on the device)
     def alibi_on(self, device: torch.device) -> torch.Tensor | None:
@@ -341,17 +459,52 @@ def _layer_index_of_name(name: str) -> int:
     return extract_layer_index(name)
 
 
-def _unsupported(impl: AttnCapFlashImpl, md: Any) -> str | None:
-    """Why this layer's capture would not match what FlashAttention computed, or None."""
+def _unsupported_md(md: Any) -> str | None:
+    """Why a step's capture would not match what FlashAttention computed (from its metadata), or None."""
     if getattr(md, "causal", True) is not True:
         return "non-causal or per-sequence causal attention"
-    if getattr(md, "mm_prefix_range_tensor", None) is not None:
+    # 0.25.1: mm_prefix_range_tensor; 0.31+: mm_prefix_query_range_tensor
+    if getattr(md, "mm_prefix_range_tensor", None) is not None or \
+            getattr(md, "mm_prefix_query_range_tensor", None) is not None:
         return "bidirectional multimodal prefix ranges"
     if getattr(md, "rswa_prefix_lens", None) is not None:
         return "R-SWA attention"
-    if getattr(impl, "dcp_world_size", 1) > 1:
-        return "decode context parallelism"
     return None
+
+
+def _unsupported(impl: AttnCapFlashImpl, md: Any) -> str | None:
+    """Why this layer's capture would not match what FlashAttention computed, or None."""
+    reason = _unsupported_md(md)
+    if reason is None and getattr(impl, "dcp_world_size", 1) > 1:
+        reason = "decode context parallelism"
+    return reason
+
+
+def _fail_plan(plan: StepPlan, layer: int, message: str) -> None:
+    """End the captures of every request with rows in ``plan`` (the whole step is unsupported, whatever the layer):
+    rows that cannot be computed are an error the caller sees, not a silent gap."""
+    tracker = get_tracker()
+    for b in plan.batches:
+        tracker.fail(b.rc.req_id, message)
+
+
+def _step_in_graph() -> bool:
+    """Whether the step being run has rows for the fused kernel (its full-graph replay needs the capturing set)."""
+    return _GRAPH is not None and _GRAPH.active
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _decode_record(buffers, **kw):
+    return attncap_cuda.DecodeCapture(buffers, **kw)
+
+
+#: builds a layer's fused-kernel launch record (tests substitute a recorder)
+_DECODE_RECORD = _decode_record
+#: the FlashAttention KV-cache layout of the running vLLM (probed by the builder; None: read from each tensor)
+_KV_LAYOUT: str | None = None
 
 
 def window_length(impl: FlashAttentionImpl, md: Any) -> int:
@@ -393,9 +546,12 @@ def flush_pending() -> None:
 def output_mark():
     """When a step's output is produced: a callable that writes every result submitted so far (waiting for those
     only), run by the runner hook before that output leaves the worker."""
-    g = _GRAPH.mark() if _GRAPH is not None else 0
-    sink = getattr(_SINK, "submitted", None)
     graph = _GRAPH
+    ring = graph.ring if graph is not None else None
+    if (ring is None or not ring.in_flight) and not _SINK.pending:
+        return None  # nothing in flight: nothing to wait for (the common no-capture step)
+    g = graph.mark() if graph is not None else 0
+    sink = getattr(_SINK, "submitted", None)
 
     def flush() -> None:
         if graph is not None:

@@ -17,13 +17,17 @@ import torch
 
 from ..reference import attention_probs, gather_paged_keys, history_stats
 
-__all__ = ["FLAG_STATS", "FLAG_ROWS", "ROW_FIELDS", "F_FLAGS", "F_SLOT", "F_HISTORY", "F_SINK", "F_FIRST_LAYER",
+__all__ = ["FLAG_STATS", "FLAG_ROWS", "FLAG_SALIENT", "ROW_FIELDS", "F_FLAGS", "F_SLOT", "F_HISTORY", "F_SINK", "F_FIRST_LAYER",
            "F_WEIGHT", "F_HEADS", "decode_capture_reference"]
 
 #: Row-table layout (kernels/attncap_kernels.h, ``RowField``).
 F_FLAGS, F_SLOT, F_HISTORY, F_SINK, F_FIRST_LAYER, F_WEIGHT, F_HEADS = range(7)
 ROW_FIELDS = 8
 FLAG_STATS, FLAG_ROWS = 1, 2
+#: Stats rows: the request has a salient position in ``[sink, history_len)``. The kernel needs it for the
+#: convention of :func:`~.reference.history_stats` on an empty history block (no key in the block, e.g. all of it
+#: outside a sliding window): coverage 0 without salient positions, NaN with; entropy NaN.
+FLAG_SALIENT = 4
 
 
 def decode_capture_reference(

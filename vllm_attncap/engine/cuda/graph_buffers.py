@@ -51,6 +51,7 @@ from .decode_reference import (
     F_SLOT,
     F_WEIGHT,
     FLAG_ROWS,
+    FLAG_SALIENT,
     FLAG_STATS,
     ROW_FIELDS,
 )
@@ -93,32 +94,42 @@ class BufferLayout:
     def n_slots(self) -> int:
         return self.slots if self.slots is not None else 2 * self.max_rows
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def shapes(self, kinds: tuple[str, ...] = ("stats", "rows")) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Buffer shapes; without ``"rows"`` in ``kinds`` the head-mean rows buffer is one column wide (the rows
+        pass is not launched) and the head mask one slot."""
         B, L, H = self.max_rows, self.num_layers, self.num_heads
+        rows = "rows" in kinds
         return {
             "row_table": ((B, ROW_FIELDS), torch.int32),
             "layer_mask": ((self.n_slots, L), torch.uint8),
-            "head_mask": ((self.n_slots, H), torch.uint8),
+            "head_mask": ((self.n_slots if rows else 1, H), torch.uint8),
             "salient_mask": ((self.n_slots, self.width), torch.uint8),
             "stats": ((B, L, H, 2), torch.float32),
-            "rows": ((B, self.width), torch.float32),
+            "rows": ((B, self.width if rows else 1), torch.float32),
             "partials": ((B, H, self.n_splits, 4), torch.float32),
             "counters": ((B, self.num_kv_heads), torch.int32),
         }
 
-    def nbytes(self) -> int:
+    def nbytes(self, kinds: tuple[str, ...] = ("stats", "rows")) -> int:
+        """Device bytes of the static buffers."""
         total = 0
-        for shape, dtype in self.shapes().values():
+        for shape, dtype in self.shapes(kinds).values():
             total += int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         return total
+
+    def result_bytes(self, kinds: tuple[str, ...] = ("stats", "rows")) -> int:
+        """Bytes of one result-ring slot (pinned host memory): the stats and rows buffers, 16-byte aligned."""
+        shapes = self.shapes(kinds)
+        return sum(-(-int(np.prod(shapes[n][0])) * 4 // 16) * 16 for n in ("stats", "rows"))
 
 
 class DecodeBuffers:
     """The device tensors of a :class:`BufferLayout` (zero-initialised; addresses never change)."""
 
-    def __init__(self, layout: BufferLayout, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor]) -> None:
+    def __init__(self, layout: BufferLayout, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+                 kinds: tuple[str, ...] = ("stats", "rows")) -> None:
         self.layout = layout
-        for name, (shape, dtype) in layout.shapes().items():
+        for name, (shape, dtype) in layout.shapes(kinds).items():
             setattr(self, name, alloc(shape, dtype))
 
     row_table: torch.Tensor
@@ -196,9 +207,11 @@ def fill_row_table(table: np.ndarray, rows: list[GraphRow]) -> None:
         rc = g.rc
         r[F_SLOT] = g.slot
         if g.kind == "stats":
-            r[F_FLAGS] = FLAG_STATS
-            r[F_HISTORY] = rc.resolved.history_len
-            r[F_SINK] = rc.spec.sink
+            hist, sink = rc.resolved.history_len, rc.spec.sink
+            any_salient = any(sink <= s < hist for s in rc.spec.salient)  # (hist <= W: all in the mask)
+            r[F_FLAGS] = FLAG_STATS | (FLAG_SALIENT if any_salient else 0)
+            r[F_HISTORY] = hist
+            r[F_SINK] = sink
         else:
             r[F_FLAGS] = FLAG_ROWS
             r[F_FIRST_LAYER] = rc.first_layer

@@ -22,13 +22,14 @@ import logging
 import sys
 from typing import Any, Callable, Iterable
 
+from ... import envs
 from ...spec import CaptureSpec
 from .. import runner_hooks
 from .graph_buffers import graph_kind
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "install", "policy"]
+__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "wrap_graph_manager", "install", "policy"]
 
 _MRV2_DISPATCH = ("vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager")
 _V1_DISPATCH = ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher")
@@ -59,6 +60,15 @@ class StepGraphPolicy:
         #: what the graph captures (the CUDA builder sets it with :attr:`in_graph`)
         self.kinds: tuple[str, ...] = ("stats", "rows")
         self._kinds: dict[str, str | None] = {}
+        #: whether a full graph being captured records the fused capture kernels (False while the plain graph
+        #: set is captured, :func:`wrap_graph_manager`)
+        self.record_kernels = True
+        #: ``() -> bool``: whether the step being run has rows for the fused kernel (set by the CUDA builder);
+        #: a full-graph replay of a step without them uses the plain graph, which holds no capture kernel
+        self.step_in_graph: Callable[[], bool] | None = None
+        #: full-graph replays that used the plain / capturing graph set (diagnostics, tests)
+        self.plain_replays = 0
+        self.capture_replays = 0
 
     def kind_of(self, req_id: str, raw_spec: Any) -> str | None:
         k = self._kinds.get(req_id, "?")
@@ -137,6 +147,76 @@ def wrap_dispatch(orig: Callable, pol: StepGraphPolicy | None = None) -> Callabl
     return dispatch
 
 
+def wrap_graph_manager(cls: Any, pol: StepGraphPolicy | None = None, full_mode: Any = None) -> bool:
+    """Two sets of full decode graphs on Model Runner V2's ``CudaGraphManager`` (idempotent; False when ``cls``
+    lacks ``capture`` / ``run_fullgraph`` / ``graphs``).
+
+    ``capture`` runs vLLM's capture twice: first as vLLM does (PIECEWISE, then FULL) with
+    :attr:`StepGraphPolicy.record_kernels` off, so the FULL graphs hold no capture kernel (the *plain* set); then
+    the FULL descriptors only, with the kernels recorded (the *capturing* set). ``run_fullgraph`` replays the
+    capturing graph when the step has rows for the fused kernel (:attr:`StepGraphPolicy.step_in_graph`), else the
+    plain one: a step where nobody captures replays exactly stock's launches. Installed by :func:`install` under
+    Model Runner V2 unless ``VLLM_ATTNCAP_PLAIN_GRAPHS=0``. Both sets share vLLM's graph memory
+    pool (only one graph replays at a time, as with vLLM's own graphs) and the same static inputs and outputs.
+    """
+    pol = pol or policy
+    cap, run = getattr(cls, "capture", None), getattr(cls, "run_fullgraph", None)
+    if cap is None or run is None:
+        return False
+    if getattr(cap, "__attncap_wrapped__", False):
+        return True
+    if full_mode is None:
+        from vllm.config import CUDAGraphMode
+
+        full_mode = CUDAGraphMode.FULL
+
+    @functools.wraps(cap)
+    def capture(self, *args, **kwargs):
+        descs = getattr(self, "_capture_descs", None)
+        if not isinstance(descs, dict) or full_mode not in descs or not pol.in_graph:
+            return cap(self, *args, **kwargs)
+        pol.record_kernels = False
+        try:
+            states = cap(self, *args, **kwargs)  # as vLLM captures, the FULL graphs without capture kernels
+        finally:
+            pol.record_kernels = True
+        plain = {d: g for d, g in self.graphs.items() if getattr(d, "cg_mode", None) == full_mode}
+        for d in plain:
+            del self.graphs[d]
+        self._capture_descs = {full_mode: descs[full_mode]}
+        try:
+            more = cap(self, *args, **kwargs)  # the FULL graphs again, with the capture kernels
+        finally:
+            self._capture_descs = descs
+        self.__dict__["_attncap_plain"] = plain
+        if isinstance(states, dict) and isinstance(more, dict):
+            states.update(more)
+        logger.info("vllm_attncap: %d full decode graphs captured twice (plain / capturing)", len(plain))
+        return states
+
+    @functools.wraps(run)
+    def run_fullgraph(self, desc, *args, **kwargs):
+        plain = self.__dict__.get("_attncap_plain")
+        if plain is None or desc not in plain:
+            return run(self, desc, *args, **kwargs)
+        on = pol.step_in_graph is not None and pol.step_in_graph()
+        if on:
+            pol.capture_replays += 1
+            return run(self, desc, *args, **kwargs)
+        pol.plain_replays += 1
+        graphs = self.graphs
+        self.graphs = plain  # run_fullgraph replays self.graphs[desc]
+        try:
+            return run(self, desc, *args, **kwargs)
+        finally:
+            self.graphs = graphs
+
+    capture.__attncap_wrapped__ = True
+    run_fullgraph.__attncap_wrapped__ = True
+    cls.capture, cls.run_fullgraph = capture, run_fullgraph
+    return True
+
+
 def _install_dispatch(module_name: str, cls_name: str, pol: StepGraphPolicy) -> bool:
     """Wrap ``cls.dispatch`` of a loaded module (idempotent); False when the module or class is absent."""
     mod = sys.modules.get(module_name)
@@ -150,13 +230,14 @@ def _install_dispatch(module_name: str, cls_name: str, pol: StepGraphPolicy) -> 
 
 
 _WARNED_MRV2 = False
+_WARNED_PLAIN = False
 
 
 def install(pol: StepGraphPolicy | None = None) -> None:
     """Make ``pol`` (default :data:`policy`) decide every step: it hears the step's scheduled requests and the
     finished ones through :mod:`~vllm_attncap.engine.runner_hooks`, and the runners' graph dispatch (Model Runner
     V2's when that runner is hooked, V1's) is wrapped. Call after :func:`runner_hooks.install` (idempotent)."""
-    global _WARNED_MRV2
+    global _WARNED_MRV2, _WARNED_PLAIN
     pol = pol or policy
     runner_hooks.on_schedule(pol.decide)
     runner_hooks.on_finish(pol.forget)
@@ -165,3 +246,10 @@ def install(pol: StepGraphPolicy | None = None) -> None:
         logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
                        "the full decode graph cannot capture may lose those captures")
     _install_dispatch(*_V1_DISPATCH, pol)  # the V1 runner's dispatcher (its module is loaded with the runner's)
+    if runner_hooks.mrv2_installed() and envs.VLLM_ATTNCAP_PLAIN_GRAPHS:
+        mod = sys.modules.get(_MRV2_DISPATCH[0])
+        cls = getattr(mod, _MRV2_DISPATCH[1], None) if mod is not None else None
+        if (cls is None or not wrap_graph_manager(cls, pol)) and not _WARNED_PLAIN:
+            _WARNED_PLAIN = True
+            logger.warning("vllm_attncap: Model Runner V2's CUDA-graph manager has no capture/run_fullgraph; full "
+                           "decode graphs keep the capture kernels in every step")

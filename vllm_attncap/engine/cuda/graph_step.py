@@ -24,6 +24,7 @@ cycle with CPU tensors and a fake ring device.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -47,13 +48,21 @@ class GraphCapture:
         make_ring: ``make_ring(slot_bytes)`` -> :class:`~.result_ring.ResultRing` (made at the first capturing step).
         kinds: what the graph captures (``"stats"``, ``"rows"``); without ``"rows"`` the head-mean rows pass is not
             launched and such requests are captured eagerly (their steps run PIECEWISE).
+        fail: ``fail(req_id, message)`` ends a request's capture with an error (the tracker's
+            :meth:`~.tracker.CaptureTracker.fail`); called when a row of a full-graph step finds no free request slot
+            (the eager path does not run in a replayed graph, so the row could only be dropped).
+
+    Thread safety: ``begin_step`` / ``end_step`` run on the worker's main thread, ``mark`` / ``flush_through`` may
+    run on vLLM's async-output thread (``get_output()``) and ``finish`` / ``flush`` on either: the ring serialises
+    them (:class:`~.result_ring.ResultRing` holds a lock), the slot table is touched under this object's lock.
     """
 
     def __init__(self, layout: BufferLayout, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
-                 uploader: Any, make_ring: Callable[[int], Any], kinds: tuple[str, ...] = ("stats", "rows")) -> None:
+                 uploader: Any, make_ring: Callable[[int], Any], kinds: tuple[str, ...] = ("stats", "rows"),
+                 fail: Callable[[str, str], None] | None = None) -> None:
         self.layout = layout
         self.kinds = tuple(kinds)
-        self.buffers = DecodeBuffers(layout, alloc)
+        self.buffers = DecodeBuffers(layout, alloc, self.kinds)
         self.slots = SlotTable(layout)
         self.uploader = uploader
         self._make_ring = make_ring
@@ -61,7 +70,13 @@ class GraphCapture:
         self._table = np.zeros((layout.max_rows, self.buffers.row_table.shape[1]), dtype=np.int32)
         self._table_on = False  # the device row table has a flag set
         self._step_rows: list[GraphRow] = []
-        self._warned_slots = False
+        self._fail = fail
+        self._lock = threading.RLock()
+        #: whether uniform decode steps that are not forced to PIECEWISE replay full graphs (the builder sets it
+        #: from the engine's CUDA-graph mode); when False a row without a slot is left to the eager path
+        self.full_graphs = True
+        #: requests whose capture failed for want of a slot (diagnostics, tests)
+        self.slot_failures = 0
         #: steps whose rows the fused kernel captured (diagnostics, tests)
         self.graph_steps = 0
 
@@ -82,7 +97,17 @@ class GraphCapture:
             self._table_on = False
 
     # ------------------------------------------------------------------ per step
-    def begin_step(self, plan: StepPlan | None, uniform_decode: bool) -> StepPlan | None:
+    def begin_step(self, plan: StepPlan | None, uniform_decode: bool, replays: bool | None = None) -> StepPlan | None:
+        """See the module docstring. ``replays``: whether this step replays a full graph (None: ``uniform_decode``
+        and :attr:`full_graphs`); in such a step a row without a request slot fails its request's capture."""
+        ring = self.ring
+        if plan is None and not self._table_on and not self._step_rows and (
+                ring is None or (not ring.in_flight and ring.last_event is None)):
+            return None  # nobody captures and nothing is in flight: nothing to do (the common step)
+        with self._lock:
+            return self._begin_step(plan, uniform_decode, self.full_graphs if replays is None else replays)
+
+    def _begin_step(self, plan: StepPlan | None, uniform_decode: bool, replays: bool) -> StepPlan | None:
         if self.ring is not None:
             self.ring.drain()
             self.ring.before_next_step()
@@ -98,15 +123,20 @@ class GraphCapture:
                     continue
                 slot, masks = self.slots.assign(b.rc)
                 if slot is None:
-                    if not self._warned_slots:
-                        self._warned_slots = True
-                        logger.warning("vllm_attncap: every in-graph capture slot is taken; rows of further "
-                                       "requests are captured only in steps that run attention eagerly")
+                    if replays and self._fail is not None:  # the eager path does not run in a replayed graph
+                        self.slot_failures += 1
+                        self._fail(b.rc.req_id, f"attncap: every one of the {self.layout.n_slots} in-graph capture "
+                                   "slots is held by a live request (running or preempted), so this request's rows "
+                                   "cannot be captured inside the full decode graph; lower max_num_seqs or the "
+                                   "number of concurrently capturing requests")
+                        continue
                     rest.append(b)
                     continue
                 if masks is not None:
                     lm, hm, sm = masks
-                    uploads += [(lm, self.buffers.layer_mask[slot]), (hm, self.buffers.head_mask[slot])]
+                    uploads.append((lm, self.buffers.layer_mask[slot]))
+                    if "rows" in self.kinds:  # (a stats-only graph has a one-slot head mask: the pass reads none)
+                        uploads.append((hm, self.buffers.head_mask[slot]))
                     if sm is not None:
                         uploads.append((sm, self.buffers.salient_mask[slot]))
                 rows.append(GraphRow(b.batch_row, b.rc, kind, b.rows[0], b.ctx_len, slot))
@@ -125,6 +155,12 @@ class GraphCapture:
         return plan
 
     def end_step(self) -> None:
+        if not self._step_rows:
+            return
+        with self._lock:
+            self._end_step()
+
+    def _end_step(self) -> None:
         rows, self._step_rows = self._step_rows, []
         if not rows:
             return
@@ -150,10 +186,11 @@ class GraphCapture:
         ids = set(req_ids)
         if not ids:
             return
-        if self.ring is not None:
-            self.ring.drain(block_for=ids)
-        for rid in ids:
-            self.slots.release(rid)
+        with self._lock:
+            if self.ring is not None:
+                self.ring.drain(block_for=ids)
+            for rid in ids:
+                self.slots.release(rid)
 
     def mark(self) -> int:
         """The number of result-ring slots submitted so far (see :meth:`flush_through`)."""

@@ -300,9 +300,13 @@ class HostSink:
     ``submit(device_tensor, write)`` starts the copy into a pooled pinned buffer and remembers ``write``;
     :meth:`flush` waits for the copies (host side only), calls each ``write(host_tensor)`` and recycles the buffers.
     A result larger than the whole pool is copied synchronously (with a one-time warning).
+
+    Thread-safe: the worker's main thread submits and drains (``build()``), and with an asynchronous output under
+    TP > 1 vLLM's output thread flushes (``get_output()``); one lock keeps each result written once, in order.
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
+        self._lock = threading.RLock()
         #: the pool's cap (None: ``VLLM_ATTNCAP_PINNED_BYTES``, read when the pool is made)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._warned = False
@@ -314,6 +318,10 @@ class HostSink:
         self.written = 0
 
     def submit(self, dev: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+        with self._lock:
+            self._submit(dev, write)
+
+    def _submit(self, dev: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
         if self.copier is None or self.copier.device != dev.device:
             self.flush()
             self.copier = AsyncCopier(dev.device)
@@ -341,6 +349,10 @@ class HostSink:
     def drain_ready(self) -> None:
         """Write the copies that have completed, oldest first, stopping at the first one still in flight
         (never waits)."""
+        with self._lock:
+            self._drain_ready()
+
+    def _drain_ready(self) -> None:
         while self.pending and self.pending[0][0].ready():
             handle, host, write = self.pending.pop(0)
             handle.wait()  # complete: returns at once, drops the device reference
@@ -352,6 +364,10 @@ class HostSink:
 
     def flush_through(self, mark: int) -> None:
         """Write the results submitted up to number ``mark``, waiting for those only."""
+        with self._lock:
+            self._flush_through(mark)
+
+    def _flush_through(self, mark: int) -> None:
         while self.pending and self.written < mark:
             handle, host, write = self.pending.pop(0)
             handle.wait()
@@ -363,7 +379,8 @@ class HostSink:
 
     def flush(self) -> None:
         """Wait for the submitted copies (host side only) and write them into the request buffers."""
-        self.flush_through(self.written + len(self.pending))
+        with self._lock:
+            self._flush_through(self.written + len(self.pending))
 
 
 class CudaRingOps:

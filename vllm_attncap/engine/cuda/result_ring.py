@@ -22,6 +22,7 @@ test says so.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -84,6 +85,9 @@ class ResultRing:
         self.submitted = 0
         #: times the host had to wait (ring full, or a finishing request's slot in flight)
         self.blocking_waits = 0
+        # submit/drain run on the worker's main thread and, with an asynchronous output under TP > 1, drains on
+        # vLLM's output thread (get_output): one at a time, so slots are written once and in order
+        self._lock = threading.RLock()
 
     @property
     def in_flight(self) -> int:
@@ -91,20 +95,25 @@ class ResultRing:
 
     def pending_requests(self) -> set[str]:
         out: set[str] = set()
-        for s in self._busy:
-            out |= s.req_ids
+        with self._lock:
+            for s in self._busy:
+                out |= s.req_ids
         return out
 
     def submit(self, rows: list[GraphRow], sources: dict[str, torch.Tensor]) -> None:
         """Copy ``sources`` (name -> contiguous device tensor) into a ring slot; ``rows`` say whose they are."""
         if not rows:
             return
+        with self._lock:
+            self._submit(rows, sources)
+
+    def _submit(self, rows: list[GraphRow], sources: dict[str, torch.Tensor]) -> None:
         if not self._free:
-            self.drain()
+            self._drain(None)
         if not self._free:  # full: wait for the oldest (the only blocking path besides finishing requests)
             self.blocking_waits += 1
             self.ops.wait(self._busy[0].event)
-            self.drain()
+            self._drain(None)
         slot = self._free.pop()
         views, pairs, off = {}, [], 0
         for name, src in sources.items():
@@ -125,13 +134,18 @@ class ResultRing:
 
     def before_next_step(self) -> None:
         """Order the next step's kernels after the last copy out of the static buffers (a GPU-side wait)."""
-        if self.last_event is not None:
-            self.ops.gpu_wait(self.last_event)
-            self.last_event = None
+        with self._lock:
+            if self.last_event is not None:
+                self.ops.gpu_wait(self.last_event)
+                self.last_event = None
 
     def drain_through(self, seq: int) -> int:
         """Write every slot submitted up to number ``seq``, waiting for them if needed (a step's output is about
         to leave the worker: its rows must be in the request buffers first). Later slots are not waited for."""
+        with self._lock:
+            return self._drain_through(seq)
+
+    def _drain_through(self, seq: int) -> int:
         last = None
         for s in self._busy:
             if s.seq <= seq:
@@ -139,10 +153,14 @@ class ResultRing:
         if last is not None and not self.ops.done(last.event):
             self.blocking_waits += 1
             self.ops.wait(last.event)
-        return self.drain()
+        return self._drain(None)
 
     def drain(self, block_for: set[str] | frozenset[str] | None = None) -> int:
         """Write finished slots (oldest first); wait only for slots holding rows of ``block_for``. Returns slots written."""
+        with self._lock:
+            return self._drain(block_for)
+
+    def _drain(self, block_for) -> int:
         if block_for:
             last = -1
             for i, s in enumerate(self._busy):
