@@ -3,8 +3,8 @@
 The fast tier (``make test-fast``: ``-m "not engine and not slow"``) relies on that rule, so it is enforced, not
 hoped for:
 
-* tests under ``tests/engine/`` and tests that use one of the engine fixtures (``ENGINE_FIXTURES``) are marked
-  ``engine`` at collection;
+* tests that use one of the engine fixtures (``ENGINE_FIXTURES``) are marked ``engine`` at collection; the others
+  that start an engine carry the marker themselves (``pytestmark`` or a decorator);
 * while a test without the marker is set up or runs, starting an engine in this process (vLLM's ``LLMEngine`` or
   ``AsyncLLM``, which every ``LLM(...)``, TRL colocated engine and in-process server goes through) or a subprocess
   that starts one (``vllm serve``, ``python -m vllm.entrypoints...``, a Python script or ``-c`` program that calls
@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent
 
 # fixtures that start an engine (in this process, in a subprocess or behind a server): a test using one is marked
 ENGINE_FIXTURES = frozenset({
@@ -125,11 +123,10 @@ def install() -> None:
 
 
 def mark(items) -> None:
-    """Add the ``engine`` marker to the tests under tests/engine/ and to those using an engine fixture."""
-    engine_dir = TESTS / "engine"
+    """Add the ``engine`` marker to the tests that use an engine fixture. (Not by directory: tests/ mirrors the
+    packages, and tests/engine/ also holds the kernel and reference tests that start no engine.)"""
     for item in items:
-        in_engine_dir = engine_dir in Path(str(item.fspath)).resolve().parents
-        if in_engine_dir or ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.engine)
 
 

@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 from engine_utils import free_engine  # noqa: E402
 from tiny_model import make_tiny_llama  # noqa: E402
 
-pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="session")
