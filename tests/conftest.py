@@ -1,8 +1,45 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the rule that every test that starts a vLLM engine carries the ``engine`` marker
+(enforced by tests/engine_guard.py, wired in by the hooks below)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine_guard  # noqa: E402
+
+
+def pytest_configure(config):
+    engine_guard.install()
+
+
+def pytest_collection_modifyitems(config, items):
+    engine_guard.mark(items)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    engine_guard.set_test(item)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    engine_guard.set_test(item)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    engine_guard.set_test(None)  # fixtures torn down here may free engines; none starts one
+    yield
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

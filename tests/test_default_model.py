@@ -1,7 +1,8 @@
 """The bundled default model: GGUF -> safetensors conversion, caching, locking, fidelity.
 
-One real conversion runs per session (``converted`` fixture, ~30 s on two cores) into a
-temporary cache; the locking and atomicity tests swap the conversion for a fake one.
+The fidelity tests read the machine's cached conversion (``smollm2_path``: converted once per machine, ~30 s on two
+cores, by the set-up or by the first test that needs it), so the suite never converts twice; the announcement,
+locking and atomicity tests swap the conversion for a fake one in a temporary cache.
 """
 
 from __future__ import annotations
@@ -35,40 +36,46 @@ def _bundled_or_skip() -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """(model dir, stderr of the conversion, seconds it took), converted once per session."""
-    _bundled_or_skip()
-    cache = tmp_path_factory.mktemp("attncap-cache")
-    stderr = io.StringIO()
-    started = time.perf_counter()
-    with redirect_stderr(stderr):
-        path = default_model_path(cache)
-    return Path(path), stderr.getvalue(), time.perf_counter() - started
+def converted(smollm2_path):
+    """(model dir, None, None): the cached conversion of the bundled model (the real ``_convert``)."""
+    return Path(smollm2_path), None, None
 
 
 # --- the real conversion --------------------------------------------------------------------
 
 
-def test_conversion_lands_in_named_subfolder_and_announces_itself(converted):
-    path, stderr, _ = converted
+def test_conversion_lands_in_named_subfolder_and_announces_itself(converted, monkeypatch, tmp_path):
+    path, _, _ = converted
     assert path.name == DEFAULT_MODEL_NAME
-    assert "Converting the bundled SmolLM2-135M-Instruct to safetensors" in stderr
-    assert str(path) in stderr
+    # the announcement and the staging directory, around a fake conversion into a cache of this test's own
+    calls = []
+    monkeypatch.setattr(dm, "bundled_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(dm, "_convert", _fake_convert(calls))
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        fresh = Path(default_model_path(tmp_path / "cache"))
+    assert fresh == tmp_path / "cache" / DEFAULT_MODEL_NAME and len(calls) == 1
+    assert "Converting the bundled SmolLM2-135M-Instruct to safetensors" in stderr.getvalue()
+    assert str(fresh) in stderr.getvalue()
     # The staging directory was renamed away; only the lock file sits beside the model.
-    leftovers = [p.name for p in path.parent.iterdir() if p.name != DEFAULT_MODEL_NAME]
+    leftovers = [p.name for p in fresh.parent.iterdir() if p.name != DEFAULT_MODEL_NAME]
     assert leftovers == [f".{DEFAULT_MODEL_NAME}.lock"]
 
 
-def test_second_call_returns_without_reconverting(converted):
+def test_second_call_returns_without_reconverting(converted, monkeypatch):
     path, _, _ = converted
     weights = path / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a complete model directory was converted again")
+
+    monkeypatch.setattr(dm, "_convert", no_conversion)
+    monkeypatch.setattr(dm, "bundled_gguf_path", no_conversion)  # not even looked for
     stderr = io.StringIO()
-    started = time.perf_counter()
     with redirect_stderr(stderr):
         again = default_model_path(path.parent)
     assert again == str(path)
-    assert time.perf_counter() - started < 1.0
     assert weights.stat().st_mtime_ns == mtime
     assert stderr.getvalue() == ""
 

@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 from engine_utils import free_engine  # noqa: E402
 from tiny_model import make_tiny_llama  # noqa: E402
 
-pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="session")
@@ -34,24 +33,48 @@ def hf_tiny(tiny_llama):
     return AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager", dtype=torch.float32).eval()
 
 
+def _tiny_engine(tiny_llama, attncap: bool = True, **kw):
+    from vllm import LLM
+
+    args = dict(model=str(tiny_llama), enforce_eager=True, dtype="float32", max_model_len=512, seed=0)
+    if attncap:
+        args["attention_backend"] = "attncap"
+    args.update(kw)
+    return LLM(**args)
+
+
 @pytest.fixture
 def make_llm(tiny_llama):
-    """Factory for in-process engines on the tiny model; frees them afterwards."""
+    """Factory for in-process engines on the tiny model with settings of a test's own; frees them afterwards.
+    Tests that need the default settings share the module's engine (``llm``) instead: a start costs ~10-20 s."""
     made = []
 
     def _make(attncap: bool = True, **kw):
-        from vllm import LLM
-
-        args = dict(model=str(tiny_llama), enforce_eager=True, dtype="float32", max_model_len=512, seed=0)
-        if attncap:
-            args["attention_backend"] = "attncap"
-        args.update(kw)
-        llm = LLM(**args)
+        llm = _tiny_engine(tiny_llama, attncap, **kw)
         made.append(llm)
         return llm
 
     yield _make
     while made:
         free_engine(made.pop())
+
+
+# One engine per module for the tests that use the default settings. Module scope, not session scope: starting an
+# attncap engine resets the process's capture tracker and freeing one tears down vLLM's distributed state, so an
+# engine must not outlive the next module's engines. A test module uses either these or ``make_llm``, not both.
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    """The module's attncap engine on the tiny model (default settings, greedy tests only)."""
+    engine = _tiny_engine(tiny_llama)
+    yield engine
+    free_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def stock_llm(tiny_llama):
+    """The module's engine on the platform's own attention backend (same settings as ``llm``)."""
+    engine = _tiny_engine(tiny_llama, attncap=False)
+    yield engine
+    free_engine(engine)
 
 

@@ -11,12 +11,11 @@ pytestmark = pytest.mark.engine
 TOL = 1e-4  # fp32 tiny model; measured max |diff| ~2e-6
 
 
-def test_mixed_batch_rows_match_hf(make_llm, hf_tiny):
+def test_mixed_batch_rows_match_hf(llm, hf_tiny):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
 
-    llm = make_llm()
     specs = [
         {},  # every layer and head
         {"layers": [-1], "reduce": "head_mean"},
@@ -41,12 +40,11 @@ def test_mixed_batch_rows_match_hf(make_llm, hf_tiny):
             assert not out.attention[:, :, s, P + s :].any()
 
 
-def test_selected_heads_and_layers_keep_order(make_llm, hf_tiny):
+def test_selected_heads_and_layers_keep_order(llm, hf_tiny):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
 
-    llm = make_llm()
     out = generate_with_attentions(
         llm, PROMPTS[1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
         spec={"layers": [-1, 0], "heads": [-1, 0]}, use_tqdm=False,
@@ -57,12 +55,11 @@ def test_selected_heads_and_layers_keep_order(make_llm, hf_tiny):
 
 
 @pytest.mark.parametrize("reduce", ["none", "head_mean", "layer_head_mean"])
-def test_stats_mode_matches_rows(make_llm, hf_tiny, reduce):
+def test_stats_mode_matches_rows(llm, hf_tiny, reduce):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
 
-    llm = make_llm()
     salient = [0, 2, 5, 7]
     spec = {"mode": "stats", "sink": 1, "salient": salient, "layers": [1, 2], "reduce": reduce}
     out = generate_with_attentions(
@@ -79,7 +76,7 @@ def test_stats_mode_matches_rows(make_llm, hf_tiny, reduce):
 
 
 @pytest.mark.parametrize("reduce", ["none", "layer_head_mean"])
-def test_stats_mode_elides_long_histories_like_the_reward_sdk(make_llm, hf_tiny, reduce):
+def test_stats_mode_elides_long_histories_like_the_reward_sdk(llm, hf_tiny, reduce):
     """spec n_max/window: the engine applies the reward's long-history rule before the statistics. Reference: the
     SDK's own elide() and core entropy/coverage on HF rows (an independent implementation)."""
     from vllm import SamplingParams
@@ -87,7 +84,6 @@ def test_stats_mode_elides_long_histories_like_the_reward_sdk(make_llm, hf_tiny,
     from cagsr_reward import elide, row_entropy
     from vllm_attncap import generate_with_attentions
 
-    llm = make_llm()
     prompt = " ".join(PROMPTS[:4])  # ~60 tokens > n_max
     salient, sink, n_max, window = [1, 4, 9, 30], 1, 16, 6
     spec = {"mode": "stats", "sink": sink, "salient": salient, "layers": [0, 2], "reduce": reduce,
@@ -118,20 +114,16 @@ def test_stats_mode_elides_long_histories_like_the_reward_sdk(make_llm, hf_tiny,
     assert np.abs(plain.stats["entropy"] - out.stats["entropy"]).max() > 1e-3
 
 
-def test_tokens_identical_to_stock_backend(make_llm):
+def test_tokens_identical_to_stock_backend(llm, stock_llm):
     """Greedy, 8 prompts: stock CPU_ATTN vs attncap without capture vs attncap with capture."""
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
 
     sp = SamplingParams(max_tokens=12, temperature=0)
-    stock = make_llm(attncap=False)
-    ref = [list(o.outputs[0].token_ids) for o in stock.generate(PROMPTS, sp, use_tqdm=False)]
-    ref_text = [o.outputs[0].text for o in stock.generate(PROMPTS, sp, use_tqdm=False)]
-    from engine_utils import free_engine
-
-    del stock
-    cap = make_llm()
+    ref = [list(o.outputs[0].token_ids) for o in stock_llm.generate(PROMPTS, sp, use_tqdm=False)]
+    ref_text = [o.outputs[0].text for o in stock_llm.generate(PROMPTS, sp, use_tqdm=False)]
+    cap = llm
     plain = [list(o.outputs[0].token_ids) for o in cap.generate(PROMPTS, sp, use_tqdm=False)]
     specs = [{} if i % 2 == 0 else {"layers": [-1], "reduce": "head_mean"} for i in range(len(PROMPTS))]
     with_capture = generate_with_attentions(cap, PROMPTS, sp, spec=specs, use_tqdm=False)
@@ -140,7 +132,7 @@ def test_tokens_identical_to_stock_backend(make_llm):
     assert [o.text for o in with_capture] == ref_text
 
 
-def test_stock_backend_untouched_without_selection(make_llm):
+def test_stock_backend_untouched_without_selection(stock_llm):
     """Without attention_backend='attncap' the platform's own backend class runs."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -150,7 +142,6 @@ def test_stock_backend_untouched_without_selection(make_llm):
     assert AttentionBackendEnum["ATTNCAP"] is AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum["attncap".upper()].get_path().startswith(
         ("vllm_attncap.engine.cpu.backend.", "vllm_attncap.engine.cuda.backend."))
-    llm = make_llm(attncap=False)
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    model = stock_llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     impls = {type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}
     assert impls == {"CPUAttentionBackendImpl"}

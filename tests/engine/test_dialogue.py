@@ -33,12 +33,11 @@ def test_spans_partition_the_rendered_history(tiny_llama):
         assert m["content"] in text and f"<|{m['role']}|>" in text
 
 
-def test_dialogue_captures_each_turn_over_the_whole_history(make_llm, hf_tiny):
+def test_dialogue_captures_each_turn_over_the_whole_history(llm, hf_tiny):
     from vllm import SamplingParams
 
     from vllm_attncap.dialogue import Dialogue
 
-    llm = make_llm()
     d = Dialogue(llm, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), spec={"layers": [-1]}, system="be nice")
     t0 = d.say("my printer is broken")
     t1 = d.say("I restarted it and it is still broken")

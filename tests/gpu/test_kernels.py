@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import zlib
 from dataclasses import dataclass
 
@@ -473,13 +472,12 @@ def test_copier_bytes_equal_and_compute_stream_never_waits(kernels):
     torch.cuda._sleep(100_000_000)  # the producer is busy when submit is called
     src.normal_()
 
-    t0 = time.perf_counter()
     handle = copier.submit(src, host)
-    submit_s = time.perf_counter() - t0
+    # submit returned while the producer's queued work still runs: it neither waited on the host for that work
+    # nor synchronised the compute stream (the non-timing form of "submit does not block")
+    assert not compute.query()
     assert isinstance(handle, CopyHandle)
     assert not handle.ready()  # ordered after the queued producer work
-    assert not compute.query()  # submit did not synchronise the compute stream
-    assert submit_s < 0.05, f"submit blocked for {submit_s:.3f} s"
 
     # work queued on the compute stream after submit completes without waiting for the copy
     after = torch.cuda.Event()

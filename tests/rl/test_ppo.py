@@ -33,19 +33,22 @@ def test_clipped_loss_matches_the_formula():
     mask = torch.ones(3, 5)
     mask[2, 3:] = 0
     loss, clip_frac, kl = clipped_policy_loss(new, old, adv, mask, 0.2)
-    expected, n, clipped = 0.0, 0, 0
+    expected, n, clipped, expected_kl = 0.0, 0, 0, 0.0
     for i in range(3):
         for s in range(5):
             if mask[i, s] == 0:
                 continue
-            r = math.exp(new[i, s] - old[i, s])
+            log_r = float(new[i, s] - old[i, s])
+            r = math.exp(log_r)
             a = float(adv[i, 0])
             expected += -min(r * a, min(max(r, 0.8), 1.2) * a)
             clipped += abs(r - 1) > 0.2
+            expected_kl += (r - 1) - log_r  # the k3 estimator of KL(old || new), >= 0 token by token
             n += 1
     assert loss.item() == pytest.approx(expected / n, rel=1e-5)
     assert clip_frac.item() == pytest.approx(clipped / n)
-    assert kl.item() >= 0
+    assert kl.item() == pytest.approx(expected_kl / n, rel=1e-5)
+    assert kl.item() > 0  # the two policies differ
     # at ratio 1 every token of turn i gets gradient -A_i / n: the turn's advantage is shared by its tokens
     at_old = old.clone().requires_grad_(True)
     loss, _, _ = clipped_policy_loss(at_old, old, adv, mask, 0.2)

@@ -1,10 +1,11 @@
 """Server mode end to end: the stock vLLM OpenAI server with ``--attention-backend attncap``.
 
-One server (tiny random Llama, float32 checkpoint, which vLLM's CPU platform runs in bfloat16 under
-``--dtype auto``; head_dim 32) on 127.0.0.1 serves every test of this module (the TP=2 test starts two
-float32 servers of its own); it is started once (~80 s on 2 cores) and killed at teardown. Its caps are set low
-(``VLLM_ATTNCAP_MAX_BYTES`` 1 MB, ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` 600 kB) so that both can
-be hit with small requests, and its capture store is a private temporary directory.
+One server (tiny random Llama in float32, head_dim 32) on 127.0.0.1 serves every test of this module: it is started
+once (~80 s on 2 cores) and killed at teardown; it is also the TP=1 side of the TP=2 test, which starts one TP=2
+server of its own. The kill -9 test kills it and ends its own replacement; a test after that gets a server started
+again (the ``server`` fixture starts one whenever the last one is gone), so no test depends on the order. Its caps
+are set low (``VLLM_ATTNCAP_MAX_BYTES`` 1 MB, ``VLLM_ATTNCAP_MAX_PENDING_BYTES`` 600 kB) so that both can be hit with
+small requests, and its capture store is a private temporary directory. Every test leaves the store empty.
 """
 
 from __future__ import annotations
@@ -237,19 +238,39 @@ def _stop_gracefully(srv) -> None:
         _stop_server(proc, srv["log_file"])
 
 
+# float32: the TP=2 comparison needs it (in bfloat16, vLLM's CPU default under --dtype auto, TP's other summation
+# order moves probabilities by ~1e-2)
+SERVER_ARGS = ("--dtype", "float32")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _module_server(tmp_path_factory):
+    """The model and the base of the module's server, and the server itself once started (``server``)."""
     pytest.importorskip("vllm")
     from tiny_model import make_tiny_llama
 
     root = tmp_path_factory.mktemp("attncap-server")
     model = make_tiny_llama(root / "model", num_layers=NUM_LAYERS, heads=NUM_HEADS, kv_heads=2, head_dim=32)
-    srv = _start_server(root, model, root / "store")
-    srv["root"] = root
+    held = {"root": root, "model": model, "srv": None}
     try:
-        yield srv
+        yield held
     finally:
-        _stop_server(srv["proc"], srv["log_file"])
+        if held["srv"] is not None:
+            _stop_server(held["srv"]["proc"], held["srv"]["log_file"])
+
+
+@pytest.fixture
+def server(_module_server):
+    """The module's server: started by the first test that needs it, and again only after a test ended it."""
+    held = _module_server
+    srv = held["srv"]
+    if srv is None or srv["proc"].poll() is not None:
+        if srv is not None:
+            _stop_server(srv["proc"], srv["log_file"])  # ended by a test (kill -9): close its log, reap it
+        srv = _start_server(held["root"], held["model"], held["root"] / "store", SERVER_ARGS)
+        srv["root"] = held["root"]
+        held["srv"] = srv
+    return srv
 
 
 def _records(server) -> list[Path]:
@@ -657,20 +678,15 @@ def test_server_survived(server):
 @pytest.mark.engine
 @pytest.mark.slow
 def test_tensor_parallel_server_matches_tp1(server):
-    """Server mode at TP=2 (mp executor, one core per rank): the same tokens and captures as the TP=1 server for
-    per-head rows, head means over layers and heads, and stats; a bad spec is a 400 for that request only; nothing
-    is left in the store after the reads, nor after the server stops."""
-    # both in float32 (the module's server runs with dtype "auto", which vLLM's CPU platform makes bfloat16: there
-    # TP's other summation order moves probabilities by ~1e-2)
+    """Server mode at TP=2 (mp executor, one core per rank): the same tokens and captures as the TP=1 server (the
+    module's, float32 as this one) for per-head rows, head means over layers and heads, and stats; a bad spec is a 400
+    for that request only; nothing is left in the store after the reads, nor after the server stops."""
     root, model = Path(server["root"]), Path(server["model"])
-    tp1 = _start_server(root, model, root / "store-tp1-fp32", ("--dtype", "float32"))
+    tp1 = server
+    tp1_before = (_records(tp1), _status(tp1))
     base = root / "store-tp2"
-    try:
-        tp2 = _start_server(root, model, base, ("--dtype", "float32", "--tensor-parallel-size", "2"),
-                            VLLM_CPU_OMP_THREADS_BIND="0|1")
-    except BaseException:
-        _stop_server(tp1["proc"], tp1["log_file"])
-        raise
+    tp2 = _start_server(root, model, base, (*SERVER_ARGS, "--tensor-parallel-size", "2"),
+                        VLLM_CPU_OMP_THREADS_BIND="0|1")
     try:
         specs = [{"attncap": "{}"}, {"attncap_layers": [0, -1], "attncap_reduce": "head_mean"},
                  {"attncap_reduce": "layer_head_mean"}, {"attncap_heads": [3]},
@@ -698,10 +714,9 @@ def test_tensor_parallel_server_matches_tp1(server):
         after = _complete(tp2, {"attncap_layers": [-1]}, max_tokens=3)  # still serving, still capturing
         assert after.status_code == 200, after.text
         assert _decode(_fetch(tp2, after.json()["id"]).json()).shape[2] == 3
-        _assert_store_empty(tp1)
+        assert (_records(tp1), _status(tp1)) == tp1_before  # as empty as this test found it
         _assert_store_empty(tp2)
     finally:
-        _stop_server(tp1["proc"], tp1["log_file"])
         _stop_gracefully(tp2)
     assert [p.name for p in base.iterdir()] == []  # the TP=2 server's namespace went with it
 
@@ -730,9 +745,10 @@ def _alive(pid: int) -> bool:
 @pytest.mark.engine
 @pytest.mark.slow
 def test_restart_after_kill_9_serves_no_stale_capture(server):
-    """Item 3 (runs last: it kills the module's server): after ``kill -9`` of the API server, a new server on the
-    same base removes the dead engine's namespace at start, serves none of its captures and refuses none of its
-    keys; a graceful stop (SIGTERM) removes the new server's namespace."""
+    """Item 3: after ``kill -9`` of the API server, a new server on the same base removes the dead engine's
+    namespace at start, serves none of its captures and refuses none of its keys; a graceful stop (SIGTERM) removes
+    the new server's namespace. (It kills the module's server; a test after it gets a new one from ``server``, so
+    it is placed last only to spare that start.)"""
     assert _complete(server, {"attncap_key": "survivor", "attncap_layers": [-1]}).status_code == 200
     old_spaces = [p for p in Path(server["store"]).iterdir() if p.name.startswith("ns-")]
     assert len(old_spaces) == 1 and len(_records(server)) == 1
@@ -740,13 +756,16 @@ def test_restart_after_kill_9_serves_no_stale_capture(server):
     engines = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    time.sleep(5)
     orphans = [pid for pid in engines if _alive(pid)]
     print(f"after kill -9 of the API server: {len(orphans)} of its {len(engines)} child processes still run")
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # vLLM leaves its engine processes running; end them here
     except ProcessLookupError:
         pass
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in engines), "the killed server's engine processes outlived kill -9 of the group"
     assert old_spaces[0].exists()  # nobody cleaned up after kill -9 ...
     fresh = _start_server(server["root"], Path(server["model"]), Path(server["store"]))
     try:
