@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-__all__ = ["CAGSRConfig", "DEFAULT_LAYERS", "MODES", "resolve_sink"]
+__all__ = ["CAGSRConfig", "DEFAULT_LAYERS", "MODES", "resolve_layers", "resolve_sink"]
 
 MODES = ("single", "multi", "cot")
 COLUMNS = ("content", "all")
@@ -24,10 +25,29 @@ COT_ANSWERS = ("sentence", "rest")
 COT_FLOORS = ("turn", "block")
 BLOCK_FOCUS = ("summed", "rows")
 
-#: Layers of the default band: the last eight decoder layers (chosen on the selection split, docs/method.md).
-DEFAULT_LAYERS = tuple(range(-8, 0))
+#: Layers of the default band: the last eight decoder layers, all of them for a model with fewer (chosen on the
+#: selection split, docs/method.md).
+DEFAULT_LAYERS = "last:8"
 
-LayerSpec = Union[Literal["all"], tuple[int, ...]]
+
+def resolve_layers(layers: Any, num_layers: int | None) -> Any:
+    """A layer selection with ``"last:K"`` turned into model layer ids ``(-K', ..., -1)``, ``K' = min(K,
+    num_layers)``; ``"all"`` and tuples are returned unchanged. Needs `num_layers` for ``"last:K"`` unless K is 1.
+
+    Example:
+        >>> resolve_layers("last:3", 30), resolve_layers("last:8", 2), resolve_layers((-1,), None)
+        ((-3, -2, -1), (-2, -1), (-1,))
+    """
+    if isinstance(layers, str) and layers.startswith("last:"):
+        k = int(layers.split(":", 1)[1])
+        if num_layers is None:
+            if k == 1:
+                return (-1,)
+            raise ValueError(f"layers: {layers!r} needs the model's number of layers, which this capture does not give")
+        return tuple(range(-min(k, int(num_layers)), 0))
+    return layers
+
+LayerSpec = Union[Literal["all"], str, tuple[int, ...]]
 SinkSpec = Union[Literal["auto"], int]
 
 
@@ -45,7 +65,10 @@ def _index_spec(name: str, value: Any) -> LayerSpec:
     if isinstance(value, str):
         if value == "all":
             return "all"
-        raise ValueError(f"{name}: expected 'all' or a sequence of ints, got {value!r}")
+        if name == "layers" and re.fullmatch(r"last:[1-9][0-9]*", value):
+            return value
+        hint = "'all', 'last:K' (K >= 1)" if name == "layers" else "'all'"
+        raise ValueError(f"{name}: expected {hint} or a sequence of ints, got {value!r}")
     if _is_int(value):
         return (int(value),)
     if not isinstance(value, Sequence) or len(value) == 0:
@@ -109,8 +132,8 @@ class CAGSRConfig:
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
         h0 (`float`, defaults to `0.5`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value; ours).
         kappa (`float`, defaults to `0.25`): floor increase per turn, nats (MTC §5.2; value ours).
-        layers (`"all"` or `tuple[int, ...]`, defaults to `DEFAULT_LAYERS`): model layers averaged (negative ids
-            count from the last layer). CAGSR: "the final decoder layers (averaging per-layer and per-head)"; the band
+        layers (`"all"`, `"last:K"` or `tuple[int, ...]`, defaults to `DEFAULT_LAYERS`): model layers averaged
+            (negative ids count from the last layer; ``"last:K"`` = the last K layers, all of a smaller model). CAGSR: "the final decoder layers (averaging per-layer and per-head)"; the band
             width was chosen on the selection split (docs/method.md). `CAGSRConfig.paper()` uses `(-1,)` (MTC §6).
         heads (`"all"` or `tuple[int, ...]`, defaults to `"all"`): query heads averaged (MTC §3: all heads).
         sink (`"auto"` or `int`, defaults to `"auto"`): leading sink columns dropped; `"auto"` = position 0 when it is

@@ -16,7 +16,7 @@ import numpy as np
 from .aggregate import _elide_checked
 from .answers import ANSWER_MARKERS, find_answer_span
 from .attention import CapturedAttention
-from .config import CAGSRConfig, resolve_sink
+from .config import CAGSRConfig, resolve_layers, resolve_sink
 from .core import (
     _check_attn,
     _check_ids,
@@ -96,6 +96,15 @@ class TurnScore:
     def as_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (for logging)."""
         return dataclasses.asdict(self)
+
+
+def _captured_num_layers(cap: CapturedAttention) -> int | None:
+    """The model's layer count as far as a capture tells it (for ``layers="last:K"``)."""
+    if cap.num_layers is not None:
+        return cap.num_layers
+    if cap.layer_ids is None and cap.reduce != "layer_head_mean":
+        return int(np.asarray(cap.attention).shape[0])
+    return None
 
 
 def _resolve_turn_sink(config: CAGSRConfig, sink: Any, history_ids: Any, bos_token_id: Any) -> int:
@@ -211,7 +220,7 @@ def score_turn(
     if isinstance(block, CapturedAttention):
         response_ids = block.token_ids if response_ids is None else response_ids
         history_ids = block.prompt_token_ids if history_ids is None else history_ids
-        block = block.history_block(config.layers, config.heads)
+        block = block.history_block(resolve_layers(config.layers, _captured_num_layers(block)), config.heads)
     sink_n = _resolve_turn_sink(config, sink, history_ids, bos_token_id)
     a = _check_attn(block, "block")
     num_rows, num_cols = a.shape
@@ -542,7 +551,7 @@ def score_cot(
         prompt_len = cap.prompt_len if prompt_len is None else prompt_len
         response_ids = cap.token_ids if response_ids is None else response_ids
         prompt_ids = cap.prompt_token_ids if prompt_ids is None else prompt_ids
-        attention_2d = cap.aggregate(config.layers, config.heads)
+        attention_2d = cap.aggregate(resolve_layers(config.layers, _captured_num_layers(cap)), config.heads)
     a = _check_attn(attention_2d, "attention_2d")
     num_rows, num_cols = a.shape
     if not _is_int(prompt_len) or prompt_len < 1 or prompt_len + num_rows - 1 != num_cols:

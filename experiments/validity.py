@@ -65,6 +65,14 @@ SIZES = {
         "confirm": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
     },
 }
+# Items scored per (split, source): a prefix of each source's built list (SIZES fixes the lists, and so which
+# dialogue's reply is each item's "other"). The confirm split is scored on fewer items than were built because
+# capture on the shared 2-core machine ran at ~50 s per item (docs/experiments.md says so).
+SCORED = {
+    "full": {"selection": SIZES["full"]["selection"],
+             "confirm": {"chitchat": 32, "tech_support": 16, "recall": 15, "cot": 8}},
+    "quick": SIZES["quick"],
+}
 REPLY_TOKENS = {"chitchat": 32, "tech_support": 32, "recall": 32, "cot": 48}
 LOOP_PREFIX = 6
 SEED = 0
@@ -182,17 +190,31 @@ def _unrelated_pool(source: str, tok: Any) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+def scored_items(split: str, size: str, tok: Any) -> list[Item]:
+    """The items of `split` that are captured and scored: the first ``SCORED[size][split][source]`` of each
+    source."""
+    items = build_items(split, size, tok)
+    out, taken = [], {s: 0 for s in SOURCES}
+    for it in items:
+        if taken[it.source] < SCORED[size][split][it.source]:
+            out.append(it)
+            taken[it.source] += 1
+    return out
+
+
 def build_items(split: str, size: str, tok: Any) -> list[Item]:
     """Every item of `split`, with its continuations' token ids (deterministic; kept in the cache folder after the
     first build, since reading the corpora takes minutes on a loaded machine)."""
-    import pickle
+    import dataclasses
 
-    stash = CACHE.parent / f"validity-items-{split}-{size}.pkl"
+    stash = CACHE.parent / f"validity-items-{split}-{size}.json"
     if stash.exists():
-        return pickle.loads(stash.read_bytes())
+        return [Item(**d) for d in json.loads(stash.read_text())]
     items = _build_items(split, size, tok)
     stash.parent.mkdir(parents=True, exist_ok=True)
-    stash.write_bytes(pickle.dumps(items))
+    tmp = stash.with_name(f"{stash.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([dataclasses.asdict(it) for it in items]))
+    os.replace(tmp, stash)
     return items
 
 
@@ -330,7 +352,9 @@ def run_capture(size: str, cache: Path, splits: Sequence[str]) -> None:
     source = HFAttentionSource(model, tok, layers="all", reduce="head_mean", chunk_size=None)
     checked = False
     for split in splits:
-        items = build_items(split, size, tok)
+        items = scored_items(split, size, tok)
+        if os.environ.get("VALIDITY_REVERSE") == "1":  # a second process can work from the other end
+            items = items[::-1]
         (cache / split).mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         for k, it in enumerate(items):
@@ -372,6 +396,9 @@ def _selectors(tok: Any, items: Sequence[Item]):
 def _band(att: np.ndarray, layers: Any) -> np.ndarray:
     """Mean of the cached per-layer head means over `layers` (model ids, negatives from the end): equal to
     averaging every head of those layers, since each layer has the same number of heads."""
+    from cagsr_reward.config import resolve_layers
+
+    layers = resolve_layers(layers, att.shape[0])
     idx = sorted({int(l) % att.shape[0] for l in layers}) if layers != "all" else list(range(att.shape[0]))
     return att[idx].astype(np.float32).mean(axis=0)
 
@@ -536,8 +563,8 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     from cagsr_reward.validity import calibrate_entropy_floor
 
     tok = _tokenizer()
-    items = build_items("selection", size, tok)
-    scorer = Scorer(tok, items + build_items("confirm", size, tok))
+    items = scored_items("selection", size, tok)
+    scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
     n_samples = 200 if size == "quick" else 500  # the grid's intervals are not used; point estimates decide
     base = CAGSRConfig()
     grid: list[dict[str, Any]] = []
@@ -551,9 +578,9 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
         return row
 
     # 1. the layer band: last k layers, everything else at its starting value
-    bands = {k: evaluate(f"band{k}", base.replace(layers=tuple(range(-k, 0)))) for k in BANDS}
+    bands = {k: evaluate(f"band{k}", base.replace(layers=f"last:{k}")) for k in BANDS}
     k_best = max(BANDS, key=lambda k: (bands[k]["mean_auroc"], -k))
-    layers = tuple(range(-k_best, 0))
+    layers = f"last:{k_best}"
     # 2. repetition weight and span, focus weight: the best mean AUROC among those that keep the probes in check
     cands = []
     for gamma in GAMMAS:
@@ -581,7 +608,7 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
                         components=("default",))
     summary = summarise(items, final, ["default", "paper", *BASELINES, "default.coverage", "default.focus",
                                        "default.neg_repetition"], num_samples=n_samples)
-    out = {"split": "selection", "size": size, "num_items": len(items), "band_layers": list(layers),
+    out = {"split": "selection", "size": size, "num_items": len(items), "band_layers": layers,
            "chosen": chosen.to_dict(), "floor": {"h0": h0, "kappa": kappa, "quantile": FLOOR_QUANTILE,
                                                  "num_entropies": len(ent)},
            "grid": grid, "summary": summary, "capture_cost": capture_cost(items[:6], layers) if size == "full" else None}
@@ -597,7 +624,9 @@ def capture_cost(items: Sequence[Item], layers: Sequence[int], repeats: int = 3)
     from cagsr_reward.sources.hf import HFAttentionSource
 
     _, model, tok = _model_and_tokenizer()
-    variants = {"last": (-1,), "band": tuple(layers), "all": "all"}
+    from cagsr_reward.config import resolve_layers
+
+    variants = {"last": (-1,), "band": resolve_layers(layers, NUM_LAYERS), "all": "all"}
     sources = {k: HFAttentionSource(model, tok, layers=v, reduce="head_mean", chunk_size=None)
                for k, v in variants.items()}
     times: dict[str, list[float]] = {"plain": [], **{k: [] for k in variants}}
@@ -629,8 +658,8 @@ def run_confirm(size: str, cache: Path, results: Path) -> dict[str, Any]:
     sel = json.loads((results / "selection.json").read_text())
     chosen = CAGSRConfig.from_dict(sel["chosen"])
     tok = _tokenizer()
-    items = build_items("confirm", size, tok)
-    scorer = Scorer(tok, build_items("selection", size, tok) + items)
+    items = scored_items("confirm", size, tok)
+    scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
     configs = {"default": chosen, "paper": CAGSRConfig.paper(), "default_last_layer": chosen.replace(layers=(-1,))}
     scores = score_items(items, cache, scorer, configs, components=("default",))
     names = ["default", "paper", "default_last_layer", *BASELINES, "default.coverage", "default.focus",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..attention import as_captured_attention
-from ..config import CAGSRConfig
+from ..config import CAGSRConfig, resolve_layers
 from ..encoding import PromptEncoding, completion_salient, encode_prompt
 from ..salient import SalientSelector
 from ..scoring import score_cot, score_turn
@@ -137,7 +137,10 @@ class CAGSRRewardFunction:
                 f"attention for completion {index}: expected rows of shape (L, H, {T}, {prompt_len + T - 1}) for "
                 f"P={prompt_len}, T={T}, got {cap.mode} mode with {cap.num_tokens} rows"
             )
-        return cap.aggregate(layers=self.config.layers, heads=self.config.heads)
+        num_layers = cap.num_layers if cap.num_layers is not None else (
+            None if cap.layer_ids is not None or cap.reduce == "layer_head_mean" else cap.attention.shape[0]
+        )
+        return cap.aggregate(layers=resolve_layers(self.config.layers, num_layers), heads=self.config.heads)
 
     def _decoded_tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
