@@ -15,7 +15,9 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-__all__ = ["CAGSRConfig", "DEFAULT_LAYERS", "MODES", "resolve_layers", "resolve_sink"]
+__all__ = [
+    "CAGSRConfig", "DEFAULT_LAYERS", "ELISION_N_MAX", "ELISION_WINDOW", "MODES", "resolve_layers", "resolve_sink",
+]
 
 MODES = ("single", "multi", "cot")
 COLUMNS = ("content", "all")
@@ -24,6 +26,11 @@ COT_EPISODES = ("mean", "sum")
 COT_ANSWERS = ("sentence", "rest")
 COT_FLOORS = ("turn", "block")
 BLOCK_FOCUS = ("summed", "rows")
+
+#: The long-history elision defaults (MTC §5.1, method.md "Long histories"), defined here once: the history length
+#: above which columns are elided, and the most recent positions always kept when eliding.
+ELISION_N_MAX = 1024
+ELISION_WINDOW = 512
 
 #: Layers of the default band: the last eight decoder layers, all of them for a model with fewer (chosen on the
 #: selection split, docs/method.md).
@@ -46,6 +53,7 @@ def resolve_layers(layers: Any, num_layers: int | None) -> Any:
             raise ValueError(f"layers: {layers!r} needs the model's number of layers, which this capture does not give")
         return tuple(range(-min(k, int(num_layers)), 0))
     return layers
+
 
 LayerSpec = Union[Literal["all"], str, tuple[int, ...]]
 SinkSpec = Union[Literal["auto"], int]
@@ -197,8 +205,8 @@ class CAGSRConfig:
     mode: str = "multi"
     cot_block: int = 5
     final_answer_weight: float = 2.0
-    n_max: int = 1024
-    window: int = 512
+    n_max: int = ELISION_N_MAX
+    window: int = ELISION_WINDOW
     discount: float = 1.0
     history_coverage: bool = True
     entropy_floor: bool = True
