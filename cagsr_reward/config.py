@@ -134,12 +134,15 @@ class CAGSRConfig:
 
     Args:
         alpha (`float`, defaults to `1.0`): weight of coverage $C$. Our choice (papers: "grid search", no value).
-        beta (`float`, defaults to `0.1`): weight of focus $F = -\bar h$. Our choice: $F$ lies in
-            $[-\ln P, 0]$ (about $-7$ for 1,024 positions), so 0.1 puts it on the scale of $C, \mathrm{rep} \in [0,1]$.
-        gamma (`float`, defaults to `0.5`): weight of the repetition penalty. Our choice.
+        beta (`float`, defaults to `0.0`): weight of focus $F = -\bar h$. Chosen on the selection split (0 and 0.1
+            tied at the chosen span; the tie went to 0, docs/method.md §6); `paper()` keeps 0.1.
+        gamma (`float`, defaults to `0.5`): weight of the repetition penalty (0.5 and 1.0 tried on the selection
+            split; 0.5 kept).
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
-        h0 (`float`, defaults to `0.5`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value; ours).
-        kappa (`float`, defaults to `0.25`): floor increase per turn, nats (MTC §5.2; value ours).
+        h0 (`float`, defaults to `1.64`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value).
+        kappa (`float`, defaults to `0.65`): floor increase per turn, nats (MTC §5.2). Both calibrated on observed
+            entropies of real replies on the selection split (`cagsr_reward.validity.calibrate_entropy_floor`, 10%
+            quantile per turn); they only matter when ``beta > 0``.
         layers (`"all"`, `"last:K"` or `tuple[int, ...]`, defaults to `DEFAULT_LAYERS`): model layers averaged
             (negative ids count from the last layer; ``"last:K"`` = the last K layers, all of a smaller model). CAGSR: "the final decoder layers (averaging per-layer and per-head)"; the band
             width was chosen on the selection split (docs/method.md). `CAGSRConfig.paper()` uses `(-1,)` (MTC §6).
@@ -170,8 +173,8 @@ class CAGSRConfig:
         repetition (`str`, defaults to `"self_and_copy"`): `"self_and_copy"`: self repetition (n = `ngram`) in every
             mode plus, in multi/cot mode, copying of `copy_ngram`-token spans of the history; `"paper"`: history
             repetition (n = `ngram`) in multi/cot mode and self repetition in single mode only (MTC §3 as written).
-        copy_ngram (`int`, defaults to `6`): span length, tokens, of the history-copy term (chosen on the selection
-            split: long enough that reusing a content word or a fact is free).
+        copy_ngram (`int`, defaults to `8`): span length, tokens, of the history-copy term (6 and 8 tried on the
+            selection split; reusing a content word, a shorter span, is free).
         cot_episode (`str`, defaults to `"mean"`): CoT episode reward: `"mean"` = the weighted mean
             $\sum_b w_b R_b / \sum_b w_b$ (does not grow with the number of blocks); `"sum"` = $\sum_b w_b R_b$.
         cot_answer (`str`, defaults to `"sentence"`): CoT answer span: `"sentence"` = from the first answer marker to
@@ -194,11 +197,11 @@ class CAGSRConfig:
     """
 
     alpha: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.0
     gamma: float = 0.5
     ngram: int = 3
-    h0: float = 0.5
-    kappa: float = 0.25
+    h0: float = 1.64
+    kappa: float = 0.65
     layers: LayerSpec = DEFAULT_LAYERS
     heads: LayerSpec = "all"
     sink: SinkSpec = "auto"
@@ -214,7 +217,7 @@ class CAGSRConfig:
     salient_roles: Union[tuple[str, ...], None] = ("user", "assistant")
     columns: str = "content"
     repetition: str = "self_and_copy"
-    copy_ngram: int = 6
+    copy_ngram: int = 8
     cot_episode: str = "mean"
     cot_answer: str = "sentence"
     cot_floor: str = "turn"

@@ -54,3 +54,11 @@ def test_the_confirm_split_shares_no_dialogue_with_the_selection_split():
     confirm = _load("confirm.json")
     assert all(E.split_of(it["cluster"]) == "confirm" for it in confirm["items"])
     assert _load("selection.json")["split"] == "selection"
+
+
+def test_the_shipped_defaults_are_the_ones_chosen_on_the_selection_split():
+    from cagsr_reward.config import CAGSRConfig
+
+    selection = _load("selection.json")
+    assert CAGSRConfig.from_dict(selection["chosen"]) == CAGSRConfig()
+    assert _load("confirm.json")["config"] == selection["chosen"]
