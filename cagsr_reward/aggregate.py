@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ELISION_N_MAX, ELISION_WINDOW
+from .config import ELISION_N_MAX, ELISION_WINDOW, resolve_layers
 from .core import _check_attn, _check_positions, _check_sink, _is_int
 
 __all__ = ["ElidedBlock", "aggregate", "elide", "history_block"]
@@ -118,6 +118,7 @@ def aggregate(
             raise ValueError(f"layer_ids: duplicate layer ids {ids.tolist()}")
     if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
         raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+    layers = resolve_layers(layers, num_layers if ids is not None else n_layers)  # "last:K"
     li = _select("layers", layers, n_layers, ids, num_layers)
     hi = _select("heads", heads, n_heads, None, None)
     chosen = arr[li][:, hi] if (li.size != n_layers or hi.size != n_heads) else arr

@@ -39,6 +39,9 @@ def marker_pattern(markers: Sequence[str] = ANSWER_MARKERS) -> re.Pattern[str]:
 
 
 
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
 def find_answer_span(
     tokens: Sequence[str] | None = None,
     *,
@@ -46,6 +49,7 @@ def find_answer_span(
     offsets: Sequence[tuple[int, int]] | None = None,
     block: int = 5,
     markers: Sequence[str] = ANSWER_MARKERS,
+    rule: str = "rest",
 ) -> tuple[int, int]:
     r"""
     Locate the final-answer tokens of a generated chain of thought: the tokens after the last occurrence of any
@@ -67,9 +71,14 @@ def find_answer_span(
             CoT block size $k$, for the fallback.
         markers (sequence of `str`, *optional*, defaults to `ANSWER_MARKERS`):
             Markers to look for.
+        rule (`str`, *optional*, defaults to `"rest"`):
+            `"rest"`: the tokens after the *last* marker, to the end. `"sentence"`: from the token after the *first*
+            marker to the end of that sentence (the first ``.``, ``!`` or ``?`` followed by white space or the end of
+            the text, or a line break), so an answer stated first and followed by more text is still only the
+            answer sentence (``CAGSRConfig.cot_answer``).
 
     Returns:
-        `(start, end)`: generated-token indices of the answer, ``end`` = number of tokens.
+        `(start, end)`: generated-token indices of the answer (``end`` = number of tokens under `"rest"`).
 
     Example:
     ```python
@@ -101,6 +110,17 @@ def find_answer_span(
     num = len(ends)
     if num == 0:
         raise ValueError("tokens: no generated tokens")
+    if rule not in ("rest", "sentence"):
+        raise ValueError(f"rule: expected 'rest' or 'sentence', got {rule!r}")
+    if rule == "sentence":
+        first = marker_pattern(markers).search(text)
+        if first is not None:
+            start = int(np.searchsorted(ends, first.end(), side="right"))
+            if start < num:
+                stop = _SENTENCE_END.search(text, first.end())
+                end = num if stop is None else int(np.searchsorted(ends, stop.start(), side="right")) + 1
+                return start, min(max(end, start + 1), num)
+        return ((num - 1) // block) * block, num
     marker_end = max((m.end() for m in marker_pattern(markers).finditer(text)), default=-1)
     if marker_end >= 0:
         # first token ending after the marker: it holds (part of) the answer

@@ -10,20 +10,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-__all__ = ["CAGSRConfig", "MODES", "resolve_sink", "ELISION_N_MAX", "ELISION_WINDOW"]
+__all__ = [
+    "CAGSRConfig", "DEFAULT_LAYERS", "ELISION_N_MAX", "ELISION_WINDOW", "MODES", "resolve_layers", "resolve_sink",
+]
 
 MODES = ("single", "multi", "cot")
+COLUMNS = ("content", "all")
+REPETITIONS = ("self_and_copy", "paper")
+COT_EPISODES = ("mean", "sum")
+COT_ANSWERS = ("sentence", "rest")
+COT_FLOORS = ("turn", "block")
+BLOCK_FOCUS = ("summed", "rows")
 
 #: The long-history elision defaults (MTC §5.1, method.md "Long histories"), defined here once: the history length
 #: above which columns are elided, and the most recent positions always kept when eliding.
 ELISION_N_MAX = 1024
 ELISION_WINDOW = 512
 
-LayerSpec = Union[Literal["all"], tuple[int, ...]]
+#: Layers of the default band: the last eight decoder layers, all of them for a model with fewer (chosen on the
+#: selection split, docs/method.md).
+DEFAULT_LAYERS = "last:8"
+
+
+def resolve_layers(layers: Any, num_layers: int | None) -> Any:
+    """A layer selection with ``"last:K"`` turned into model layer ids ``(-K', ..., -1)``, ``K' = min(K,
+    num_layers)``; ``"all"`` and tuples are returned unchanged. Needs `num_layers` for ``"last:K"`` unless K is 1.
+
+    Example:
+        >>> resolve_layers("last:3", 30), resolve_layers("last:8", 2), resolve_layers((-1,), None)
+        ((-3, -2, -1), (-2, -1), (-1,))
+    """
+    if isinstance(layers, str) and layers.startswith("last:"):
+        k = int(layers.split(":", 1)[1])
+        if num_layers is None:
+            if k == 1:
+                return (-1,)
+            raise ValueError(f"layers: {layers!r} needs the model's number of layers, which this capture does not give")
+        return tuple(range(-min(k, int(num_layers)), 0))
+    return layers
+
+
+LayerSpec = Union[Literal["all"], str, tuple[int, ...]]
 SinkSpec = Union[Literal["auto"], int]
 
 
@@ -41,7 +73,10 @@ def _index_spec(name: str, value: Any) -> LayerSpec:
     if isinstance(value, str):
         if value == "all":
             return "all"
-        raise ValueError(f"{name}: expected 'all' or a sequence of ints, got {value!r}")
+        if name == "layers" and re.fullmatch(r"last:[1-9][0-9]*", value):
+            return value
+        hint = "'all', 'last:K' (K >= 1)" if name == "layers" else "'all'"
+        raise ValueError(f"{name}: expected {hint} or a sequence of ints, got {value!r}")
     if _is_int(value):
         return (int(value),)
     if not isinstance(value, Sequence) or len(value) == 0:
@@ -99,13 +134,18 @@ class CAGSRConfig:
 
     Args:
         alpha (`float`, defaults to `1.0`): weight of coverage $C$. Our choice (papers: "grid search", no value).
-        beta (`float`, defaults to `0.1`): weight of focus $F = -\bar h$. Our choice: $F$ lies in
-            $[-\ln P, 0]$ (about $-7$ for 1,024 positions), so 0.1 puts it on the scale of $C, \mathrm{rep} \in [0,1]$.
-        gamma (`float`, defaults to `0.5`): weight of the repetition penalty. Our choice.
+        beta (`float`, defaults to `0.0`): weight of focus $F = -\bar h$. Chosen on the selection split (0 and 0.1
+            tied at the chosen span; the tie went to 0, docs/method.md §6); `paper()` keeps 0.1.
+        gamma (`float`, defaults to `0.5`): weight of the repetition penalty (0.5 and 1.0 tried on the selection
+            split; 0.5 kept).
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
-        h0 (`float`, defaults to `0.5`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value; ours).
-        kappa (`float`, defaults to `0.25`): floor increase per turn, nats (MTC §5.2; value ours).
-        layers (`"all"` or `tuple[int, ...]`, defaults to `(-1,)`): model layers averaged; `-1` = last layer (MTC §6).
+        h0 (`float`, defaults to `1.64`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value).
+        kappa (`float`, defaults to `0.65`): floor increase per turn, nats (MTC §5.2). Both calibrated on observed
+            entropies of real replies on the selection split (`cagsr_reward.validity.calibrate_entropy_floor`, 10%
+            quantile per turn); they only matter when ``beta > 0``.
+        layers (`"all"`, `"last:K"` or `tuple[int, ...]`, defaults to `DEFAULT_LAYERS`): model layers averaged
+            (negative ids count from the last layer; ``"last:K"`` = the last K layers, all of a smaller model). CAGSR: "the final decoder layers (averaging per-layer and per-head)"; the band
+            width was chosen on the selection split (docs/method.md). `CAGSRConfig.paper()` uses `(-1,)` (MTC §6).
         heads (`"all"` or `tuple[int, ...]`, defaults to `"all"`): query heads averaged (MTC §3: all heads).
         sink (`"auto"` or `int`, defaults to `"auto"`): leading sink columns dropped; `"auto"` = position 0 when it is
             the BOS token (method.md), see `resolve_sink`.
@@ -123,6 +163,27 @@ class CAGSRConfig:
         uniform_turn_weights (`bool`, defaults to `False`): `True` is the uniform-weights ablation (MTC §6.3): every
             turn, the CoT answer included, gets $w_t = 1$. The non-ablated default is the paper's (§6): $w_t = 1$ for
             dialogue turns and CoT reasoning blocks, `final_answer_weight` for the CoT answer turn.
+        salient_roles (`tuple[str, ...]` or `None`, defaults to `("user", "assistant")`): chat roles whose message
+            content holds the salient positions (and, with ``columns="content"``, the attention distribution). `None`
+            = every message (the papers' literal "the full history"). Ours: the system prompt is instructions, not
+            conversation (docs/method.md).
+        columns (`str`, defaults to `"content"`): history columns of the attention distribution. `"content"`: the
+            content tokens of the `salient_roles` messages only; sinks, chat-template tokens and the system prompt are
+            dropped and each row is renormalised over the rest. `"all"`: every column but the sinks (papers).
+        repetition (`str`, defaults to `"self_and_copy"`): `"self_and_copy"`: self repetition (n = `ngram`) in every
+            mode plus, in multi/cot mode, copying of `copy_ngram`-token spans of the history; `"paper"`: history
+            repetition (n = `ngram`) in multi/cot mode and self repetition in single mode only (MTC §3 as written).
+        copy_ngram (`int`, defaults to `8`): span length, tokens, of the history-copy term (6 and 8 tried on the
+            selection split; reusing a content word, a shorter span, is free).
+        cot_episode (`str`, defaults to `"mean"`): CoT episode reward: `"mean"` = the weighted mean
+            $\sum_b w_b R_b / \sum_b w_b$ (does not grow with the number of blocks); `"sum"` = $\sum_b w_b R_b$.
+        cot_answer (`str`, defaults to `"sentence"`): CoT answer span: `"sentence"` = from the first answer marker to
+            the end of its sentence; `"rest"` = every token after the last marker.
+        cot_floor (`str`, defaults to `"turn"`): the CoT entropy floor's index: `"turn"` = the dialogue turn (a chain
+            of thought is one turn, so every block gets $H_0$); `"block"` = the block index (rises every 5 tokens).
+        block_focus (`str`, defaults to `"summed"`): CoT block focus: `"summed"` = minus the entropy of the block's
+            summed (renormalised) attention (MTC §5.3: "we sum the attention weights produced over the preceding
+            block"); `"rows"` = minus the mean row entropy (0.2).
 
     Example:
     ```python
@@ -136,12 +197,12 @@ class CAGSRConfig:
     """
 
     alpha: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.0
     gamma: float = 0.5
     ngram: int = 3
-    h0: float = 0.5
-    kappa: float = 0.25
-    layers: LayerSpec = (-1,)
+    h0: float = 1.64
+    kappa: float = 0.65
+    layers: LayerSpec = DEFAULT_LAYERS
     heads: LayerSpec = "all"
     sink: SinkSpec = "auto"
     mode: str = "multi"
@@ -153,6 +214,33 @@ class CAGSRConfig:
     history_coverage: bool = True
     entropy_floor: bool = True
     uniform_turn_weights: bool = False
+    salient_roles: Union[tuple[str, ...], None] = ("user", "assistant")
+    columns: str = "content"
+    repetition: str = "self_and_copy"
+    copy_ngram: int = 8
+    cot_episode: str = "mean"
+    cot_answer: str = "sentence"
+    cot_floor: str = "turn"
+    block_focus: str = "summed"
+
+    @classmethod
+    def paper(cls, **changes: Any) -> CAGSRConfig:
+        """The papers' literal reading (the 0.2 defaults): last layer, every history column but the BOS sink, every
+        message salient, history repetition replacing self repetition in multi/cot mode, CoT blocks summed with the
+        floor indexed per block and the answer after the last marker; block focus is the entropy of the block's summed
+        attention, as MTC §5.3 writes. Keyword arguments override fields.
+
+        Example:
+            >>> CAGSRConfig.paper().layers, CAGSRConfig.paper(gamma=1.0).gamma
+            ((-1,), 1.0)
+        """
+        base = dict(
+            alpha=1.0, beta=0.1, gamma=0.5, ngram=3, h0=0.5, kappa=0.25, layers=(-1,), salient_roles=None,
+            columns="all", repetition="paper", cot_episode="sum", cot_answer="rest", cot_floor="block",
+            block_focus="summed",
+        )
+        base.update(changes)
+        return cls(**base)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "h0", "kappa"):
@@ -183,6 +271,20 @@ class CAGSRConfig:
             object.__setattr__(self, "sink", int(self.sink))
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        for name, allowed in (("columns", COLUMNS), ("repetition", REPETITIONS), ("cot_episode", COT_EPISODES),
+                              ("cot_answer", COT_ANSWERS), ("cot_floor", COT_FLOORS), ("block_focus", BLOCK_FOCUS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if not _is_int(self.copy_ngram) or self.copy_ngram < 1:
+            raise ValueError(f"copy_ngram: expected an int >= 1, got {self.copy_ngram!r}")
+        object.__setattr__(self, "copy_ngram", int(self.copy_ngram))
+        roles = self.salient_roles
+        if roles is not None:
+            if isinstance(roles, str) or not isinstance(roles, Sequence) or not roles or not all(
+                isinstance(r, str) and r for r in roles
+            ):
+                raise ValueError(f"salient_roles: expected None or a non-empty sequence of role names, got {roles!r}")
+            object.__setattr__(self, "salient_roles", tuple(roles))
         for name in ("history_coverage", "entropy_floor", "uniform_turn_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")

@@ -223,6 +223,23 @@ def _self_repetition(ids: np.ndarray, n: int) -> float:
     return (m - distinct) / m
 
 
+def _repetition_after(ids: np.ndarray, before: np.ndarray, n: int) -> float:
+    """Self repetition of `ids` continuing `before` (earlier tokens of the same reply, e.g. a chain of thought's
+    earlier blocks): the share of the n-grams that end inside `ids` and repeat an n-gram that starts earlier in
+    ``before + ids``. With empty `before` this is `_self_repetition`, ``(m - distinct) / m``."""
+    if before.size == 0:
+        return _self_repetition(ids, n)
+    seq = np.concatenate([before, ids])
+    total = seq.size - n + 1
+    first = max(before.size - n + 1, 0)  # first n-gram that ends inside ids
+    if total - first <= 0:
+        return 0.0
+    (keys,) = _ngram_keys(n, seq)
+    _, first_at, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    repeat = first_at[inverse.reshape(-1)] < np.arange(total)
+    return float(np.count_nonzero(repeat[first:])) / (total - first)
+
+
 def _history_repetition(ids: np.ndarray, history: np.ndarray, n: int) -> float:
     m = ids.size - n + 1
     if m <= 0:

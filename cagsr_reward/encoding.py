@@ -18,7 +18,13 @@ from .config import resolve_sink
 from .salient import SalientSelector, token_positions_from_spans
 from .spans import as_offsets, content_token_ranges, locate_message_texts, render_chat
 
-__all__ = ["PromptEncoding", "encode_prompt", "salient_positions", "salient_positions_for_messages"]
+__all__ = [
+    "PromptEncoding",
+    "completion_salient",
+    "encode_prompt",
+    "salient_positions",
+    "salient_positions_for_messages",
+]
 
 
 def _require_fast(tokenizer: Any) -> None:
@@ -81,6 +87,30 @@ class PromptEncoding:
     offsets: np.ndarray = field(repr=False)
     sink: int
     message_spans: tuple[tuple[int, str, int, int], ...] = ()
+
+    def content_positions(self, roles: Iterable[str] | None = None) -> np.ndarray:
+        """Positions of the content tokens of the messages whose role is in `roles` (``None``: every message), sorted
+        int64: the history columns of ``CAGSRConfig(columns="content")``. Chat-template tokens and sinks are never
+        content. A string prompt has no roles: every token with a non-empty character span past the sinks.
+
+        Example:
+            >>> enc = PromptEncoding([1, 2, 3, 4], np.zeros(0, np.int64), "", np.zeros((4, 2)), 0,
+            ...                      ((0, "system", 0, 1), (1, "user", 2, 4)))
+            >>> enc.content_positions(["user"]).tolist(), enc.content_positions().tolist()
+            ([2, 3], [0, 2, 3])
+        """
+        if not self.message_spans:
+            off = np.asarray(self.offsets)
+            keep = np.flatnonzero(off[:, 1] > off[:, 0]) if off.size else np.arange(len(self.input_ids))
+            return keep[keep >= self.sink].astype(np.int64)
+        role_set = None if roles is None else set([roles] if isinstance(roles, str) else roles)
+        parts = [
+            np.arange(lo, hi, dtype=np.int64)
+            for _, role, lo, hi in self.message_spans
+            if role_set is None or role in role_set
+        ]
+        out = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        return out[out >= self.sink]
 
     def last_span(self, role: str = "user") -> tuple[int, int] | None:
         """Token span ``(start, end)`` of the last message with ``role``, or ``None`` if there is none.
@@ -247,3 +277,18 @@ def encode_prompt(
         tools=tools,
         template_kwargs=chat_template_kwargs or {},
     )
+
+
+def completion_salient(tokens: Sequence[str], selector: SalientSelector, *, offset: int = 0) -> np.ndarray:
+    """Salient positions of generated text given its decoded tokens: the selector runs on their concatenation and
+    each token whose characters overlap a salient span is salient; positions start at `offset` (the prompt length,
+    so they index the full sequence, as `scoring.score_cot` expects for intermediate conclusions).
+
+    Example:
+        >>> completion_salient(["So", " x", " =", " 42", "."], SalientSelector(), offset=10).tolist()
+        [13]
+    """
+    text = "".join(tokens)
+    ends = np.cumsum([len(t) for t in tokens]) if len(tokens) else np.zeros(0, np.int64)
+    offsets = np.stack([ends - np.array([len(t) for t in tokens]), ends], axis=1) if len(tokens) else np.zeros((0, 2))
+    return token_positions_from_spans(selector.char_spans(text), offsets, 0) + int(offset)

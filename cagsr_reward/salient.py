@@ -33,6 +33,7 @@ from .idf import WORD_PATTERN, IDFModel
 from .spans import as_offsets
 
 __all__ = [
+    "STOPWORDS",
     "WORD_PATTERN",
     "IDFModel",
     "named_entities",
@@ -41,12 +42,29 @@ __all__ = [
     "token_positions_from_spans",
 ]
 
+#: English function words (articles, pronouns, auxiliaries, prepositions, conjunctions, common adverbs and
+#: contractions' pieces): never content words. A short list on purpose: everything else that is a word counts.
+STOPWORDS = frozenset(
+    """
+    a about above after again against all am an and any are aren as at be because been before being below between
+    both but by can cannot could couldn d did didn do does doesn doing don down during each few for from further get
+    got had hadn has hasn have haven having he her here hers herself him himself his how i if in into is isn it its
+    itself just ll m me might more most mustn my myself no nor not now o of off on once only or other our ours
+    ourselves out over own re s same shan she should shouldn so some such t than that the their theirs them
+    themselves then there these they this those through to too under until up ve very was wasn we were weren what
+    when where which while who whom why will with won would wouldn y you your yours yourself yourselves also oh ok
+    okay yes yeah well lol haha hi hello hey thanks thank please like really
+    """.split()
+)
+
 # -- named entities -------------------------------------------------------------------------------------------------
 
 # Numbers: thousands-separated (1,234,567.89) or plain (42, 3.14), not glued to letters/digits on either side.
 _NUMBER = re.compile(r"(?<!\w)(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?!\w)")
 # Words starting with a letter; internal hyphens/apostrophes keep "O'Neil" and "Jean-Luc" whole.
 _WORD = re.compile(r"(?<!\w)[^\W\d_]\w*(?:['\u2019-]\w+)*")
+# Content-word candidates: runs of word characters holding at least one letter, apostrophe pieces split off.
+_CONTENT = re.compile(r"(?<![\w'\u2019])(?=\w*[^\W\d_])\w+")
 # Characters that may sit between a sentence end and the next sentence's first word.
 _SENTENCE_END = ".!?"
 _OPENERS = "\"'\u201c\u2018([{"
@@ -198,6 +216,9 @@ class SalientSelector:
         use_entities: bool = True,
         keywords: Iterable[str] = (),
         min_idf: float | None = None,
+        content_words: bool = False,
+        stopwords: Iterable[str] = STOPWORDS,
+        max_df: float | None = None,
     ):
         if idf is not None and not isinstance(idf, IDFModel):
             raise TypeError(f"idf must be an IDFModel or None, got {type(idf).__name__}")
@@ -219,8 +240,36 @@ class SalientSelector:
         self.use_entities = bool(use_entities)
         self.keywords = kws
         self.min_idf = None if min_idf is None else float(min_idf)
+        if max_df is not None and (not isinstance(max_df, (int, float)) or not 0.0 < float(max_df) <= 1.0):
+            raise ValueError(f"max_df must be None or a float in (0, 1], got {max_df!r}")
+        if max_df is not None and idf is None:
+            raise ValueError("max_df needs an idf model: pass idf=IDFModel.fit(corpus) or leave max_df=None")
+        self.content_words = bool(content_words)
+        self.stopwords = frozenset(w.lower() for w in stopwords)
+        self.max_df = None if max_df is None else float(max_df)
         self._threshold: float | None = None
         self._keyword_regex: re.Pattern[str] | None = None
+
+    @classmethod
+    def content(
+        cls, idf: IDFModel | None = None, *, max_df: float | None = 0.5, keywords: Iterable[str] = (),
+        stopwords: Iterable[str] = STOPWORDS,
+    ) -> SalientSelector:
+        """The default rule of the reward (docs/method.md, "Salient set"): every content word, plus numbers, named
+        entities and `keywords`. A content word is a word with a letter that is not in `stopwords` and, when an IDF
+        model is given, occurs in at most `max_df` of its documents (so a corpus' own function words drop out too).
+        Unlike a high IDF quantile, which keeps only words seen once, this keeps every word that carries content, so
+        every turn with a noun or a verb has salient tokens.
+
+        Example:
+            >>> text = "My printer is not printing since Monday, order 42."
+            >>> [text[a:b] for a, b in SalientSelector.content().char_spans(text)]
+            ['printer', 'printing', 'since', 'Monday', 'order', '42']
+        """
+        return cls(
+            idf, idf_quantile=1.0, keywords=keywords, content_words=True, stopwords=stopwords,
+            max_df=max_df if idf is not None else None,
+        )
 
     @property
     def idf_threshold(self) -> float | None:
@@ -252,8 +301,16 @@ class SalientSelector:
             raise TypeError(f"text must be str, got {type(text).__name__}")
         found: list[SalientSpan] = []
         threshold = self.idf_threshold
-        if self.idf is not None and threshold is not None:
+        if self.idf is not None and threshold is not None and not self.content_words:
+            # with content_words the IDF model only drops the corpus' frequent words (max_df)
             found += [SalientSpan(a, b, "idf") for a, b, w in self.idf.words(text) if self.idf.idf(w) >= threshold]
+        if self.content_words:
+            limit = None if self.idf is None or self.max_df is None else self.max_df * self.idf.n_docs
+            for m in _CONTENT.finditer(text):
+                w = m.group(0).lower()
+                if w in self.stopwords or (limit is not None and self.idf.df(w) > limit):
+                    continue
+                found.append(SalientSpan(m.start(), m.end(), "content"))
         if self.use_entities:
             found += [SalientSpan(a, b, "entity") for a, b in named_entities(text)]
         pattern = self._keyword_pattern()
@@ -303,7 +360,8 @@ class SalientSelector:
     def __repr__(self) -> str:
         return (
             f"SalientSelector(idf={self.idf!r}, idf_quantile={self.idf_quantile}, use_entities={self.use_entities}, "
-            f"keywords={self.keywords!r}, min_idf={self.min_idf})"
+            f"keywords={self.keywords!r}, min_idf={self.min_idf}, content_words={self.content_words}, "
+            f"max_df={self.max_df})"
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 from .aggregate import _elide_checked
 from .answers import ANSWER_MARKERS, find_answer_span
 from .attention import CapturedAttention
-from .config import CAGSRConfig, resolve_sink
+from .config import CAGSRConfig, resolve_layers, resolve_sink
 from .core import (
     _check_attn,
     _check_ids,
@@ -28,6 +28,7 @@ from .core import (
     _history_repetition,
     _is_int,
     _kept_mass,
+    _repetition_after,
     _self_repetition,
     entropy_floor,
     returns,
@@ -63,6 +64,9 @@ class TurnScore:
         elided_count (`int`): history columns merged by the long-history rule (0 = none).
         sink (`int`): sink columns dropped.
         alpha, beta, gamma (`float`): the weights used, so that `components()` sums to `reward`.
+        self_repetition (`float`): repeated n-grams of the turn itself (n = `ngram`), 0 when not used.
+        copy_repetition (`float`): the turn's n-grams found in the history (n = `copy_ngram`, or `ngram` under
+            ``repetition="paper"``), 0 when not used. `repetition` is their sum.
     """
 
     reward: float
@@ -78,6 +82,8 @@ class TurnScore:
     alpha: float = 1.0
     beta: float = 0.1
     gamma: float = 0.5
+    self_repetition: float = 0.0
+    copy_repetition: float = 0.0
 
     def components(self) -> dict[str, float]:
         """Weighted contributions ``{"coverage": αC, "focus": βF, "repetition": -γ·rep}``; they sum to `reward`."""
@@ -90,6 +96,15 @@ class TurnScore:
     def as_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (for logging)."""
         return dataclasses.asdict(self)
+
+
+def _captured_num_layers(cap: CapturedAttention) -> int | None:
+    """The model's layer count as far as a capture tells it (for ``layers="last:K"``)."""
+    if cap.num_layers is not None:
+        return cap.num_layers
+    if cap.layer_ids is None and cap.reduce != "layer_head_mean":
+        return int(np.asarray(cap.attention).shape[0])
+    return None
 
 
 def _resolve_turn_sink(config: CAGSRConfig, sink: Any, history_ids: Any, bos_token_id: Any) -> int:
@@ -125,6 +140,9 @@ def score_turn(
     sink: int | None = None,
     user_span: tuple[int, int] | None = None,
     bos_token_id: int | None = None,
+    content_columns: Any = None,
+    pooled_focus: bool = False,
+    generated_before: Any = None,
 ) -> TurnScore:
     r"""
     Score one turn from its raw history block (method.md "One turn's reward"):
@@ -161,6 +179,20 @@ def score_turn(
             Required in that case except in single mode (where the whole prompt is the current turn).
         bos_token_id (`int` or `None`, *optional*, defaults to `None`):
             The tokenizer's BOS id, for ``sink="auto"``.
+        content_columns (sequence of `int` or `None`, *optional*, defaults to `None`):
+            With ``config.columns == "content"``: the history positions that form the attention distribution (the
+            content tokens of the conversation, `PromptEncoding.content_positions`); every other column (sinks,
+            chat-template tokens, the system prompt) is dropped and each row renormalised over these, so coverage and
+            focus never see them. Salient positions outside them are ignored. `None` (or ``columns="all"``): every
+            column but the sinks.
+        pooled_focus (`bool`, *optional*, defaults to `False`):
+            Focus from the entropy of the rows' summed (renormalised) attention instead of the mean row entropy: a
+            CoT block's focus (MTC §5.3: "we sum the attention weights produced over the preceding block").
+        generated_before (sequence of `int` or `None`, *optional*, defaults to `None`):
+            Tokens generated before this turn in the same reply (a CoT block's earlier blocks). Under
+            ``repetition="self_and_copy"`` the self repetition then counts n-grams that repeat anything generated so
+            far (a loop across blocks costs), and the copy term looks only at the part of `history_ids` before
+            them (the prompt).
 
     Returns:
         `TurnScore`.
@@ -170,7 +202,7 @@ def score_turn(
     >>> import numpy as np
     >>> from cagsr_reward.config import CAGSRConfig
     >>> block = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
-    >>> cfg = CAGSRConfig(alpha=1.0, beta=0.1, gamma=0.5, ngram=1, h0=0.0, kappa=0.0)
+    >>> cfg = CAGSRConfig.paper(ngram=1, h0=0.0, kappa=0.0)  # history repetition, unigrams
     >>> ts = score_turn(block, [1], cfg, sink=0, response_ids=[4, 5], history_ids=[4, 5, 6])
     >>> round(ts.coverage, 4), round(ts.focus, 4), ts.repetition  # entropies 1.0297 and 0.8979
     (0.45, -0.9638, 1.0)
@@ -188,7 +220,7 @@ def score_turn(
     if isinstance(block, CapturedAttention):
         response_ids = block.token_ids if response_ids is None else response_ids
         history_ids = block.prompt_token_ids if history_ids is None else history_ids
-        block = block.history_block(config.layers, config.heads)
+        block = block.history_block(resolve_layers(config.layers, _captured_num_layers(block)), config.heads)
     sink_n = _resolve_turn_sink(config, sink, history_ids, bos_token_id)
     a = _check_attn(block, "block")
     num_rows, num_cols = a.shape
@@ -204,8 +236,16 @@ def score_turn(
         else:
             start, end = _check_span(user_span, num_cols, "user_span")
             positions = positions[(positions >= start) & (positions < end)]
+    if content_columns is not None and config.columns == "content":
+        cols = _drop_sinks(_check_positions(content_columns, num_cols, "content_columns"), sink_n)
+        if cols.size == 0:
+            raise ValueError("content_columns: no content column left in the history")
+        # sinks and template tokens leave the distribution; rows are renormalised over the content columns below
+        a = a[:, cols]
+        positions = np.searchsorted(cols, positions[np.isin(positions, cols)]).astype(np.int64)
+        sink_n = 0
     elided_count = 0
-    if num_cols > config.n_max:  # MTC §5.1
+    if a.shape[1] > config.n_max:  # MTC §5.1
         eb = _elide_checked(a, positions, config.n_max, config.window, sink_n)
         a, positions, elided_count = eb.block, eb.salient, eb.elided_count
 
@@ -213,9 +253,15 @@ def score_turn(
     cov = _coverage_from(a, z, positions)
     h = _entropy_from(a, z, sink_n)
     floor = entropy_floor(turn_index, config.h0, config.kappa) if config.entropy_floor else None
-    foc = -float(np.mean(np.maximum(h, floor) if floor is not None else h))
+    if pooled_focus:
+        # entropy of the block's summed attention: the mean of the renormalised rows is one distribution
+        pooled = (a[:, sink_n:] / z[:, None]).mean(axis=0, dtype=np.float64)[None, :]
+        h_focus = _entropy_from(pooled, np.ones(1), 0)
+    else:
+        h_focus = h
+    foc = -float(np.mean(np.maximum(h_focus, floor) if floor is not None else h_focus))
 
-    rep = 0.0
+    rep = self_rep = copy_rep = 0.0
     if response_ids is not None:
         ids = _check_ids(response_ids, "response_ids")
         if ids.size != num_rows:
@@ -223,11 +269,23 @@ def score_turn(
                 f"response_ids: length {ids.size} != number of attention rows {num_rows} (one row per generated token)"
             )
         if config.mode == "single":
-            rep = _self_repetition(ids, config.ngram)
+            rep = self_rep = _self_repetition(ids, config.ngram)
         else:
             if history_ids is None:
                 raise ValueError(f"history_ids: required for the history repetition in {config.mode!r} mode")
-            rep = _history_repetition(ids, _check_ids(history_ids, "history_ids"), config.ngram)
+            hist = _check_ids(history_ids, "history_ids")
+            if config.repetition == "paper":
+                rep = copy_rep = _history_repetition(ids, hist, config.ngram)
+            else:
+                # a loop always costs; copying a span of the history costs; reusing a word (shorter span) does not
+                before = np.zeros(0, np.int64) if generated_before is None else _check_ids(
+                    generated_before, "generated_before"
+                )
+                if before.size > hist.size:
+                    raise ValueError("generated_before: longer than history_ids, whose tail it must be")
+                self_rep = _repetition_after(ids, before, config.ngram)
+                copy_rep = _history_repetition(ids, hist[: hist.size - before.size], config.copy_ngram)
+                rep = self_rep + copy_rep
     reward = config.alpha * cov + config.beta * foc - config.gamma * rep
     return TurnScore(
         reward=float(reward),
@@ -243,6 +301,8 @@ def score_turn(
         alpha=config.alpha,
         beta=config.beta,
         gamma=config.gamma,
+        self_repetition=float(self_rep),
+        copy_repetition=float(copy_rep),
     )
 
 
@@ -262,6 +322,7 @@ class TurnInput:
         user_span (`(int, int)` or `None`): positions of the current user turn in the history (for the
             "no history coverage" ablation).
         sink (`int` or `None`): sink columns; `None` = `config.sink`.
+        content_columns (sequence of `int` or `None`): the history's content positions (see `score_turn`).
     """
 
     block: Any
@@ -270,6 +331,7 @@ class TurnInput:
     history_ids: Any = None
     user_span: tuple[int, int] | None = None
     sink: int | None = None
+    content_columns: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +413,7 @@ def score_dialogue(
                 sink=turn.sink,
                 user_span=turn.user_span,
                 bos_token_id=bos_token_id,
+                content_columns=turn.content_columns,
             )
         )
     rewards = np.array([s.reward for s in scores], dtype=np.float64)
@@ -369,9 +432,11 @@ class CoTScore:
     Attributes:
         blocks (`tuple[TurnScore, ...]`): per-turn scores; the last one is the final answer.
         spans (`tuple[tuple[int, int], ...]`): generated-token ``[start, end)`` of each turn.
-        answer_span (`(int, int)`): generated-token span of the final answer (= ``spans[-1]``).
-        rewards, weights, returns (`np.ndarray`): $R_b$, $w_b$, $G_b$.
-        total (`float`): $\\sum_b w_b R_b$.
+        answer_span (`(int, int)`): generated-token span of the final answer (one of `spans`; the last one unless
+            tokens follow the answer sentence under ``cot_answer="sentence"``).
+        rewards, weights, returns (`np.ndarray`): $R_b$, $w_b$ (normalised to sum 1 under ``cot_episode="mean"``),
+            $G_b$.
+        total (`float`): $\\sum_b w_b R_b$ (a weighted mean under ``cot_episode="mean"``).
     """
 
     blocks: tuple[TurnScore, ...]
@@ -410,6 +475,8 @@ def score_cot(
     response_tokens: Sequence[str] | None = None,
     sink: int | None = None,
     bos_token_id: int | None = None,
+    content_columns: Any = None,
+    turn_index: int = 0,
 ) -> CoTScore:
     r"""
     Score a chain of thought as an artificial dialogue (MTC §5.3, method.md "Episodes"). The generated tokens
@@ -446,6 +513,18 @@ def score_cot(
             Sink columns; `None` = `config.sink` resolved against ``prompt_ids[0]``.
         bos_token_id (`int` or `None`, *optional*, defaults to `None`):
             For ``sink="auto"``.
+        content_columns (sequence of `int` or `None`, *optional*, defaults to `None`):
+            Content positions of the prompt (see `score_turn`); with ``config.columns == "content"`` every generated
+            position is content too (the reasoning is the history of later blocks).
+        turn_index (`int`, *optional*, defaults to `0`):
+            The dialogue turn of this chain of thought: the entropy floor's index under ``config.cot_floor="turn"``
+            (``"block"`` indexes it by block, as the 0.2 reading did).
+
+    Config fields used: `cot_block`, `final_answer_weight`, `uniform_turn_weights`, `cot_answer` (``"sentence"``:
+    the answer is the first marker's sentence and any tokens after it are scored as further blocks; ``"rest"``:
+    everything after the last marker, nothing after it), `cot_episode` (``"mean"``: `total` is the weighted mean
+    $\sum_b w_b R_b / \sum_b w_b$ and `returns` use the normalised weights; ``"sum"``: the weighted sum),
+    `cot_floor`, `block_focus` (``"summed"``: each turn's focus is minus the entropy of its summed attention).
 
     Returns:
         `CoTScore`.
@@ -458,7 +537,7 @@ def score_cot(
     >>> att = np.zeros((T, P + T - 1))
     >>> for s in range(T):
     ...     att[s, : P + s] = 1.0 / (P + s)  # uniform over everything visible
-    >>> cfg = CAGSRConfig(cot_block=2, beta=0.0, gamma=0.0, final_answer_weight=3.0)
+    >>> cfg = CAGSRConfig.paper(cot_block=2, beta=0.0, gamma=0.0, final_answer_weight=3.0)
     >>> cot = score_cot(att, P, [0], [7, 8, 9, 10], [1, 2], cfg, sink=0)
     >>> cot.spans, cot.weights.tolist(), cot.rewards.round(4).tolist(), round(cot.total, 4)
     (((0, 2), (2, 4)), [1.0, 3.0], [0.5, 0.25], 1.25)
@@ -472,7 +551,7 @@ def score_cot(
         prompt_len = cap.prompt_len if prompt_len is None else prompt_len
         response_ids = cap.token_ids if response_ids is None else response_ids
         prompt_ids = cap.prompt_token_ids if prompt_ids is None else prompt_ids
-        attention_2d = cap.aggregate(config.layers, config.heads)
+        attention_2d = cap.aggregate(resolve_layers(config.layers, _captured_num_layers(cap)), config.heads)
     a = _check_attn(attention_2d, "attention_2d")
     num_rows, num_cols = a.shape
     if not _is_int(prompt_len) or prompt_len < 1 or prompt_len + num_rows - 1 != num_cols:
@@ -495,15 +574,25 @@ def score_cot(
                 raise ValueError(
                     f"response_tokens: length {len(response_tokens)} != number of generated tokens {num_rows}"
                 )
-            answer_span = find_answer_span(list(response_tokens), block=config.cot_block)
+            rule = "sentence" if config.cot_answer == "sentence" else "rest"
+            answer_span = find_answer_span(list(response_tokens), block=config.cot_block, rule=rule)
         else:
             answer_span = (((num_rows - 1) // config.cot_block) * config.cot_block, num_rows)
     start, end = _check_span(answer_span, num_rows, "answer_span")
     if start == end:
         raise ValueError(f"answer_span: empty span {answer_span!r}")
+    if not _is_int(turn_index) or turn_index < 0:
+        raise ValueError(f"turn_index: expected an int >= 0, got {turn_index!r}")
 
     k = config.cot_block
     spans = [(b, min(b + k, start)) for b in range(0, start, k)] + [(start, end)]
+    answer_at = len(spans) - 1
+    if config.cot_answer == "sentence":
+        spans += [(b, min(b + k, num_rows)) for b in range(end, num_rows, k)]
+    content = None
+    if content_columns is not None and config.columns == "content":
+        prompt_content = _check_positions(content_columns, prompt_len, "content_columns")
+        content = np.concatenate([prompt_content, np.arange(prompt_len, num_cols, dtype=np.int64)])
     turn_cfg = config if config.mode == "cot" else config.replace(mode="cot")
     full_ids = np.concatenate([prompt, ids])
     user_span = (0, prompt_len)  # the CoT's "current user turn" is the prompt (no-history-coverage ablation)
@@ -515,17 +604,22 @@ def score_cot(
                 a[s0:s1, :hist],
                 positions[positions < hist],
                 turn_cfg,
-                turn_index=b,
+                turn_index=b if config.cot_floor == "block" else int(turn_index),
                 response_ids=ids[s0:s1],
                 history_ids=full_ids[:hist],
                 sink=sink_n,
                 user_span=user_span,
+                content_columns=None if content is None else content[content < hist],
+                pooled_focus=config.block_focus == "summed",
+                generated_before=ids[:s0],
             )
         )
     rewards = np.array([s.reward for s in scores], dtype=np.float64)
     weights = np.ones_like(rewards)
     if not config.uniform_turn_weights:
-        weights[-1] = config.final_answer_weight
+        weights[answer_at] = config.final_answer_weight
+    if config.cot_episode == "mean":
+        weights = weights / weights.sum()  # a longer chain of thought does not earn more (or less) by its length
     g = returns(rewards, weights, config.discount)
     return CoTScore(tuple(scores), tuple(spans), (start, end), rewards, weights, g, float(np.dot(weights, rewards)))
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..attention import as_captured_attention
-from ..config import CAGSRConfig
-from ..encoding import PromptEncoding, encode_prompt
+from ..config import CAGSRConfig, resolve_layers
+from ..encoding import PromptEncoding, completion_salient, encode_prompt
 from ..salient import SalientSelector
 from ..scoring import score_cot, score_turn
 from ..sources import capture_from_source
@@ -113,6 +113,7 @@ class CAGSRRewardFunction:
             self.selector,
             sink=self.config.sink,
             add_generation_prompt=True,
+            roles=self.config.salient_roles,
             tools=self.tools,
             chat_template_kwargs=self.chat_template_kwargs,
         )
@@ -136,7 +137,10 @@ class CAGSRRewardFunction:
                 f"attention for completion {index}: expected rows of shape (L, H, {T}, {prompt_len + T - 1}) for "
                 f"P={prompt_len}, T={T}, got {cap.mode} mode with {cap.num_tokens} rows"
             )
-        return cap.aggregate(layers=self.config.layers, heads=self.config.heads)
+        num_layers = cap.num_layers if cap.num_layers is not None else (
+            None if cap.layer_ids is not None or cap.reduce == "layer_head_mean" else cap.attention.shape[0]
+        )
+        return cap.aggregate(layers=resolve_layers(self.config.layers, num_layers), heads=self.config.heads)
 
     def _decoded_tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -145,16 +149,27 @@ class CAGSRRewardFunction:
         """Score one completion from its aggregated attention ``(T, P+T-1)``: a ``TurnScore`` or a ``CoTScore``."""
         cfg = self.config
         P = len(enc.input_ids)
+        content = enc.content_positions(cfg.salient_roles) if cfg.columns == "content" else None
         if cfg.mode == "cot":
+            tokens = self._decoded_tokens(completion)
+            salient = enc.salient
+            if cfg.columns == "content":
+                # MTC §3: in CoT the salient tokens include "key facts or intermediate conclusions from earlier
+                # reasoning steps": the content words and numbers of the generated text count for later blocks
+                generated = completion_salient(tokens, self.selector, offset=P)
+                # the last generated token is a key of no row (P + T - 1 columns)
+                salient = np.concatenate([enc.salient, generated[generated < P + len(completion) - 1]])
             return score_cot(
                 a2d,
                 P,
-                enc.salient,
+                salient,
                 completion,
                 enc.input_ids,
                 cfg,
-                response_tokens=self._decoded_tokens(completion),
+                response_tokens=tokens,
                 sink=enc.sink,
+                content_columns=content,
+                turn_index=_turn_index(prompt),
             )
         user_span = None
         if not cfg.history_coverage:
@@ -170,6 +185,7 @@ class CAGSRRewardFunction:
             history_ids=enc.input_ids,
             sink=enc.sink,
             user_span=user_span,
+            content_columns=content,
         )
 
     # -- TRL entry point ----------------------------------------------------------------------------------------
@@ -300,9 +316,10 @@ def cagsr_reward_func(
             :class:`~cagsr_reward.sources.HFAttentionSource`) used when no captured attention is passed.
         tokenizer (*optional*): a Hugging Face *fast* tokenizer (offsets are needed); defaults to
             ``source.tokenizer``. It must be the policy's tokenizer (the one TRL tokenizes prompts with).
-        selector (`SalientSelector`, *optional*): the salience rules; defaults to ``SalientSelector()`` (named
-            entities only). Fit an IDF on your training prompts for the method's high-IDF rule:
-            ``SalientSelector(IDFModel.fit(dataset["prompt"]))``.
+        selector (`SalientSelector`, *optional*): the salience rules; defaults to ``SalientSelector.content()``
+            (content words, numbers and named entities; docs/method.md). Pass an IDF fitted on your training prompts
+            to drop the corpus' own frequent words too: ``SalientSelector.content(IDFModel.fit(dataset["prompt"]))``;
+            ``SalientSelector(IDFModel.fit(...))`` is the 0.2 high-IDF-quantile rule.
         name (`str`, defaults to ``"cagsr"``): ``__name__`` of the function: TRL logs ``rewards/<name>/mean``; our
             metrics are ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition``, ``<name>/reward``.
         chat_template_kwargs (`dict`, *optional*): as ``GRPOConfig.chat_template_kwargs`` (pass the same).
@@ -334,7 +351,7 @@ def cagsr_reward_func(
     if tokenizer is None and (source is None or not hasattr(source, "tokenizer")):
         raise ValueError("tokenizer: required (the policy's fast tokenizer) unless source provides .tokenizer")
     if selector is None:
-        selector = SalientSelector()
+        selector = SalientSelector.content()
     if not isinstance(selector, SalientSelector):
         raise TypeError(f"selector: expected a SalientSelector or None, got {type(selector).__name__}")
     if not isinstance(name, str) or not name:

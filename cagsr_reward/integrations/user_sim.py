@@ -9,9 +9,12 @@ Two sources (``pip install vllm-attncap[data]``):
   Conversations where the opener speaks fewer than ``min_turns`` times are skipped.
 - ``tech_support`` -- ``chatterbot_corpus/data/english/tech_support.yml`` (``chatterbot-corpus`` 1.3.3): problem /
   answer pairs (ten distinct ones, repeated). The corpus has no multi-turn tech-support dialogues, so an episode is
-  built from two of its pairs with fixed follow-up templates: the problem, a report that the corpus' fix did not
-  help, a second problem, optionally its failed fix, and a closing request for a summary. The templates are ours;
-  every problem and fix is corpus text.
+  a sequence of 3 to 5 distinct corpus problems, the later ones introduced by fixed connectives ("Another thing:
+  ...", "One more problem: ..."), each answered by the corpus fix of that problem. Every reference reply therefore
+  answers the turn it follows. (Before 0.3 the second turn was "I already tried that: <fix>. It did not help." with
+  the same fix as its reference reply, a reply that repeats the history instead of answering it, and the last turn
+  asked for a summary whose reference copied the earlier fixes; both are gone.) The connectives are ours; every
+  problem and fix is corpus text.
 
 The simulator is *scripted*: user turns do not depend on what the assistant says (as in the MTC paper's use of
 recorded dialogues). An episode has 3 to 5 user turns (``min_turns``/``max_turns``), chosen per episode by a seeded
@@ -22,7 +25,7 @@ random generator, so episodes are reproducible.
 'My internet is not working.'
 >>> sim.next_user_turn(ep, [{"role": "user", "content": ep.user_turns[0]},       # doctest: +SKIP
 ...                         {"role": "assistant", "content": "Try restarting."}])
-'I already tried that: restart your router ... It did not help.'
+'Another thing: my printer is not printing.'
 """
 
 from __future__ import annotations
@@ -150,11 +153,6 @@ def _read_tech_support_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _as_tried(fix: str) -> str:
-    fix = fix.strip().rstrip(".")
-    return fix[:1].lower() + fix[1:]
-
-
 def load_tech_support(
     *, min_turns: int = 3, max_turns: int = 5, num_episodes: int | None = None, seed: int = 0, path: str | None = None
 ) -> list[Episode]:
@@ -175,19 +173,18 @@ def load_tech_support(
     order = rng.permutation(len(combos))
     if num_episodes is not None:
         order = np.resize(order, num_episodes)
+    connectives = ("Another thing: ", "One more problem: ", "Also, ", "And finally: ")
     episodes = []
     for n, idx in enumerate(order):
-        (p1, f1), (p2, f2) = pairs[combos[idx][0]], pairs[combos[idx][1]]
-        script = [
-            (p1, f1),
-            (f"I already tried that: {_as_tried(f1)}. It did not help.", f1),
-            (f"Another thing: {p2[:1].lower() + p2[1:]}", f2),
-            (f"I tried to {_as_tried(f2)}, but nothing changed.", f2),
-            ("Thanks. Can you summarise what I should do for both problems?", f"{f1} {f2}"),
-        ]
-        k = _turn_count(rng, len(script), min_turns, max_turns)
-        if k < len(script):  # keep the closing request as the last turn when there is room for it
-            script = script[: k - 1] + [script[-1]] if k >= 4 else script[:k]
+        first, second = combos[idx]
+        rest = [int(i) for i in rng.permutation(len(pairs)) if i not in (first, second)]
+        chosen = [first, second] + rest
+        k = _turn_count(rng, len(chosen), min_turns, max_turns)
+        script = []
+        for t, i in enumerate(chosen[:k]):
+            problem, fix = pairs[i]
+            user = problem if t == 0 else connectives[(t - 1) % len(connectives)] + problem[:1].lower() + problem[1:]
+            script.append((user, fix))
         episodes.append(
             Episode(
                 f"tech_support/{n}",

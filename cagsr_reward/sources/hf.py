@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..attention import CapturedAttention
+from ..config import DEFAULT_LAYERS
 
 __all__ = ["HFAttentionSource", "REDUCE_MODES"]
 
@@ -46,8 +48,8 @@ def _is_int(value: Any) -> bool:
 
 def _index_spec(name: str, value: Any) -> str | tuple[int, ...]:
     if isinstance(value, str):
-        if value == "all":
-            return "all"
+        if value == "all" or (name == "layers" and re.fullmatch(r"last:[1-9][0-9]*", value)):
+            return value
         raise ValueError(f"{name}: expected 'all' or a non-empty sequence of ints, got {value!r}")
     if _is_int(value):
         return (int(value),)
@@ -60,6 +62,8 @@ def _resolve(name: str, spec: str | tuple[int, ...], size: int) -> list[int]:
     """Model indices for a selection, negatives counted from the end, order kept, duplicates dropped."""
     if spec == "all":
         return list(range(size))
+    if isinstance(spec, str):  # "last:K": the last K layers, all of a smaller model
+        return list(range(max(size - int(spec.split(":", 1)[1]), 0), size))
     out: list[int] = []
     for v in spec:
         if not -size <= v < size:
@@ -134,7 +138,8 @@ class HFAttentionSource:
             attention and eval mode only for the duration of each call.
         tokenizer (*optional*): a tokenizer or a path; exposed as :attr:`tokenizer` (loaded lazily from
             ``model_or_path`` when not given). The source itself works on token ids.
-        layers (`"all"` or `Sequence[int]`, defaults to ``(-1,)``): model layers to return (negatives from the end).
+        layers (`"all"`, `"last:K"` or `Sequence[int]`, defaults to `cagsr_reward.config.DEFAULT_LAYERS`): model layers
+            to return (negatives from the end; ``"last:K"`` the last K), by default the reward's default band.
         heads (`"all"` or `Sequence[int]`, defaults to ``"all"``): query heads to return.
         reduce (`str`, defaults to ``"none"``): ``"none"`` keeps ``(L, H, ...)``; ``"head_mean"`` averages the selected
             heads, giving ``(L, 1, T, P+T-1)``; ``"layer_head_mean"`` also averages the layers, ``(1, 1, T, P+T-1)``.
@@ -160,7 +165,7 @@ class HFAttentionSource:
         model_or_path: Any,
         tokenizer: Any = None,
         *,
-        layers: Any = (-1,),
+        layers: Any = DEFAULT_LAYERS,
         heads: Any = "all",
         reduce: str = "none",
         device: str = "cpu",

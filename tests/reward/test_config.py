@@ -7,15 +7,21 @@ import json
 
 import pytest
 
-from cagsr_reward.config import MODES, CAGSRConfig, resolve_sink
+from cagsr_reward.config import DEFAULT_LAYERS, MODES, CAGSRConfig, resolve_sink
 
 
 def test_defaults():
+    # issue 25 changed the defaults (docs/method.md, "Defaults"); the 0.2 values live on as CAGSRConfig.paper()
+    paper = CAGSRConfig.paper()
+    assert (paper.alpha, paper.beta, paper.gamma) == (1.0, 0.1, 0.5)
+    assert (paper.h0, paper.kappa) == (0.5, 0.25)
+    assert paper.layers == (-1,) and paper.salient_roles is None and paper.columns == "all"
+    assert (paper.repetition, paper.cot_episode, paper.cot_answer, paper.cot_floor) == ("paper", "sum", "rest", "block")
     cfg = CAGSRConfig()
-    assert (cfg.alpha, cfg.beta, cfg.gamma) == (1.0, 0.1, 0.5)
+    assert cfg.layers == DEFAULT_LAYERS and cfg.salient_roles == ("user", "assistant") and cfg.columns == "content"
+    assert (cfg.repetition, cfg.cot_episode, cfg.cot_answer, cfg.cot_floor) == ("self_and_copy", "mean", "sentence", "turn")
+    assert cfg.block_focus == paper.block_focus == "summed"
     assert cfg.ngram == 3
-    assert (cfg.h0, cfg.kappa) == (0.5, 0.25)
-    assert cfg.layers == (-1,)
     assert cfg.heads == "all"
     assert cfg.sink == "auto"
     assert cfg.mode == "multi"

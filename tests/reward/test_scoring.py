@@ -35,6 +35,12 @@ H0 = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))  # 1.029
 H1 = -(0.1 * math.log(0.1) + 0.6 * math.log(0.6) + 0.3 * math.log(0.3))  # 0.8979
 
 
+
+def _v02(**changes):
+    """The 0.2 reading of the papers, which reward_reference.py implements: `CAGSRConfig.paper()` with the mean row
+    entropy as a CoT block's focus. The new defaults (issue 25) are tested in test_scoring_defaults.py."""
+    return CAGSRConfig.paper(**{"block_focus": "rows", **changes})
+
 def _raises(arg, fn, *args, **kwargs):
     with pytest.raises(ValueError) as info:
         fn(*args, **kwargs)
@@ -46,7 +52,7 @@ def _raises(arg, fn, *args, **kwargs):
 # score_turn: hand-worked
 # ---------------------------------------------------------------------------------------------------------------
 def test_score_turn_hand():
-    cfg = CAGSRConfig(alpha=1.0, beta=0.1, gamma=0.5, ngram=1, h0=0.0, kappa=0.0)
+    cfg = _v02(alpha=1.0, beta=0.1, gamma=0.5, ngram=1, h0=0.0, kappa=0.0)
     ts = score_turn(HAND, [1], cfg, sink=0, response_ids=[4, 5], history_ids=[4, 5, 6])
     assert isinstance(ts, TurnScore)
     assert ts.coverage == pytest.approx(0.45)
@@ -62,7 +68,7 @@ def test_score_turn_hand():
 
 
 def test_score_turn_floor_grows_with_the_turn_index():
-    cfg = CAGSRConfig(alpha=0.0, beta=1.0, gamma=0.0, h0=0.5, kappa=0.25)
+    cfg = _v02(alpha=0.0, beta=1.0, gamma=0.0, h0=0.5, kappa=0.25)
     # entropies 1.0297 and 0.8979: turn 0 (floor 0.5) clamps neither, turn 1 (0.75) neither,
     # turn 2 (floor 1.0) clamps row 1, turn 3 (1.25) clamps both
     rewards = [score_turn(HAND, [], cfg, turn_index=t, sink=0).reward for t in range(4)]
@@ -81,18 +87,18 @@ def test_score_turn_repetition_by_mode():
     block = np.full((6, 4), 0.25)
     response = [1, 2, 3, 1, 2, 3]
     history = [9, 1, 2, 3]
-    multi = score_turn(block, [], CAGSRConfig(), response_ids=response, history_ids=history, sink=0)
-    single = score_turn(block, [], CAGSRConfig(mode="single"), response_ids=response, sink=0)
+    multi = score_turn(block, [], _v02(), response_ids=response, history_ids=history, sink=0)
+    single = score_turn(block, [], _v02(mode="single"), response_ids=response, sink=0)
     assert multi.repetition == pytest.approx(2 / 4)  # (1,2,3) twice among 4 trigrams
     assert single.repetition == pytest.approx(1 / 4)  # one repeated trigram
-    assert score_turn(block, [], CAGSRConfig(), sink=0).repetition == 0.0  # no ids: no penalty
-    cot = score_turn(block, [], CAGSRConfig(mode="cot"), response_ids=response, history_ids=history, sink=0)
+    assert score_turn(block, [], _v02(), sink=0).repetition == 0.0  # no ids: no penalty
+    cot = score_turn(block, [], _v02(mode="cot"), response_ids=response, history_ids=history, sink=0)
     assert cot.repetition == multi.repetition
 
 
 def test_score_turn_sink_resolution():
     block = np.array([[0.9, 0.05, 0.05]])
-    cfg = CAGSRConfig(alpha=0.0, beta=1.0, gamma=0.0, entropy_floor=False)
+    cfg = _v02(alpha=0.0, beta=1.0, gamma=0.0, entropy_floor=False)
     with_bos = score_turn(block, [], cfg, history_ids=[1, 5, 6], bos_token_id=1)
     assert with_bos.sink == 1 and with_bos.focus == pytest.approx(-math.log(2))
     other_first = score_turn(block, [], cfg, history_ids=[7, 5, 6], bos_token_id=1)
@@ -101,12 +107,12 @@ def test_score_turn_sink_resolution():
     assert score_turn(block, [], cfg.replace(sink=1)).sink == 1
     assert score_turn(block, [], cfg.replace(sink=1), sink=0).sink == 0  # the argument wins
     # coverage on a sink position is ignored
-    assert score_turn(block, [0, 1], CAGSRConfig(), sink=1).coverage == pytest.approx(0.5)
+    assert score_turn(block, [0, 1], _v02(), sink=1).coverage == pytest.approx(0.5)
 
 
 def test_score_turn_history_coverage_ablation():
     block = np.array([[0.1, 0.2, 0.3, 0.4]])
-    full = CAGSRConfig(beta=0.0, gamma=0.0)
+    full = _v02(beta=0.0, gamma=0.0)
     ablated = full.replace(history_coverage=False)
     assert score_turn(block, [0, 3], full, sink=0).coverage == pytest.approx(0.5)
     # current user turn = positions 2..3: only salient position 3 counts, still renormalised over all history
@@ -126,7 +132,7 @@ def test_score_turn_history_coverage_ablation():
 def test_score_turn_elides_long_histories():
     rng = np.random.default_rng(3)
     block = rng.random((4, 40))
-    cfg = CAGSRConfig(n_max=16, window=8, alpha=1.0, beta=1.0, gamma=0.0, entropy_floor=False)
+    cfg = _v02(n_max=16, window=8, alpha=1.0, beta=1.0, gamma=0.0, entropy_floor=False)
     salient = [2, 5, 39]
     ts = score_turn(block, salient, cfg, sink=1)
     assert ts.elided_count == 40 - 1 - 3 - 8 + 1  # 29 merged (39 is in the window)
@@ -142,7 +148,7 @@ def test_score_turn_elides_long_histories():
 def test_score_turn_accepts_float32_captures():
     rng = np.random.default_rng(4)
     block = rng.dirichlet(np.full(50, 0.3), size=8).astype(np.float32)
-    cfg = CAGSRConfig()
+    cfg = _v02()
     a = score_turn(block, [1, 2, 3], cfg, sink=0)
     b = score_turn(block.astype(np.float64), [1, 2, 3], cfg, sink=0)
     assert a.reward == pytest.approx(b.reward, abs=1e-6)
@@ -160,7 +166,7 @@ def turn_cases(draw):
     salient = draw(st.lists(st.integers(0, cols - 1), max_size=cols))
     response = draw(st.lists(st.integers(0, 4), min_size=rows, max_size=rows))
     history = draw(st.lists(st.integers(0, 4), min_size=cols, max_size=cols))
-    cfg = CAGSRConfig(
+    cfg = _v02(
         alpha=draw(st.floats(0, 2)),
         beta=draw(st.floats(0, 2)),
         gamma=draw(st.floats(0, 2)),
@@ -201,7 +207,7 @@ def test_score_turn_matches_reference(case):
 
 
 def test_score_turn_errors():
-    cfg = CAGSRConfig()
+    cfg = _v02()
     _raises("config", score_turn, HAND, [1], {"alpha": 1.0})
     _raises("block", score_turn, np.ones(3), [1], cfg)
     _raises("block", score_turn, np.array([[0.5, np.nan]]), [1], cfg)
@@ -222,7 +228,7 @@ def test_score_turn_errors():
 # score_dialogue
 # ---------------------------------------------------------------------------------------------------------------
 def test_score_dialogue_hand():
-    cfg = CAGSRConfig(beta=0.0, gamma=0.0)
+    cfg = _v02(beta=0.0, gamma=0.0)
     t0 = TurnInput(np.array([[0.5, 0.5]]), [0])
     t1 = TurnInput(np.array([[0.2, 0.2, 0.6]]), [2])
     score = score_dialogue([t0, t1], cfg)
@@ -242,7 +248,7 @@ def test_score_dialogue_hand():
 @given(st.integers(1, 5), st.integers(0, 2**31), st.floats(0, 1), st.booleans())
 def test_score_dialogue_matches_per_turn_scores(num_turns, seed, discount, uniform):
     rng = np.random.default_rng(seed)
-    cfg = CAGSRConfig(discount=discount, uniform_turn_weights=uniform, ngram=2)
+    cfg = _v02(discount=discount, uniform_turn_weights=uniform, ngram=2)
     turns, history = [], list(rng.integers(0, 5, size=4))
     for _ in range(num_turns):
         rows = int(rng.integers(1, 5))
@@ -263,7 +269,7 @@ def test_score_dialogue_matches_per_turn_scores(num_turns, seed, discount, unifo
 
 
 def test_score_dialogue_ablation_uses_each_turns_user_span():
-    cfg = CAGSRConfig(beta=0.0, gamma=0.0, history_coverage=False)
+    cfg = _v02(beta=0.0, gamma=0.0, history_coverage=False)
     t0 = TurnInput(np.array([[0.5, 0.5]]), [0, 1], user_span=(1, 2))
     score = score_dialogue([t0], cfg)
     assert score.rewards.tolist() == [0.5]
@@ -271,7 +277,7 @@ def test_score_dialogue_ablation_uses_each_turns_user_span():
 
 
 def test_score_dialogue_errors():
-    cfg = CAGSRConfig()
+    cfg = _v02()
     t = TurnInput(np.array([[0.5, 0.5]]), [0])
     _raises("turns", score_dialogue, [], cfg)
     _raises("turns", score_dialogue, t, cfg)
@@ -291,7 +297,7 @@ def _uniform_causal(prompt_len, rows):
 
 def test_score_cot_hand():
     att = _uniform_causal(2, 4)
-    cfg = CAGSRConfig(cot_block=2, beta=0.0, gamma=0.0, final_answer_weight=3.0)
+    cfg = _v02(cot_block=2, beta=0.0, gamma=0.0, final_answer_weight=3.0)
     cot = score_cot(att, 2, [0], [7, 8, 9, 10], [1, 2], cfg, sink=0)
     assert isinstance(cot, CoTScore)
     assert cot.spans == ((0, 2), (2, 4)) and cot.answer_span == (2, 4)
@@ -309,7 +315,7 @@ def test_score_cot_hand():
 def test_score_cot_blocks_answer_and_salient_generated_positions():
     prompt_len, rows = 3, 12
     att = _uniform_causal(prompt_len, rows)
-    cfg = CAGSRConfig(cot_block=5, beta=0.0, gamma=0.0)
+    cfg = _v02(cot_block=5, beta=0.0, gamma=0.0)
     # salient: prompt position 1 and generated token y_2 (position P + 2 = 5)
     cot = score_cot(att, prompt_len, [1, 5], list(range(rows)), [0, 1, 2], cfg, answer_span=(10, 12), sink=0)
     assert cot.spans == ((0, 5), (5, 10), (10, 12))
@@ -326,7 +332,7 @@ def test_score_cot_blocks_answer_and_salient_generated_positions():
 def test_score_cot_detects_the_answer_from_tokens():
     tokens = ["2", "+", "2", " is", " 4", ".", " The", " answer", " is", " 4", "."]
     att = _uniform_causal(2, len(tokens))
-    cfg = CAGSRConfig(cot_block=5)
+    cfg = _v02(cot_block=5)
     cot = score_cot(att, 2, [0], list(range(len(tokens))), [1, 2], cfg, response_tokens=tokens, sink=0)
     assert cot.answer_span == (9, 11)
     assert cot.spans == ((0, 5), (5, 9), (9, 11))
@@ -351,7 +357,7 @@ def cot_cases(draw):
     salient = draw(st.lists(st.integers(0, cols - 1), max_size=6))
     ids = draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows))
     prompt = draw(st.lists(st.integers(0, 3), min_size=prompt_len, max_size=prompt_len))
-    cfg = CAGSRConfig(cot_block=block, ngram=2, h0=draw(st.floats(0, 1)), kappa=draw(st.floats(0, 0.5)),
+    cfg = _v02(cot_block=block, ngram=2, h0=draw(st.floats(0, 1)), kappa=draw(st.floats(0, 0.5)),
                       uniform_turn_weights=draw(st.booleans()), discount=draw(st.floats(0, 1)))
     return a, prompt_len, salient, ids, prompt, cfg, (start, end)
 
@@ -384,7 +390,7 @@ def test_score_cot_matches_reference(case):
 
 def test_score_cot_errors():
     att = _uniform_causal(2, 4)
-    cfg = CAGSRConfig(cot_block=2)
+    cfg = _v02(cot_block=2)
     ok = dict(salient=[0], response_ids=[1, 2, 3, 4], prompt_ids=[1, 2], config=cfg)
 
     def call(att=att, prompt_len=2, **kw):

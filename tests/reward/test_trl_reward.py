@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from cagsr_reward.spans import chat_message_spans
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -107,11 +109,20 @@ def _completions(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 def by_hand(source, tokenizer, selector, cfg, prompt, completion, *, turn_index=0):
     """The reward computed step by step from the public pieces, independently of the integration."""
     if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
+        enc = tokenizer(prompt, return_offsets_mapping=True)
+        ids = enc["input_ids"]
         salient = salient_positions(prompt, tokenizer, selector, sink="auto")
+        content = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a]  # no roles: every text token
     else:
         ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"])
-        salient = salient_positions_for_messages(prompt, tokenizer, selector, sink="auto")
+        salient = salient_positions_for_messages(prompt, tokenizer, selector, sink="auto", roles=cfg.salient_roles)
+        roles = cfg.salient_roles
+        content = [
+            i
+            for span in chat_message_spans(tokenizer, prompt).spans
+            if span.content is not None and (roles is None or span.role in roles)
+            for i in range(*span.content)
+        ]
     cap = source.attention(ids, completion)
     a = aggregate(cap, layers=cfg.layers, heads=cfg.heads, layer_ids=source.layer_ids, num_layers=source.num_layers)
     sink = 1 if ids[0] == tokenizer.bos_token_id else 0
@@ -123,6 +134,7 @@ def by_hand(source, tokenizer, selector, cfg, prompt, completion, *, turn_index=
         response_ids=completion,
         history_ids=ids,
         sink=sink,
+        content_columns=[i for i in content if i >= sink] if cfg.columns == "content" else None,
     )
 
 
@@ -189,21 +201,28 @@ def test_no_history_coverage_ablation_uses_last_user_message(model, tokenizer, s
     enc = reward.encode(prompt)
     span = enc.last_span("user")
     ids = enc.input_ids
-    a = aggregate(source.attention(ids, completion), layer_ids=source.layer_ids, num_layers=source.num_layers)
+    a = aggregate(source.attention(ids, completion), layers=cfg.layers, layer_ids=source.layer_ids,
+                  num_layers=source.num_layers)
+    content = enc.content_positions(cfg.salient_roles)  # the default history columns (issue 25)
     expected = score_turn(a[:, : len(ids)], enc.salient, cfg, response_ids=completion, history_ids=ids, sink=1,
-                          user_span=span)
-    full = score_turn(a[:, : len(ids)], enc.salient, CAGSRConfig(), response_ids=completion, history_ids=ids, sink=1)
+                          user_span=span, content_columns=content)
+    full = score_turn(a[:, : len(ids)], enc.salient, CAGSRConfig(), response_ids=completion, history_ids=ids, sink=1,
+                      content_columns=content)
     assert got == pytest.approx([expected.reward], abs=1e-9)
     assert expected.coverage < full.coverage  # salient tokens of the first user message no longer count
 
 
 def test_cot_mode_equals_score_cot(model, tokenizer, selector):
-    cfg = CAGSRConfig(mode="cot", cot_block=2)
+    # the papers' preset: prompt salient positions and every column, so score_cot's inputs are the public pieces
+    # below (the default's content columns and generated salient positions are checked by the doctests and
+    # experiments/validity.py, which scores CoT through this same integration)
+    cfg = CAGSRConfig.paper(mode="cot", cot_block=2)
     source = HFAttentionSource(model)
     prompt, completion = TEXTS[2], _completions(1, 7, len(tokenizer), seed=7)[0]
     got = cagsr_reward_func(cfg, source=source, tokenizer=tokenizer, selector=selector)([prompt], [""], [completion])
     ids = tokenizer(prompt)["input_ids"]
-    a = aggregate(source.attention(ids, completion), layer_ids=source.layer_ids, num_layers=source.num_layers)
+    a = aggregate(source.attention(ids, completion), layers=cfg.layers, layer_ids=source.layer_ids,
+                  num_layers=source.num_layers)
     tokens = [tokenizer.decode([t]) for t in completion]
     expected = score_cot(a, len(ids), salient_positions(prompt, tokenizer, selector, sink=1), completion, ids, cfg,
                          response_tokens=tokens, sink=1)

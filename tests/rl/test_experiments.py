@@ -100,9 +100,6 @@ def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path):
     assert main(["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]) == 0
     status = json.loads((out / "status.json").read_text())
     assert status == {u: "done" for u in UNITS}, status
-    validity = json.loads((out / "validity_dialogue.json").read_text())
-    for row in validity["table"]:
-        assert 0.0 <= row["low"] <= row["auroc"] <= row["high"] <= 1.0
     full = json.loads((out / "dialogue_full.json").read_text())
     assert full["top_p"] == 1.0 and full["history"][0]["is_ratio_mean"] == pytest.approx(1.0, abs=0.1)
     s = full["eval"]["summary"]
@@ -111,7 +108,7 @@ def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path):
     cot = json.loads((out / "cot_block.json").read_text())
     assert cot["block_advantages"] is True and "correct" in cot["eval"]["summary_ci"]
     report = (out / "report.md").read_text()
-    for title in ("Reward validity: dialogues", "Dialogue: held-out replies", "importance-sampling ratio", "CoT on CHAMP"):
+    for title in ("Dialogue: held-out replies", "importance-sampling ratio", "CoT on CHAMP"):
         assert title in report
     assert (out / "heldout_bars.png").stat().st_size > 0 and (out / "reward_curves.png").stat().st_size > 0
 

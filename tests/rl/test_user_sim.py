@@ -66,10 +66,14 @@ def test_tech_support_episodes_use_corpus_text():
     for e in eps:
         assert e.user_turns[0] in problems
         assert 3 <= e.num_turns <= 5
-        fix = next(f for p, f in pairs if p == e.user_turns[0])
-        assert fix.rstrip(".")[1:] in e.user_turns[1]  # "I already tried that: <the corpus fix>"
-        if e.num_turns >= 4:
-            assert e.user_turns[-1].startswith("Thanks")
+        # every reference reply is the corpus fix of the problem its turn states (issue 25: the old second turn,
+        # "I already tried <fix>", had that same fix as its reference), and no problem comes twice
+        answered = []
+        for user, reply in zip(e.user_turns, e.reference_replies):
+            problem = next(p for p, f in pairs if p[1:] in user)
+            assert reply == dict(pairs)[problem]
+            answered.append(problem)
+        assert len(set(answered)) == e.num_turns == len(e.reference_replies)
 
 
 def test_next_turn_split_and_prefix():

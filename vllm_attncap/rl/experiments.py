@@ -8,7 +8,9 @@ file exists) and respects a time budget (a unit is not started when its estimate
 
 Units, in priority order (the order the grid runs them):
 
-1. ``validity_dialogue`` / ``validity_cot`` -- reward validity, no training (:mod:`vllm_attncap.rl.validity`).
+Reward validity is no longer a unit here: ``python -m experiments.validity`` (selection / confirm splits, baselines,
+probes; docs/experiments.md "Reward validity").
+
 2. ``dialogue_untrained``, ``dialogue_full``, ``dialogue_single``, ``dialogue_ngram`` -- GRPO arms on dialogue
    (same training prompts, seed, steps and held-out replies): the untrained policy, the full multi-turn reward,
    single-turn CAGSR, the n-gram-overlap-with-gold heuristic baseline;
@@ -74,7 +76,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 #: unit -> rough wall seconds at full size on 2 cores (what the budget check uses before a unit has run).
 ESTIMATE_S = {
-    "validity_dialogue": 150, "validity_cot": 240, "dialogue_untrained": 90, "dialogue_full": 300,
+    "dialogue_untrained": 90, "dialogue_full": 300,
     "dialogue_single": 300, "dialogue_ngram": 300, "is_ratio_bf16_top_p095": 120, "is_ratio_bf16_top_p1": 120,
     "is_ratio_fp32_top_p1": 160, "is_ratio_fp32_top_p095": 130, "dialogue_no_history_coverage": 300,
     "dialogue_no_entropy_floor": 300, "cot_untrained": 120, "cot_block": 300, "cot_completion": 300,
@@ -105,7 +107,7 @@ COT_ARMS: dict[str, dict[str, Any]] = {
     "cot_uniform_weights": {"block_advantages": True, "config": {"uniform_turn_weights": True}},
 }
 UNITS: tuple[str, ...] = (
-    "validity_dialogue", "validity_cot", "dialogue_untrained", "dialogue_full", "dialogue_single", "dialogue_ngram",
+    "dialogue_untrained", "dialogue_full", "dialogue_single", "dialogue_ngram",
     "is_ratio_bf16_top_p095", "is_ratio_bf16_top_p1", "is_ratio_fp32_top_p095", "is_ratio_fp32_top_p1",
     "dialogue_no_history_coverage", "dialogue_no_entropy_floor",
     "cot_untrained", "cot_block", "cot_completion", "cot_uniform_weights", "ppo_full",
@@ -273,57 +275,6 @@ def _cot_summary(result: Mapping[str, Any], seed: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # units
 # ----------------------------------------------------------------------------------------------------------------
-def unit_validity_dialogue(ctx: Context) -> dict[str, Any]:
-    from cagsr_reward.sources.hf import HFAttentionSource
-
-    from .validity import continuation_sets, score_continuations, validity_table
-
-    _, _, items, selector = ctx.dialogue()
-    tok = ctx.tokenizer()
-    conts = continuation_sets([it.gold for it in items], [it.episode_id for it in items], tok,
-                              max_tokens=ctx.s["validity_dialogue_tokens"], seed=ctx.seed)
-    configs = {
-        "full": CAGSRConfig(),
-        "no_history_coverage": CAGSRConfig(history_coverage=False),
-        "no_entropy_floor": CAGSRConfig(entropy_floor=False),
-        "single": CAGSRConfig(mode="single", history_coverage=False, entropy_floor=False),
-    }
-    source = HFAttentionSource(ctx.model, layers=(-1,), reduce="head_mean", dtype="float32")
-    scores = score_continuations(source, [it.messages for it in items], conts, configs, tokenizer=tok, selector=selector)
-    lengths = {k: float(np.mean([len(c) for c in v])) for k, v in conts.items()}
-    return {"table": validity_table(scores, seed=ctx.seed), "mean_tokens": lengths, "num_items": len(items),
-            "item_sources": [it.source for it in items], "item_ids": [it.item_id for it in items],
-            "configs": {k: v.to_dict() for k, v in configs.items()}, "scores": scores}
-
-
-def unit_validity_cot(ctx: Context) -> dict[str, Any]:
-    from cagsr_reward.integrations.cot import cot_messages
-    from cagsr_reward.sources.hf import HFAttentionSource
-
-    from .validity import continuation_sets, score_continuations, validity_table
-
-    _, held, selector = ctx.cot()
-    problems = held[: ctx.s["validity_problems"]]
-    tok = ctx.tokenizer()
-    cap = ctx.s["validity_cot_tokens"]
-
-    def real_text(p) -> str:  # the reference steps cut so that the answer statement fits under the token cap
-        answer = f" The answer is {p.answer}."
-        budget = max(4, cap - len(tok.encode(answer, add_special_tokens=False)))
-        steps = tok.decode(tok.encode(p.solution, add_special_tokens=False)[:budget])
-        return steps + answer
-
-    conts = continuation_sets([real_text(p) for p in problems], [p.problem_id for p in problems], tok,
-                              max_tokens=cap, seed=ctx.seed)
-    configs = {"cot": CAGSRConfig(mode="cot"), "cot_uniform_weights": CAGSRConfig(mode="cot", uniform_turn_weights=True)}
-    source = HFAttentionSource(ctx.model, layers=(-1,), reduce="head_mean", dtype="float32")
-    scores = score_continuations(source, [cot_messages(p) for p in problems], conts, configs, tokenizer=tok,
-                                 selector=selector)
-    return {"table": validity_table(scores, seed=ctx.seed), "num_items": len(problems),
-            "mean_tokens": {k: float(np.mean([len(c) for c in v])) for k, v in conts.items()},
-            "configs": {k: v.to_dict() for k, v in configs.items()}, "scores": scores}
-
-
 def unit_dialogue_untrained(ctx: Context) -> dict[str, Any]:
     from .engine_weights import capture_llm
 
@@ -620,39 +571,6 @@ def write_report(out: Path, seed: int = 0) -> dict[str, Any]:
     """``report.md`` + ``report.json`` + plots from whatever unit results exist under ``out``."""
     lines: list[str] = ["# Experiment report", "", f"Results under `{out}`; 95% bootstrap intervals in brackets.", ""]
     report: dict[str, Any] = {}
-
-    for name, title in (("validity_dialogue", "Reward validity: dialogues"), ("validity_cot", "Reward validity: CHAMP")):
-        r = _load(out, name)
-        if r is None:
-            continue
-        from .validity import validity_table
-
-        r["table"] = validity_table(r["scores"], seed=seed)  # recomputed from the stored scores
-        if name == "validity_dialogue":
-            r["by_source"] = {}
-            for src in SOURCES:
-                idx = [i for i, s in enumerate(r.get("item_sources", [])) if s == src]
-                if len(idx) >= 2:
-                    sub = {"full": {k: {c: [v[i] for i in idx] for c, v in comp.items()}
-                                    for k, comp in r["scores"]["full"].items()}}
-                    r["by_source"][src] = [x for x in validity_table(sub, seed=seed) if x["component"] == "reward"]
-        lines += [f"## {title} ({r['num_items']} items, {r['wall_seconds']:.0f} s)", "",
-                  "mean tokens: " + ", ".join(f"{k} {v:.1f}" for k, v in r["mean_tokens"].items()), "",
-                  "| config | component | negative | paired AUROC [95% CI] | pooled AUROC [95% CI] | win rate | "
-                  "mean real | mean negative |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for row in r["table"]:
-            lines.append(f"| {row['config']} | {row['component']} | {row['negative']} | "
-                         f"{_fmt(row['auroc'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | "
-                         f"{_fmt(row['pooled_auroc'])} [{_fmt(row['pooled_low'])}, {_fmt(row['pooled_high'])}] | "
-                         f"{_fmt(row['win_rate'])} | {_fmt(row['mean_real'])} | {_fmt(row['mean_negative'])} |")
-        for src, rows in (r.get("by_source") or {}).items():
-            lines.append("")
-            lines.append(f"{src}, full reward: " + "; ".join(
-                f"vs {x['negative']} AUROC {_fmt(x['auroc'])} [{_fmt(x['low'])}, {_fmt(x['high'])}] (n={x['num_items']})"
-                for x in rows))
-        lines.append("")
-        report[name] = r["table"]
 
     base = _load(out, "dialogue_untrained")
     arms = {n: _load(out, n) for n in DIALOGUE_REPORT}

@@ -1,0 +1,1 @@
+"""Experiments run from the repository (not installed): ``python -m experiments.<name>``."""

@@ -1,0 +1,64 @@
+"""docs/experiments.md's validity section is what `python -m experiments.validity --report-only` generates from the
+committed JSONs, and those JSONs' summaries agree with their own per-item scores (fast: no model, no bootstrap)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from experiments import validity as E  # noqa: E402
+
+from cagsr_reward import validity as V  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results" / "validity"
+
+
+def _load(name):
+    path = RESULTS / name
+    if not path.exists():
+        pytest.fail(f"{path} is not committed")
+    return json.loads(path.read_text())
+
+
+def test_doc_section_is_generated_from_the_committed_jsons():
+    text = (ROOT / "docs" / "experiments.md").read_text()
+    assert text.count(E.BEGIN) == 1 and text.count(E.END) == 1
+    section = E.BEGIN + text.split(E.BEGIN, 1)[1].split(E.END, 1)[0] + E.END
+    assert section == E.render(_load("selection.json"), _load("confirm.json")), (
+        "docs/experiments.md is out of date: run python -m experiments.validity --report-only"
+    )
+
+
+def test_confirm_summary_matches_its_per_item_scores():
+    confirm = _load("confirm.json")
+    items = confirm["items"]
+    checked = 0
+    for row in confirm["summary"]:
+        its = [it for it in items if it["source"] == row["source"]]
+        real = [confirm["scores"][it["item_id"]]["real"][row["score"]] for it in its]
+        other = [confirm["scores"][it["item_id"]][row["versus"]][row["score"]] for it in its]
+        # scores are stored rounded to 5 decimals, so near-ties may flip: allow one item's worth
+        assert row["auroc"] == pytest.approx(V.paired_auroc(real, other), abs=1.0 / len(its) + 1e-9)
+        assert row["mean_diff"] == pytest.approx(float(np.mean(np.subtract(other, real))), abs=1e-4)
+        assert row["n"] == len(its) and row["low"] <= row["auroc"] + 1e-9 and row["auroc"] <= row["high"] + 1e-9
+        checked += 1
+    assert checked > 0
+
+
+def test_the_confirm_split_shares_no_dialogue_with_the_selection_split():
+    confirm = _load("confirm.json")
+    assert all(E.split_of(it["cluster"]) == "confirm" for it in confirm["items"])
+    assert _load("selection.json")["split"] == "selection"
+
+
+def test_the_shipped_defaults_are_the_ones_chosen_on_the_selection_split():
+    from cagsr_reward.config import CAGSRConfig
+
+    selection = _load("selection.json")
+    assert CAGSRConfig.from_dict(selection["chosen"]) == CAGSRConfig()
+    assert _load("confirm.json")["config"] == selection["chosen"]
