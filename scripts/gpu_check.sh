@@ -29,7 +29,6 @@ else
   echo "[gpu_check] WARNING: /tmp/kit/env.sh not found: install the offline vLLM kit first (docs/gpu.md)" | tee -a "$OUT/gpu_check.log"
 fi
 export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}  # flashinfer is not in the kit
-export VLLM_ATTNCAP_DIR=${VLLM_ATTNCAP_DIR:-$OUT/captures}
 PY=${PY:-python3}
 STEPS=()
 

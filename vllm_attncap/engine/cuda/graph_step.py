@@ -49,7 +49,7 @@ class GraphCapture:
         kinds: what the graph captures (``"stats"``, ``"rows"``); without ``"rows"`` the head-mean rows pass is not
             launched and such requests are captured eagerly (their steps run PIECEWISE).
         fail: ``fail(req_id, message)`` ends a request's capture with an error (the tracker's
-            :meth:`~.tracker.CaptureTracker.fail`); called when a row of a full-graph step finds no free request slot
+            :meth:`vllm_attncap.engine.tracker.CaptureTracker.fail`); called when a row of a full-graph step finds no free request slot
             (the eager path does not run in a replayed graph, so the row could only be dropped).
 
     Thread safety: ``begin_step`` / ``end_step`` run on the worker's main thread, ``mark`` / ``flush_through`` may
