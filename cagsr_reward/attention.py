@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .aggregate import aggregate
+from .config import resolve_layers
 
 __all__ = ["REDUCE_MODES", "CapturedAttention", "as_captured_attention"]
 
@@ -155,6 +156,11 @@ class CapturedAttention:
                 f"heads={heads!r} but the attention was already averaged over heads (reduce={self.reduce!r}); "
                 "use heads='all' or capture with reduce='none'"
             )
+        if isinstance(layers, str) and layers.startswith("last:"):  # the final K layers of the model
+            known = self.num_layers
+            if known is None and self.layer_ids is None and self.reduce != "layer_head_mean":
+                known = int(np.asarray(self.attention).shape[0])
+            layers = resolve_layers(layers, known)
         if self.reduce == "layer_head_mean":
             have = self.layer_ids
             if layers != "all" and have is not None:

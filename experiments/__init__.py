@@ -1,1 +1,1 @@
-"""Experiments run from the repository (not installed): ``python -m experiments.<name>``."""
+"""Research harnesses of docs/experiments.md (not installed with the package)."""

@@ -19,9 +19,12 @@ Protocol (docs/experiments.md, "Reward validity"):
    reply tokens' log-probabilities; one more forward without the history gives log p(reply | nothing) for PMI. Every
    item is cached under ``runs/validity-cache/`` (one ``.npz`` per item; a finished item is skipped on a rerun).
    The first item is checked against ``cagsr_reward.sources.hf.HFAttentionSource``.
-4. **Selection** (phase ``select``, selection split only): the layer band, repetition weight and n, and the entropy
-   floor are chosen (see ``choose_defaults``) and written to ``experiments/results/validity/selection.json``.
-5. **Confirm** (phase ``confirm``): every score is computed once on the confirm split and written to
+4. **Selection** (phase ``select``, selection split only, its dialogue and recall items: ``SELECT_SOURCES``): the
+   layer band, then the repetition weight, copy span and focus weight (``BANDS``, ``GAMMAS``, ``COPY_NGRAMS``,
+   ``BETAS``), then the entropy floor (``calibrate_entropy_floor``) are chosen in ``run_select`` and written to
+   ``experiments/results/validity/selection.json`` with the CPU cost of capturing the band.
+5. **Confirm** (phase ``confirm``): every score is computed once on the confirm split (a declared prefix of each
+   source's items, ``SCORED``) and written to
    ``experiments/results/validity/confirm.json``; nothing is chosen there.
 6. **Report** (``--report-only``): the validity section of docs/experiments.md is regenerated from the committed
    JSONs, between ``<!-- BEGIN validity (generated) -->`` and ``<!-- END validity (generated) -->``.
@@ -830,8 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = "quick" if args.quick else "full"
     cache = Path(args.cache) if args.cache else (CACHE if size == "full" else CACHE.with_name("validity-cache-quick"))
     results = Path(args.results) if args.results else (RESULTS if size == "full" else CACHE.with_name("validity-quick"))
-    if args.report_only:
-        return report(results)
+    if args.report_only:  # always the committed results unless --results names others
+        return report(Path(args.results) if args.results else RESULTS)
     if args.phase in ("capture", "all"):
         run_capture(size, cache, ("selection", "confirm") if args.split == "both" else (args.split,))
     if args.phase in ("select", "all"):

@@ -174,7 +174,8 @@ def test_layer_and_head_selection_follows_config(model, tokenizer, selector):
 
 
 def test_chat_turn_index_counts_assistant_messages(model, tokenizer, selector):
-    cfg = CAGSRConfig(mode="multi", h0=3.0, kappa=2.0)  # floors high enough to bind
+    # floors high enough to bind; beta > 0 so that the floor reaches the reward (the default beta is 0)
+    cfg = CAGSRConfig(mode="multi", h0=3.0, kappa=2.0, beta=0.1)
     source = HFAttentionSource(model)
     prompt = [
         {"role": "user", "content": TEXTS[0]},

@@ -168,6 +168,8 @@ def test_capture_spec_follows_reward_config(tiny_llama):
     g = cagsr_reward_func(CAGSRConfig(layers=(0,), heads=(1,)), tokenizer=tok)
     assert capture_spec_for([f]) == {"layers": [-2, -1], "reduce": "head_mean"}
     assert capture_spec_for([f, g]) == {"layers": [-2, -1, 0], "reduce": "none"}
+    # the default band "last:K" is resolved against the model's depth when scoring, so every layer is captured
+    assert capture_spec_for([cagsr_reward_func(CAGSRConfig(), tokenizer=tok)]) == {"layers": "all", "reduce": "head_mean"}
 
 
 def test_module_import_is_light():

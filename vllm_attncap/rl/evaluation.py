@@ -124,7 +124,7 @@ def rollout_dialogues(
         spec: the capture spec (default: last layer, head mean).
         system (`bool`, defaults to `True`): start with the episode's system prompt.
     """
-    spec = dict(spec or {"layers": [-1], "reduce": "head_mean"})
+    spec = dict(spec or {"layers": "all", "reduce": "head_mean"})
     rollouts = [DialogueRollout(ep, [], UserSimulator.opening(ep, system=system)) for ep in episodes]
     active = list(range(len(rollouts)))
     while active:
@@ -383,7 +383,7 @@ def evaluate_replies(
     tokenizer = llm.get_tokenizer()
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector or SalientSelector())
     msgs = [it.messages for it in items]
-    turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": [-1], "reduce": "head_mean"}))
+    turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": "all", "reduce": "head_mean"}))
     for it, turn in zip(items, turns):
         if turn.captured.error is not None:
             raise RuntimeError(f"evaluate_replies: capture failed for {it.item_id}: {turn.captured.error}")
@@ -462,7 +462,7 @@ def evaluate_cot(
     tokenizer = llm.get_tokenizer()
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector or SalientSelector())
     msgs = [cot_messages(p) for p in problems]
-    turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": [-1], "reduce": "head_mean"}))
+    turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": "all", "reduce": "head_mean"}))
     rows = []
     for p, m, turn in zip(problems, msgs, turns):
         if turn.captured.error is not None:

@@ -102,7 +102,8 @@ class TurnPPOTrainer:
         self.policy, self.value_head, self.optimizer = self.accelerator.prepare(policy, value_head, optimizer)
         layers = self.reward_config.layers
         self.capture_spec = capture_spec or {
-            "layers": "all" if layers == "all" else list(layers),
+            # "last:K" is resolved against the model's depth when scoring: capture every layer
+            "layers": "all" if isinstance(layers, str) else list(layers),
             "reduce": "head_mean" if self.reward_config.heads == "all" else "none",
         }
         self.llm = capture_llm(self.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed)

@@ -79,8 +79,8 @@ def capture_spec_for(reward_funcs: Any) -> dict[str, Any]:
     layers: Any = set()
     all_heads = True
     for cfg in configs:
-        if cfg.layers == "all":
-            layers = "all"
+        if cfg.layers == "all" or (isinstance(cfg.layers, str) and cfg.layers.startswith("last:")):
+            layers = "all"  # "last:K" is resolved against the model's depth when scoring: capture every layer
         elif layers != "all":
             layers |= set(cfg.layers)
         all_heads = all_heads and cfg.heads == "all"
