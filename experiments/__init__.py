@@ -1,0 +1,1 @@
+"""Research harnesses of docs/experiments.md (not installed with the package)."""
