@@ -42,11 +42,32 @@ def load_units(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _current_budget(unit: Mapping[str, Any]) -> bool:
-    """Whether the unit ran with the budget the grid now uses (units of an earlier budget are not compared)."""
+    """Whether the unit ran with the budget the grid now uses (units of an earlier budget are not compared), and, for
+    the arms defined by ``CAGSRConfig()``'s defaults (``default``; ``random``, whose scale is the default reward's),
+    with the defaults of this checkout."""
     want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in SIZES["full"].items()}
     got = unit.get("budget", {})
     keys = EVAL_KEYS if unit.get("arm") == "untrained" else tuple(want)
-    return unit.get("size") == "full" and all(got.get(k) == want[k] for k in keys)
+    if unit.get("size") != "full" or any(got.get(k) != want[k] for k in keys):
+        return False
+    if unit.get("arm") in ("default", "random"):
+        return _json(unit["checkpoints"][-1].get("reward_config")) == _json(_default_config())
+    return True
+
+
+def _default_config() -> dict[str, Any]:
+    from cagsr_reward.config import CAGSRConfig
+
+    return json.loads(json.dumps(CAGSRConfig().to_dict()))
+
+
+def _json(x: Any) -> str:
+    return json.dumps(x, sort_keys=True)
+
+
+def _same_reward_config(*sides: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every unit on these sides scored its held-out replies with the same CAGSR config."""
+    return len({_json(c.get("reward_config")) for side in sides for u in side for c in u["checkpoints"]}) <= 1
 
 
 def dialogue_means(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, float]:
@@ -189,6 +210,8 @@ def render(folder: Path = RESULTS) -> str:
             continue
         found = []
         for k, title, d in METRICS[:-1]:
+            if k == "reward" and not _same_reward_config(ua, ub):
+                continue
             t = two_level_bootstrap(_seeds(ua, k), _seeds(ub, k))
             if _reading(t) in ("up", "down"):
                 found.append(f"{title} {_reading(t)} {_ci(t, d)}")
@@ -223,6 +246,9 @@ def render(folder: Path = RESULTS) -> str:
             continue
         cells = []
         for k, title, d in METRICS:
+            if k == "reward" and not _same_reward_config(ua, ub):
+                cells.append("reward configs differ")
+                continue
             t = two_level_bootstrap(_seeds(ua, k), _seeds(ub, k))
             cells.append(_ci(t, d))
             if k in ("ngram_overlap", "bleu", "embed_sim", "consistency", "reward", "reply_words"):
@@ -261,6 +287,8 @@ def render(folder: Path = RESULTS) -> str:
                      f"{_fmt(hmean(ngram_key))} | {_fmt(held['ngram_overlap'])} | {_fmt(held['reward'])} | "
                      f"{_fmt(held['reply_words'], 1)} | {_fmt(held['kl_to_start'], 4)} |")
     L.append("")
+    if arms.get("untrained") and any(arms.get(a) for a in ARMS):
+        L += [f"![held-out metrics against the training step]({PLOT})", ""]
     recalls = sorted({c.get("recall", {}).get("skipped", "") for us in arms.values() for u in us
                       for c in u["checkpoints"]} - {""})
     if recalls:
@@ -276,7 +304,7 @@ def render(folder: Path = RESULTS) -> str:
         if u is None:
             L.append(f"| {name} | {_pending_reason(unit.arm)} | – | – | – | – |")
             continue
-        status = "done" if _current_budget(u) else "done, earlier budget (not compared)"
+        status = "done" if _current_budget(u) else "done, earlier budget or reward defaults (not compared)"
         L.append(f"| {name} | {status} | {u.get('finished', '–')} | {_fmt(u.get('train_seconds'), 0)} | "
                  f"{_fmt(u.get('seconds_per_step'), 1)} | {_fmt(u.get('wall_seconds'), 0)} |")
     L += ["", "Commands:", "", "```bash",
@@ -285,14 +313,56 @@ def render(folder: Path = RESULTS) -> str:
           "python -m experiments.training --report-only        # this section from the JSONs",
           "python -m experiments.training --quick --out runs/training-quick      # the tiny form CI runs",
           "```", "",
+          "Sections 2, 4 and 5 (importance-sampling ratio, CoT, PPO) come from the earlier grid "
+          "(`vllm_attncap/rl/experiments.py`, removed; in the git history), whose unit JSONs were never committed; "
+          "their units are not in this registry. "
           "PPO over turns (section 5's run predates this) now warm-starts its critic (its bias set to the first "
           "batch's mean return) and normalises advantages over each batch, so the first update's advantages are "
           "centred even when every reward is negative (docs/rl.md); it is not part of this grid.", "", END]
     return "\n".join(L)
 
 
+PLOT = "img/training-curves.png"
+
+
+def plot_curves(path: Path, folder: Path = RESULTS) -> bool:
+    """Held-out n-gram overlap, default reward, reply words and KL to the start against the training step, one line
+    per arm (mean over its seeds; step 0 is the untrained policy). False when there is nothing to draw or no
+    matplotlib."""
+    arms = _by_arm(load_units(folder))
+    trained = [a for a in ARMS if arms.get(a)]
+    if not trained or not arms.get("untrained"):
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the viz extra
+        return False
+    keys = (("ngram_overlap", "held-out n-gram overlap"), ("reward", "held-out default reward"),
+            ("reply_words", "reply words"), ("kl_to_start", "KL to the start"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 3.0))
+    for i, arm in enumerate(trained):
+        steps = sorted({c["step"] for u in arms[arm] for c in u["checkpoints"]})
+        for ax, (k, title) in zip(axes, keys):
+            ys = [two_level_bootstrap(_seeds(arms["untrained"], k))[0]]
+            ys += [two_level_bootstrap(_seeds(arms[arm], k, st))[0] for st in steps]
+            ax.plot([0, *steps], ys, marker="o", ms=3, color=f"C{i}", label=f"{arm} ({len(arms[arm])} seeds)")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("GRPO step", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def update_doc(doc: Path, folder: Path = RESULTS) -> None:
-    """Replace the section between :data:`BEGIN` and :data:`END` in ``doc`` with :func:`render`."""
+    """Replace the section between :data:`BEGIN` and :data:`END` in ``doc`` with :func:`render` (and redraw
+    :data:`PLOT` beside it)."""
+    plot_curves(doc.parent / PLOT, folder)
     text = doc.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{doc}: the markers {BEGIN!r} / {END!r} are missing")

@@ -298,7 +298,7 @@ def evaluate_checkpoint(ctx: Context, llm: Any, step: int, policy: Any = None) -
                                         r["reply"])
         if was_training:
             policy.train()
-    return {"step": step, "rows": rows, "corpus_bleu": result["summary"]["corpus_bleu"],
+    return {"step": step, "rows": rows, "corpus_bleu": result["summary"]["corpus_bleu"], "reward_config": result["config"],
             "recall": recall_task_result(), "seconds": time.perf_counter() - t0}
 
 
@@ -541,7 +541,9 @@ def run_unit(name: str, ctx: Context) -> dict[str, Any]:
                            "python": platform.python_version()},
                   finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     ctx.out.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.out / f"{name}.json", result)
+    tmp = ctx.out / f".{name}.json.tmp"  # written whole, then renamed: a killed unit leaves no JSON that looks done
+    write_json(tmp, result)
+    os.replace(tmp, ctx.out / f"{name}.json")
     return result
 
 
@@ -600,7 +602,7 @@ def run_grid(out: Path, *, model: str, size: str = "full", units: Sequence[str] 
                                                                   if p))
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=unit_timeout_s)
                 if proc.returncode == SKIP_EXIT:
-                    raise UnitSkipped((out / f".{name}.skipped").read_text())
+                    raise UnitSkipped(_skip_note(name).read_text())
                 if proc.returncode != 0:
                     raise RuntimeError(f"exit status {proc.returncode}")
             status[name] = "done"
@@ -615,7 +617,12 @@ def run_grid(out: Path, *, model: str, size: str = "full", units: Sequence[str] 
     return status
 
 
+#: the exit status of a unit's process that skipped (its reason in :func:`_skip_note`)
 SKIP_EXIT = 3
+
+
+def _skip_note(unit: str) -> Path:
+    return ROOT / "runs" / "training-work" / f"{unit}.skipped"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -643,8 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 run_unit(args.unit, Context(model, size, out))
             except UnitSkipped as exc:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f".{args.unit}.skipped").write_text(str(exc))
+                _skip_note(args.unit).parent.mkdir(parents=True, exist_ok=True)
+                _skip_note(args.unit).write_text(str(exc))
                 return SKIP_EXIT
             return 0
         chosen = None

@@ -141,3 +141,14 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == before
     assert training.run_grid(out, model=str(tiny_llama), size="quick", in_process=True) == {
         "untrained": "skipped (done before)", "ngram_s0": "skipped (done before)"}
+
+
+def test_installed_packages_never_import_the_harness():
+    import ast
+
+    for pkg in ("vllm_attncap", "cagsr_reward"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                assert not any(n == "experiments" or n.startswith("experiments.") for n in names), path
