@@ -132,8 +132,11 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     assert [h["step"] for h in pc["history"]] == [1, 2]
     assert all(h["is_ratio_mean"] == pytest.approx(1.0, abs=0.05) and "monitor_default" in h for h in pc["history"])
     for row in pc["checkpoints"][-1]["rows"]:
-        assert 0.0 <= row["ngram_overlap"] <= 1.0 and row["kl_to_start"] is None or row["kl_to_start"] >= -1e-6
+        assert 0.0 <= row["ngram_overlap"] <= 1.0 and (row["kl_to_start"] is None or row["kl_to_start"] >= -1e-6)
     assert all(r["kl_to_start"] == 0.0 for r in base["checkpoints"][0]["rows"])
+    from cagsr_reward.config import CAGSRConfig
+
+    assert all(c["reward_config"] == CAGSRConfig().to_dict() for u in (base, pc) for c in u["checkpoints"])
     assert pc["wall_seconds"] > pc["train_seconds"] > 0 and pc["budget"]["learning_rate"] == 1e-4
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
