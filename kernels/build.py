@@ -1,6 +1,6 @@
-"""Build helpers for the optional CUDA extension ``vllm_attncap.engine.compute._kernels``.
+"""Build helpers for the optional CUDA extension ``vllm_attncap.engine.cuda._kernels``.
 
-Used by ``setup.py`` (its ``build_ext``) and by ``tests/test_kernels_build.py``,
+Used by ``setup.py`` (its ``build_ext``) and by ``tests/engine/cuda/test_kernels_build.py``,
 so that the test exercises the same commands a ``pip install`` runs. Standard
 library only: this file is imported by setup.py before any build dependency is
 guaranteed.
@@ -34,7 +34,7 @@ KERNELS_DIR = Path(__file__).resolve().parent
 CUDA_SOURCES = ("probs.cu", "reduce.cu", "decode_capture.cu")
 BINDING_SOURCE = "binding.cpp"
 HEADERS = ("attncap_kernels.h", "common.cuh")
-EXTENSION_NAME = "vllm_attncap.engine.compute._kernels"
+EXTENSION_NAME = "vllm_attncap.engine.cuda._kernels"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 NVCC_FLAGS = (
     "-O3",

@@ -34,14 +34,16 @@ field           allowed values                              default
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
+
+from cagsr_reward.config import ELISION_WINDOW
+
+from . import envs
 
 __all__ = [
     "CaptureSpec",
     "SPEC_FIELDS",
-    "DEFAULT_MAX_BYTES",
     "REDUCE_MODES",
     "CAPTURE_MODES",
     "ResolvedSpec",
@@ -54,11 +56,6 @@ CAPTURE_MODES = ("rows", "stats")
 SPEC_FIELDS = (
     "layers", "heads", "reduce", "mode", "history_len", "sink", "salient", "n_max", "window", "max_bytes", "key",
 )
-#: Engine-wide cap on one request's capture buffer (bytes); override with the
-#: environment variable ``VLLM_ATTNCAP_MAX_BYTES`` or per request with ``max_bytes``.
-DEFAULT_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_BYTES", str(256 * 1024**2)))
-#: method.md "Long histories": the most recent positions kept when a history is elided.
-DEFAULT_ELISION_WINDOW = 512
 #: Longest capture key (keys are hashed into file names, so any printable text up to this length works).
 MAX_KEY_CHARS = 1024
 
@@ -151,7 +148,7 @@ class CaptureSpec:
     @property
     def elision_window(self) -> int:
         """The recent positions kept by long-history elision (``window``, default 512)."""
-        return DEFAULT_ELISION_WINDOW if self.window is None else self.window
+        return ELISION_WINDOW if self.window is None else self.window
 
     @classmethod
     def from_any(cls, value: "CaptureSpec | Mapping[str, Any] | None") -> "CaptureSpec":
@@ -283,7 +280,7 @@ def resolve_spec(
     out_h = 1 if spec.reduce in ("head_mean", "layer_head_mean") else len(heads)
     shape = capture_shape(spec.mode, out_l, out_h, prompt_len, max_tokens)
     resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape)
-    cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or DEFAULT_MAX_BYTES)
+    cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or envs.VLLM_ATTNCAP_MAX_BYTES)
     if resolved.nbytes > cap:
         raise ValueError(
             f"attncap spec field 'max_bytes': this capture needs {resolved.nbytes} bytes "
