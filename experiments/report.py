@@ -202,7 +202,7 @@ def render(folder: Path = RESULTS) -> str:
                  f"on its own metric: held-out n-gram overlap with the gold reply; {len(pc)} seed(s)): {_ci(t)}; "
                  f"{verdict}.")
     else:
-        L.append("- **Positive control**: not run yet.")
+        L.append("- **Positive control**: no result yet (units `ngram_s*` pending).")
     for a, b in PAIRS[1:6]:
         ua, ub = arms.get(a, []), arms.get(b, [])
         if not ua or not ub:

@@ -570,10 +570,12 @@ def _free_memory(environ: Mapping[str, str]) -> None:
 
 
 def run_grid(out: Path, *, model: str, size: str = "full", units: Sequence[str] | None = None,
-             budget_min: float | None = None, in_process: bool = False, unit_timeout_s: float = 3600) -> dict[str, str]:
+             budget_min: float | None = None, in_process: bool = False, unit_timeout_s: float | None = None) -> dict[str, str]:
     """Run the not-yet-done ``units`` in order; returns ``{unit: status}`` (``done``, ``skipped (done before)``,
     ``skipped: <reason>``, ``not run (budget)``, ``failed: ...``). With ``budget_min`` no unit starts after that many
-    minutes."""
+    minutes; ``unit_timeout_s`` (default none) stops a unit's process after that many seconds. On the shared 2-core
+    machine a full-size unit took more than an hour (3-4 minutes per GRPO step, ~20 minutes per checkpoint evaluation
+    at a load average of 15-29), so a timeout that looked generous killed one."""
     out.mkdir(parents=True, exist_ok=True)
     units = list(units if units is not None else (QUICK_UNITS if size == "quick" else UNITS))
     start = time.perf_counter()
@@ -633,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--units", default=None, help="comma-separated subset, in grid order (default: all)")
     p.add_argument("--budget", type=float, default=None, help="minutes; no unit starts after that")
+    p.add_argument("--unit-timeout", type=float, default=None, help="seconds; stop a unit's process after that")
     p.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # one unit in this process (what the grid calls)
     p.add_argument("--in-process", action="store_true", help="run every unit in this process")
     p.add_argument("--report-only", action="store_true", help="only rebuild docs/experiments.md's training section")
@@ -661,7 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 p.error(f"--units: unknown unit(s) {unknown}; choose from {', '.join(UNITS)}")
             chosen = [u for u in UNITS if u in set(wanted)]
-        status = run_grid(out, model=model, size=size, units=chosen, budget_min=args.budget, in_process=args.in_process)
+        status = run_grid(out, model=model, size=size, units=chosen, budget_min=args.budget, in_process=args.in_process,
+                          unit_timeout_s=args.unit_timeout)
         for n, st in status.items():
             print(f"[training] {n}: {st}")
     if out == RESULTS:
