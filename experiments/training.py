@@ -263,9 +263,14 @@ def reply_kl(policy: Any, reference: Any, tokenizer: Any, messages: Any, reply: 
     pids = prompt_ids(tokenizer, messages)
     x = torch.tensor([pids + ids])
     sl = slice(len(pids) - 1, len(pids) - 1 + len(ids))
+    def reply_logprobs(model: Any) -> Any:
+        # the backbone over the whole sequence, the (large-vocabulary) head only where a reply token is predicted
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(input_ids=x.to(next(model.parameters()).device)).last_hidden_state[0, sl]
+        return torch.log_softmax(model.get_output_embeddings()(hidden).float().cpu(), -1)
+
     with torch.no_grad():
-        lp = torch.log_softmax(policy(x.to(next(policy.parameters()).device)).logits[0, sl].float().cpu(), -1)
-        lq = torch.log_softmax(reference(x).logits[0, sl].float(), -1)
+        lp, lq = reply_logprobs(policy), reply_logprobs(reference)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 

@@ -86,6 +86,32 @@ def test_self_certainty_is_the_mean_kl_from_uniform():
     assert training.self_certainty(sharp) > training.self_certainty(logits[:1] * 0.1)
 
 
+def test_reply_kl_against_full_logits(tiny_llama):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() % 1000)) * 0.05)
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = "fine thanks"
+    pids = training.prompt_ids(tok, messages)
+    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([pids + ids])
+    sl = slice(len(pids) - 1, len(pids) - 1 + len(ids))
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(x).logits[0, sl].double(), -1)
+        lq = torch.log_softmax(ref(x).logits[0, sl].double(), -1)
+    brute = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert brute > 1e-6
+    assert training.reply_kl(policy, ref, tok, messages, reply) == pytest.approx(brute, rel=1e-3)
+    assert training.reply_kl(ref, ref, tok, messages, reply) == pytest.approx(0.0, abs=1e-7)
+    assert training.reply_kl(policy, ref, tok, messages, "") is None
+
+
 def test_random_reward_is_seeded_and_matched_in_scale():
     draws = training.random_reward_func(-0.3, 0.05, seed=1)(None, ["x"] * 4000)
     assert np.mean(draws) == pytest.approx(-0.3, abs=0.005) and np.std(draws) == pytest.approx(0.05, rel=0.05)
