@@ -9,7 +9,8 @@ test: setup
 # No vLLM engine or server and nothing marked slow: the reward SDK, the store, the kernels against their references.
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not engine and not slow"
-# The CPU-scale experiment grid (docs/experiments.md); resumable. EXPERIMENT_FLAGS="--quick" for the small form,
-# "--budget 60" to stop starting units after an hour.
+# The CPU-scale training grid (docs/experiments.md): unit JSONs into experiments/results/training/ (committed), then
+# the doc's training section regenerated from them; resumable. EXPERIMENT_FLAGS="--quick --out runs/training-quick"
+# for the tiny form, "--budget 60" to start no unit after an hour, "--report-only" to only regenerate the section.
 experiments: setup
-	.venv/bin/python -m vllm_attncap.rl.experiments $(EXPERIMENT_FLAGS)
+	.venv/bin/python -m experiments.training $(EXPERIMENT_FLAGS)

