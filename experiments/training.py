@@ -308,7 +308,7 @@ def evaluate_checkpoint(ctx: Context, llm: Any, step: int, policy: Any = None) -
 
 
 #: where the hypothesis task (a reply that needs a fact stated in an earlier turn, exact-match recall) is looked for
-RECALL_TASK_MODULE = "experiments.recall_task"
+RECALL_TASK_MODULE = "cagsr_reward.integrations.recall_task"
 
 
 def recall_task_result() -> dict[str, Any]:
