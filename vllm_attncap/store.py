@@ -30,7 +30,8 @@ so any key or request id fits, no key is a prefix of another, and names reveal n
 48-byte prefix (magic, :data:`FORMAT_VERSION`, JSON length, data offset, then the mutable status, rows written
 and close time at fixed offsets), the :class:`CaptureMeta` JSON (which carries the real key and request id:
 lookups compare them exactly), and, page-aligned, the float32 array of :attr:`CaptureMeta.shape` (rows mode
-``(L, H, T_max, P + T_max - 1)``; stats mode ``(2, L, H, T_max)``, coverage then entropy), sparse, so untouched
+``(L, H, T_max, P + T_max - 1)``; stats mode ``(2, L, H, T_max)``, coverage then entropy; top-k mode
+``(2, L, H, rows, k)``, probabilities then key positions), sparse, so untouched
 rows cost no memory. A refused capture is a record with status ``"error"`` and no data. The worker writes every
 row of a step before that step's output leaves the worker, so when the caller holds a finished ``RequestOutput``
 with T tokens, rows ``0..T-1`` are in the file.
@@ -187,6 +188,8 @@ class CaptureMeta:
         rows_written: rows ``0..rows_written-1`` hold data (set when the writer closes).
         created, closed: wall-clock times (seconds since the epoch).
         part: set on the part of one rank of a multi-rank engine (:mod:`vllm_attncap.parts`), else None.
+        topk, prompt_start: mode ``"topk"``: keys per row, and the position of the first row's token (rows
+            ``0..P-prompt_start-1`` are prompt tokens, then the reply's).
     """
 
     key: str
@@ -208,6 +211,8 @@ class CaptureMeta:
     closed: float | None = None
     format_version: int = FORMAT_VERSION
     part: dict[str, Any] | None = None
+    topk: int = 0
+    prompt_start: int = 0
 
     # -- layout -------------------------------------------------------------------------------------------------
     @property
@@ -219,11 +224,18 @@ class CaptureMeta:
         return 1 if self.reduce in ("head_mean", "layer_head_mean") else len(self.heads)
 
     @property
+    def prompt_rows(self) -> int:
+        """Top-k mode: rows of prompt tokens before the reply's (``P - prompt_start``)."""
+        return self.prompt_len - self.prompt_start if self.mode == "topk" and self.prompt_start else 0
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The data's shape: rows ``(L, H, T_max, P+T_max-1)``, stats ``(2, L, H, T_max)``; () for errors."""
+        """The data's shape: rows ``(L, H, T_max, P+T_max-1)``, stats ``(2, L, H, T_max)``, top-k
+        ``(2, L, H, P-prompt_start+T_max, k)`` (probabilities, then positions as float32); () for errors."""
         if self.status == STATUS_ERROR:
             return ()
-        return capture_shape(self.mode, self.out_layers, self.out_heads, self.prompt_len, self.max_tokens)
+        return capture_shape(self.mode, self.out_layers, self.out_heads, self.prompt_len, self.max_tokens,
+                             topk=self.topk, prompt_rows=self.prompt_rows)
 
     @property
     def nbytes(self) -> int:
@@ -246,6 +258,8 @@ class CaptureMeta:
     def trim(self, array: np.ndarray, num_tokens: int) -> np.ndarray:
         """An owned copy of ``array`` (the file's) cut to ``num_tokens`` generated tokens."""
         t = max(0, min(int(num_tokens), self.max_tokens))
+        if self.mode == "topk":
+            return np.array(array[:, :, :, : self.prompt_rows + t])
         if self.mode == "stats":
             return np.array(array[..., :t])
         return np.array(array[:, :, :t, : self.prompt_len + t - 1])
@@ -285,7 +299,19 @@ class CaptureRecord:
         """Generated tokens in ``array``."""
         if self.array is None:
             return 0
+        if self.meta.mode == "topk":
+            return int(self.array.shape[3]) - self.meta.prompt_rows
         return int(self.array.shape[-1] if self.meta.mode == "stats" else self.array.shape[2])
+
+    @property
+    def topk_positions(self) -> np.ndarray:
+        """Top-k mode: ``(L, H, R, k)`` int32 key positions (-1 pads rows with fewer than k keys)."""
+        return self.array[1].astype(np.int32)
+
+    @property
+    def topk_probs(self) -> np.ndarray:
+        """Top-k mode: ``(L, H, R, k)`` float32 probabilities of those keys (0 for padding)."""
+        return np.ascontiguousarray(self.array[0])
 
     @property
     def coverage(self) -> np.ndarray:
@@ -893,6 +919,13 @@ class CaptureWriter:
             view += rows
         else:
             view[...] = rows
+
+    def write_topk(self, slot: int, r0: int, r1: int, positions: np.ndarray, probs: np.ndarray) -> None:
+        """Top-k mode: ``positions`` / ``probs`` ``(H_out, r1-r0, k)`` into layer slot ``slot``, rows ``r0..r1-1``."""
+        if self.array is None:
+            return
+        self.array[0, slot, :, r0:r1] = probs
+        self.array[1, slot, :, r0:r1] = positions
 
     def write_stats(self, slot: int, r0: int, r1: int, coverage: np.ndarray, entropy: np.ndarray) -> None:
         """Stats mode: per-row ``coverage`` / ``entropy`` ``(H_out, r1-r0)`` into layer slot ``slot``."""
