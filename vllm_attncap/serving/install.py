@@ -23,6 +23,8 @@ from ..engine.parallel import global_counts
 from ..spec import DEFAULT_MAX_BYTES
 from ..store import MAX_PENDING_BYTES
 from .admission import PendingCapError, admit_request
+from .inline import install as install_inline
+from .inline import prepare_sampling_params
 from .routes import ROUTE, build_router
 from .xargs import SpecError, check_request_body
 
@@ -80,6 +82,7 @@ def _wrap_process_inputs(orig):
             raise _as_http_error(e) from None
         if new_args is not None:
             sp.extra_args = new_args  # a fresh dict: the caller's params stay untouched
+            prepare_sampling_params(sp, len(request.prompt_token_ids or []))  # top-k prompt rows: no cache reads
         return out
 
     process_inputs.__attncap_wrapped__ = True
@@ -148,6 +151,7 @@ def _attach(app) -> None:
     except RuntimeError as e:  # the app already started (not the case with vLLM's build_app)
         logger.warning("vllm_attncap: raw-body checks of vllm_xargs are off: %s", e)
     _SERVER_MODE = True
+    install_inline()  # small captures ride in the responses (serving/inline.py)
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
         "(per-request cap %d bytes, in-flight cap %d bytes)", ROUTE, DEFAULT_MAX_BYTES, MAX_PENDING_BYTES,
