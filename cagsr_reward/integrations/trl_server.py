@@ -17,8 +17,9 @@ and returns ``{"prompt_ids", "completion_ids", "logprobs", "attncap_attention"}`
 function as a keyword argument, where :func:`~cagsr_reward.integrations.trl.cagsr_reward_func` reads it instead of
 recomputing attention.
 
-Weights: the server generates with the weights it holds. This function does not push the trainer's weights to it
-(TRL's ``VLLMClient`` does that over NCCL in its own server mode, on GPU); see docs/rl.md for the GPU recipe.
+Weights: the server generates with the weights it holds. Pass ``sync_weights`` to push the trainer's weights before
+each step's generation (on GPU, TRL's ``VLLMClient`` over NCCL to a server started with vLLM's weight-transfer
+engine); see docs/rl.md for the recipe. Not run here: the CPU test trains against a fixed server.
 
 Standard library and numpy only; nothing here imports trl, torch or vLLM.
 """
@@ -116,6 +117,7 @@ def attncap_server_rollout(
     max_workers: int = 8,
     timeout: float = 300.0,
     api_key: str | None = None,
+    sync_weights: Callable[[Any], None] | None = None,
 ) -> Callable[[list[Any], Any], dict[str, list[Any]]]:
     """Build a TRL ``rollout_func`` that generates with an attncap server and returns its captures.
 
@@ -131,6 +133,9 @@ def attncap_server_rollout(
         max_workers (`int`, defaults to 8): requests in flight at once.
         timeout (`float`, defaults to 300): seconds per HTTP request.
         api_key (`str`, *optional*): sent as a bearer token (the server's ``--api-key``).
+        sync_weights (`callable`, *optional*): ``sync_weights(trainer)``, called before generating whenever the
+            trainer's ``global_step`` changed since the last call (e.g. a push of the policy to the server with TRL's
+            ``VLLMClient.update_model_params``; docs/rl.md). Default: none (the server keeps its weights).
 
     Returns:
         ``rollout_func(prompts, trainer) -> dict`` with ``prompt_ids``, ``completion_ids``, ``logprobs`` and
@@ -163,7 +168,13 @@ def attncap_server_rollout(
             field = _get(f"{base}/v1/attncap/{urllib.parse.quote(field['key'], safe='')}?{q}", timeout, api_key)
         return ids, tokens, _token_logprobs(choice, len(tokens)), _captured(field, ids, tokens)
 
+    synced_at: list[int] = []
+
     def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+        step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+        if sync_weights is not None and synced_at != [step]:
+            sync_weights(trainer)
+            synced_at[:] = [step]
         args = getattr(trainer, "args", None)
         params = {"max_tokens": int(getattr(args, "max_completion_length", 16) or 16),
                   "temperature": float(getattr(args, "temperature", 1.0))}
