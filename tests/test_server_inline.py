@@ -149,9 +149,9 @@ def test_token_endpoint_inline_topk_with_prompt_start(setup):
 
 def test_large_capture_comes_by_key(setup):
     srv, _ = setup
-    resp = _client(srv).completions.create(
-        model=srv["model"], prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"ignore_eos": True, "vllm_xargs": {"attncap_reduce": "none"}},  # 3 layers x 4 heads of rows
+    resp = _client(srv).completions.create(  # 3 layers x 4 heads x 6 rows of ~120 columns: ~36 kB > the limit
+        model=srv["model"], prompt=" ".join([PROMPT] * 10), max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"attncap_reduce": "none"}},
     )
     field = resp.choices[0].model_extra["attncap"]
     assert field["inline"] is False and field["nbytes"] > INLINE_LIMIT and "arrays" not in field
