@@ -1,7 +1,7 @@
 """Build script. Metadata, packages and dependencies come from pyproject.toml;
-this file only adds the compiled extensions: the CPU capture kernel ``vllm_attncap.engine.compute._cpu_kernels``
+this file only adds the compiled extensions: the CPU capture kernel ``vllm_attncap.engine.cpu._cpu_kernels``
 (kernels/cpu_capture.cpp, C++/OpenMP, built on every machine with a C++ compiler) and the optional CUDA
-extension ``vllm_attncap.engine.compute._kernels``.
+extension ``vllm_attncap.engine.cuda._kernels``.
 
 The CPU kernel: ``ATTNCAP_BUILD_CPU_KERNELS=0`` skips it, ``=1`` fails the install if it cannot be built;
 unset: try, and on failure warn (capture then uses the torch path).
@@ -14,7 +14,7 @@ and the environment variables; docs/kernels.md the design):
     unset                     try; on failure warn and install without it
 
 Without the extension every package still works: the plugin falls back to the
-torch reference (vllm_attncap/engine/compute/reference.py).
+torch reference (vllm_attncap/engine/reference.py).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class BuildExtWithCuda(build_ext):
             _warn(f"building the CUDA extension failed, installing without it (torch fallback): {exc}")
 
 
-CPU_EXTENSION_NAME = "vllm_attncap.engine.compute._cpu_kernels"
+CPU_EXTENSION_NAME = "vllm_attncap.engine.cpu._cpu_kernels"
 CPU_MODE = {"0": "off", "1": "require"}.get(os.environ.get("ATTNCAP_BUILD_CPU_KERNELS", "").strip(), "try")
 
 

@@ -70,7 +70,7 @@ def instrument_cpu_engine(timer: SelfTimer) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_attncap.engine.backends.cpu import AttnCapCPUImpl, AttnCapCPUMetadataBuilder
+    from vllm_attncap.engine.cpu.backend import AttnCapCPUImpl, AttnCapCPUMetadataBuilder
 
     timer.patch(AttnCapCPUMetadataBuilder, "build", ours=True)
     timer.patch(CPUAttentionMetadataBuilder, "build", ours=False)

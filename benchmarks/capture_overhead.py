@@ -318,7 +318,7 @@ def main(argv=None) -> int:
 
     print(f"capture_overhead: {torch.cuda.get_device_name()}, plugin via {how}, "
           f"{'enforce_eager' if args.eager else 'default compilation'}, repeats {args.repeats}", flush=True)
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     print(f"capture kernels: {'built' if attncap_cuda.is_available() else 'NOT built (torch path)'}", flush=True)
     all_lines, dump = [], {}

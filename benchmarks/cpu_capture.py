@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
     import vllm_attncap
     from vllm_attncap.default_model import default_model_path
-    from vllm_attncap.engine.cpu_capture import kernel_enabled
+    from vllm_attncap.engine.cpu.capture import kernel_enabled
 
     vllm_attncap.register()
     model = default_model_path()

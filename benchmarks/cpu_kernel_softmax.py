@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_attncap.engine.compute import cpu_kernels  # noqa: E402
+from vllm_attncap.engine.cpu import kernels as cpu_kernels  # noqa: E402
 
 H, HKV, D, BS = 9, 3, 64, 16
 

@@ -3,7 +3,7 @@
 For one decode step of a batch (every request's newest row, all heads, all
 layers) it times
 
-- the CUDA probabilities kernel (``vllm_attncap.engine.compute.cuda.paged_attention_probs``)
+- the CUDA probabilities kernel (``vllm_attncap.engine.cuda.kernels.paged_attention_probs``)
   against the torch reference the CPU path uses (``reference.gather_keys`` +
   ``reference.attention_probs`` per request and layer), and
 - moving that step's rows (float32, ``L x B x H x width``) to pinned host
@@ -124,7 +124,7 @@ class Workload:
         return self.out.numel() * 4
 
     def kernel_step(self) -> None:
-        from vllm_attncap.engine.compute import cuda as attncap_cuda
+        from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
         for layer in range(self.L):
             attncap_cuda.paged_attention_probs(
@@ -133,7 +133,7 @@ class Workload:
             )
 
     def reference_step(self) -> None:
-        from vllm_attncap.engine.compute.reference import attention_probs, gather_keys
+        from vllm_attncap.engine.reference import attention_probs, gather_keys
 
         pos = self.q_pos[:1].long()  # the same position for every request here
         for layer in range(self.L):
@@ -144,13 +144,13 @@ class Workload:
 
 
 def run(args) -> None:
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
-    from vllm_attncap.engine.compute.pinned import AsyncCopier, PinnedBufferPool
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
+    from vllm_attncap.engine.cuda.pinned import AsyncCopier, PinnedBufferPool
 
     if not attncap_cuda.is_available():
-        raise SystemExit("kernel_bench.py: vllm_attncap.engine.compute._kernels is not built; run "
+        raise SystemExit("kernel_bench.py: vllm_attncap.engine.cuda._kernels is not built; run "
                          "`ATTNCAP_BUILD_KERNELS=1 python setup.py build_ext --inplace` first")
-    from vllm_attncap.engine.compute import _kernels
+    from vllm_attncap.engine.cuda import _kernels
 
     iters, warmup = (5, 2) if args.quick else (args.iters, 3)
     props = torch.cuda.get_device_properties(0)
@@ -218,9 +218,9 @@ def run_decode(args) -> None:
     """The fused decode kernel inside a CUDA graph: stats rows, head-mean rows, rows off; eager path for stats."""
     import numpy as np
 
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
-    from vllm_attncap.engine.compute.decode_reference import F_FIRST_LAYER, F_HEADS, F_HISTORY, F_WEIGHT, FLAG_ROWS, FLAG_STATS
-    from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
+    from vllm_attncap.engine.cuda.decode_reference import F_FIRST_LAYER, F_HEADS, F_HISTORY, F_WEIGHT, FLAG_ROWS, FLAG_STATS
+    from vllm_attncap.engine.cuda.graph_buffers import BufferLayout, DecodeBuffers
 
     if not attncap_cuda.is_available():
         raise SystemExit("kernel_bench.py: the extension is not built")

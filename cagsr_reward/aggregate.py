@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import ELISION_N_MAX, ELISION_WINDOW
 from .core import _check_attn, _check_positions, _check_sink, _is_int
 
 __all__ = ["ElidedBlock", "aggregate", "elide", "history_block"]
@@ -202,7 +203,9 @@ def _elide_checked(a: np.ndarray, positions: np.ndarray, n_max: int, window: int
     return ElidedBlock(block, np.searchsorted(slots, positions).astype(np.int64), columns, count)
 
 
-def elide(block: Any, salient: Any, *, n_max: int = 1024, window: int = 512, sink: int = 0) -> ElidedBlock:
+def elide(
+    block: Any, salient: Any, *, n_max: int = ELISION_N_MAX, window: int = ELISION_WINDOW, sink: int = 0
+) -> ElidedBlock:
     r"""
     The long-history rule (MTC §5.1, method.md "Long histories"). When the history has more than `n_max`
     positions, keep the sink columns, the salient positions and the last `window` positions, and merge the mass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,23 +147,6 @@ class CapturedAttention:
         if self.prompt_token_ids is not None and len(self.prompt_token_ids) != self.prompt_len:
             raise ValueError(f"prompt_token_ids: {len(self.prompt_token_ids)} ids for prompt_len={self.prompt_len}")
 
-    # -- the 0.1 dict interface (one release) -------------------------------------------------------------------
-    _DICT_KEYS = ("attention", "prompt_len", "layer_ids", "num_layers", "reduce", "selected_layer_ids")
-
-    def __getitem__(self, key: str) -> Any:
-        """``capture["attention"]`` etc., as the 0.1 ``attncap_attention`` dicts were read; warns (use attributes)."""
-        if key not in self._DICT_KEYS:
-            raise KeyError(key)
-        warnings.warn(
-            f"CapturedAttention[{key!r}] is the 0.1 dict interface of attncap_attention entries; use the attribute "
-            f"(.{'layer_ids' if key == 'selected_layer_ids' else key}); item access goes away in the next release",
-            DeprecationWarning, stacklevel=2,
-        )
-        if key == "selected_layer_ids":
-            return list(self.layer_ids) if self.reduce == "layer_head_mean" and self.layer_ids is not None else None
-        value = getattr(self, key)
-        return list(value) if isinstance(value, tuple) else value
-
     # -- what it holds ------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
@@ -267,13 +249,11 @@ class CapturedAttention:
         """Read what :meth:`save` wrote: ``(capture, extra)`` (``extra``: the other fields, e.g. ``text``)."""
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-        # the file says "layers"/"heads" for the ids; files of vllm-attncap 0.1 keep reduce inside "spec"
+        # the file says "layers"/"heads" for the ids
         if "layers" in data:
             data["layer_ids"] = data.pop("layers")
         if "heads" in data:
             data["head_ids"] = data.pop("heads")
-        if "reduce" not in data and "spec" in data:
-            data["reduce"] = np.asarray(json.loads(str(data["spec"])).get("reduce", "none"))
         kw: dict[str, Any] = {"prompt_len": int(data.pop("prompt_len")), "reduce": str(data.pop("reduce"))}
         for name in ("attention", "coverage", "entropy", "topk_positions", "topk_probs"):
             if name in data:

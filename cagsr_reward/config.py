@@ -14,9 +14,14 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-__all__ = ["CAGSRConfig", "MODES", "resolve_sink"]
+__all__ = ["CAGSRConfig", "MODES", "resolve_sink", "ELISION_N_MAX", "ELISION_WINDOW"]
 
 MODES = ("single", "multi", "cot")
+
+#: The long-history elision defaults (MTC §5.1, method.md "Long histories"), defined here once: the history length
+#: above which columns are elided, and the most recent positions always kept when eliding.
+ELISION_N_MAX = 1024
+ELISION_WINDOW = 512
 
 LayerSpec = Union[Literal["all"], tuple[int, ...]]
 SinkSpec = Union[Literal["auto"], int]
@@ -142,8 +147,8 @@ class CAGSRConfig:
     mode: str = "multi"
     cot_block: int = 5
     final_answer_weight: float = 2.0
-    n_max: int = 1024
-    window: int = 512
+    n_max: int = ELISION_N_MAX
+    window: int = ELISION_WINDOW
     discount: float = 1.0
     history_coverage: bool = True
     entropy_floor: bool = True

@@ -39,10 +39,6 @@ __all__ = [
     "SalientSpan",
     "SalientSelector",
     "token_positions_from_spans",
-    "PromptEncoding",
-    "salient_positions",
-    "salient_positions_for_messages",
-    "encode_prompt",
 ]
 
 # -- named entities -------------------------------------------------------------------------------------------------
@@ -320,14 +316,3 @@ class SalientSelector:
 
 
 
-
-# The tokenizer side moved to cagsr_reward.encoding (0.2); these names stay importable from here.
-_ENCODING_NAMES = ("PromptEncoding", "salient_positions", "salient_positions_for_messages", "encode_prompt")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ENCODING_NAMES:
-        from . import encoding
-
-        return getattr(encoding, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -98,7 +98,7 @@ struct StatsParams {
   int64_t ent_stride_head;
 };
 
-// Elided-column rule (method.md "Long histories"; reference: vllm_attncap/engine/compute/elide.py):
+// Elided-column rule (method.md "Long histories"; reference: vllm_attncap/engine/elide.py):
 //   out[r, hi, c] = in[r, hi, src[c]]           if src[c] >= 0
 //                 = sum_j elided[j] * in[r, hi, j]  if src[c] == -1
 //                 = 0                            otherwise
@@ -136,7 +136,7 @@ cudaError_t preload_reduce_kernels();
 
 bool probs_head_dim_supported(int head_dim);
 
-// Fused decode capture (decode_capture.cu; reference: vllm_attncap/engine/compute/decode_reference.py).
+// Fused decode capture (decode_capture.cu; reference: vllm_attncap/engine/cuda/decode_reference.py).
 // Row table: one int32 record of kRowFields per padded batch row, uploaded once per step.
 enum RowField : int {
   kRowFlags = 0,       // kFlagStats | kFlagRows; 0 = the row captures nothing (padded rows too)

@@ -1,4 +1,4 @@
-// pybind11 module vllm_attncap.engine.compute._kernels: raw-pointer entry points of the
+// pybind11 module vllm_attncap.engine.cuda._kernels: raw-pointer entry points of the
 // attncap CUDA kernels.
 //
 // Every array arrives as an integer device address (torch: tensor.data_ptr())
@@ -6,7 +6,7 @@
 // (torch: torch.cuda.current_stream().cuda_stream). The module therefore links
 // only against the CUDA runtime (statically by default) and not against
 // libtorch: the same .so works next to any torch build, and importing it needs
-// no GPU or driver. Argument checking lives in vllm_attncap/engine/compute/cuda.py;
+// no GPU or driver. Argument checking lives in vllm_attncap/engine/cuda/kernels.py;
 // this layer only rejects what would make a launch invalid.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -41,7 +41,7 @@ T* ptr(std::uintptr_t address) {
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("vllm_attncap.engine.compute._kernels.") + what + ": " + cudaGetErrorName(err) + ": " +
+    throw std::runtime_error(std::string("vllm_attncap.engine.cuda._kernels.") + what + ": " + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
 }
 
@@ -86,7 +86,7 @@ cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() =
-      "Raw-pointer CUDA kernels of vllm-attncap. Use vllm_attncap.engine.compute.cuda, which checks "
+      "Raw-pointer CUDA kernels of vllm-attncap. Use vllm_attncap.engine.cuda.kernels, which checks "
       "tensors and passes their addresses; calling these directly with bad pointers crashes.";
   m.attr("DTYPE_FLOAT16") = static_cast<int>(attncap::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(attncap::kBFloat16);
@@ -282,10 +282,10 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("n_rows"), py::arg("n_heads"), py::arg("in_width"), py::arg("src_col"), py::arg("src_stride_row"),
       py::arg("elided"), py::arg("elided_stride_row"), py::arg("elided_width"), py::arg("plan_row"),
       py::arg("out"), py::arg("out_stride_row"), py::arg("out_stride_head"), py::arg("out_width"),
-      "Apply the elided-column rule to rows (see vllm_attncap/engine/compute/elide.py).");
+      "Apply the elided-column rule to rows (see vllm_attncap/engine/elide.py).");
 
   // ---------------------------------------------------------------- fused decode capture
-  // The launch record is built once per layer (vllm_attncap/engine/compute/cuda.py, DecodeCapture) and only the
+  // The launch record is built once per layer (vllm_attncap/engine/cuda/kernels.py, DecodeCapture) and only the
   // fields that change are set before a launch, so an eager decode step pays one call per layer.
   py::class_<DecodeCaptureParams> dp(m, "DecodeCaptureParams",
                                      "Launch record of the fused decode capture (kernels/attncap_kernels.h).");

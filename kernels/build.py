@@ -1,4 +1,4 @@
-"""Build helpers for the optional CUDA extension ``vllm_attncap.engine.compute._kernels``.
+"""Build helpers for the optional CUDA extension ``vllm_attncap.engine.cuda._kernels``.
 
 Used by ``setup.py`` (its ``build_ext``) and by ``tests/test_kernels_build.py``,
 so that the test exercises the same commands a ``pip install`` runs. Standard
@@ -34,7 +34,7 @@ KERNELS_DIR = Path(__file__).resolve().parent
 CUDA_SOURCES = ("probs.cu", "reduce.cu", "decode_capture.cu", "topk.cu")
 BINDING_SOURCE = "binding.cpp"
 HEADERS = ("attncap_kernels.h", "common.cuh", "topk.h")
-EXTENSION_NAME = "vllm_attncap.engine.compute._kernels"
+EXTENSION_NAME = "vllm_attncap.engine.cuda._kernels"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 NVCC_FLAGS = (
     "-O3",

@@ -1,7 +1,7 @@
 // Fused decode capture: statistics or head-mean rows of the decode query of every
 // captured batch row, straight from the paged key cache, in one or two launches per
 // layer whose shape does not depend on context length (so a full CUDA graph holds
-// them). Reference: vllm_attncap/engine/compute/decode_reference.py.
+// them). Reference: vllm_attncap/engine/cuda/decode_reference.py.
 //
 // Grid of both passes: (KV head, padded batch row, fixed split). Row b's query is
 // token b (uniform single-token decode: query index = block-table row), at position

@@ -1,5 +1,5 @@
 // paged_attention_probs: float32 attention probabilities of captured query rows
-// over vLLM's paged key cache (reference: vllm_attncap/engine/compute/reference.py,
+// over vLLM's paged key cache (reference: vllm_attncap/engine/reference.py,
 // gather_keys + attention_probs).
 //
 // Work split. The grid is (chunk, selected head, row); a chunk is `chunk_len`

@@ -4,7 +4,7 @@
 //   history_stats  per (row, head) coverage and entropy of the renormalised
 //                  history block (reference: reference.history_stats);
 //   elide_rows     the elided-column rule for long histories (reference:
-//                  vllm_attncap/engine/compute/elide.py, method.md "Long histories").
+//                  vllm_attncap/engine/elide.py, method.md "Long histories").
 // Launch shapes depend only on sizes, never on device data (graph-safe).
 #include <cmath>
 

@@ -1,5 +1,5 @@
 // Top-k keys of captured probability rows (docs/capture.md "Top-k"; interface: topk.h; reference:
-// vllm_attncap/engine/compute/reference.py topk_keys; device test: tests/gpu/test_topk_kernel.py).
+// vllm_attncap/engine/reference.py topk_keys; device test: tests/gpu/test_topk_kernel.py).
 //
 // One thread block per (row, head). Probabilities are >= 0, so their float bits order like unsigned integers:
 //   1. count the row's keys (non-NaN entries of [lo, limit)); with at most k of them every key is taken;

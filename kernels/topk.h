@@ -12,7 +12,7 @@ namespace attncap {
 // the k largest in[r, hi, j], ordered by probability descending, ties to the lower position:
 //   positions[r, hi, i] = j,  probs[r, hi, i] = in[r, hi, j]         for i < min(k, keys)
 //   positions[r, hi, i] = -1, probs[r, hi, i] = 0                    for the rest (a row with fewer than k keys)
-// NaN entries are not keys. Reference: vllm_attncap/engine/compute/reference.py topk_keys.
+// NaN entries are not keys. Reference: vllm_attncap/engine/reference.py topk_keys.
 struct TopkParams {
   const float* in;           // (n_rows, n_heads, width) probabilities (>= 0)
   int64_t in_stride_row;

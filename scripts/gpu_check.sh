@@ -68,7 +68,7 @@ try:
     info["vllm"] = vllm.__version__
 except Exception as e:
     info["vllm"] = f"NOT importable: {e}"
-from vllm_attncap.engine.compute import cuda
+from vllm_attncap.engine.cuda import kernels as cuda
 info["kernels"] = cuda.is_available()
 info["entry_points"] = [ep.name for ep in md.entry_points(group="vllm.general_plugins")]
 print(json.dumps(info))

@@ -12,7 +12,7 @@ def private_store(monkeypatch, base: Path):
     first used does not move it. ``monkeypatch`` restores the previous store and ``$VLLM_ATTNCAP_NAMESPACE`` after
     the test; the namespace lies under the test's ``tmp_path``.
     """
-    from vllm_attncap import store as S
+    from vllm_attncap.store import store as S  # the module that holds the current store
 
     st = S.CaptureStore.create(base)
     monkeypatch.setattr(S, "_CURRENT", st)

@@ -116,7 +116,7 @@ def tiny(tmp_path_factory):
         os.environ,
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
         VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ATTNCAP_DIR=str(root / "store"),
+        VLLM_ATTNCAP_STORE=str(root / "store"),
     )
     return {"model": str(model), "root": root, "env": env}
 
@@ -238,7 +238,7 @@ def test_readme_demo_on_the_bundled_model(smollm2_path, tmp_path):
     import importlib.util
 
     pytest.importorskip("vllm")
-    env = dict(os.environ, VLLM_ATTNCAP_DIR=str(tmp_path / "store"))
+    env = dict(os.environ, VLLM_ATTNCAP_STORE=str(tmp_path / "store"))
     out = tmp_path / "demo"
     res = _ok(run_cli("demo", "--out", out, env=env, timeout=600))
     summary = json.loads((out / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""The batched CPU path (engine/cpu_capture.py: one kernel call per layer for the whole step) against the
+"""The batched CPU path (engine/cpu/capture.py: one kernel call per layer for the whole step) against the
 per-request torch path (engine/capture.py), on mixed steps: different specs, prompt lengths, a prefill chunk
 next to decode rows, requests without capture, a request with long-history elision (kept on the torch path),
 over several steps and layers. No engine: plans and buffers are built as the metadata builder builds them."""
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_attncap.engine import cpu_capture
+from vllm_attncap.engine.cpu import capture as cpu_capture
 from vllm_attncap.engine.capture import capture_layer
-from vllm_attncap.engine.compute.reference import gather_keys
+from vllm_attncap.engine.reference import gather_keys
 from vllm_attncap.engine.plan import RowBatch, StepPlan
 from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 from store_utils import private_store  # noqa: E402
@@ -62,6 +62,7 @@ def _run(use_kernel, tmp_path, monkeypatch, seed=0):
     new_tokens = 5
     tracker = CaptureTracker()
     tracker.set_model_shape(ModelShape(L, H, HKV, D, 256))
+    tracker.set_cache_type(cpu_capture.CpuRequestCache)  # as the CPU metadata builder does
     max_blocks = -(-(max(prompts) + new_tokens) // BS)
     num_blocks = len(SPECS) * max_blocks + 3
     bt = torch.from_numpy(rng.permutation(num_blocks)[: len(SPECS) * max_blocks].reshape(len(SPECS), -1)
@@ -95,17 +96,20 @@ def _run(use_kernel, tmp_path, monkeypatch, seed=0):
         # the step's block table: row r = the request at batch row r
         step_bt = torch.stack([bt[i] for i, _, _ in step])
         plan = StepPlan(batches, frozenset(layers), block_table=step_bt)
+        cpu_step = None  # what AttnCapCPUMetadata.attncap_cpu_step holds: made at the first captured layer
         for layer in range(L):
             if not plan.wants(layer):
                 continue
             if use_kernel:
-                cpu_capture.capture_layer_cpu(impl, layer, query[layer], stores[layer], BS, plan)
+                if cpu_step is None:
+                    cpu_step = cpu_capture.prepare_step(plan, stores[layer].dtype)
+                cpu_capture.capture_layer(impl, layer, query[layer], stores[layer], BS, plan, cpu_step)
             else:
                 capture_layer(impl, layer, query[layer],
                               lambda b, s=stores[layer]: gather_keys(s, b.block_table_row, b.ctx_len, BS), plan)
         if use_kernel:
-            assert plan.cpu_step is not None and plan.cpu_step.tables is not None
-            fallback_steps += plan.cpu_step.fallback is not None  # the elision request
+            assert cpu_step is not None and cpu_step.tables is not None
+            fallback_steps += cpu_step.fallback is not None  # the elision request
     assert not use_kernel or fallback_steps > 0
     out = {i: (np.array(rc.writer.array), rc.writer.rows_written) for i, rc in rcs.items()}
     tracker.close_all()

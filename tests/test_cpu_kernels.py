@@ -1,5 +1,5 @@
-"""The CPU capture kernel (kernels/cpu_capture.cpp via compute/cpu_kernels.py) against the plain-torch
-reference (compute/reference.py: gather_keys + attention_probs + history_stats), on fresh random inputs.
+"""The CPU capture kernel (kernels/cpu_capture.cpp via cpu/kernels.py) against the plain-torch
+reference (reference.py: gather_keys + attention_probs + history_stats), on fresh random inputs.
 
 Covers GQA, odd head sizes and lengths, fp32 and bf16 keys, every (mode, reduce), head subsets, several
 layers (layer means), sinks / soft-cap / ALiBi / sliding window, and a shuffled block table."""
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_attncap.engine.compute import cpu_kernels
-from vllm_attncap.engine.compute.reference import attention_probs, gather_keys, history_stats
+from vllm_attncap.engine.cpu import kernels as cpu_kernels
+from vllm_attncap.engine.reference import attention_probs, gather_keys, history_stats
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU capture kernel not built "
                                 "(python setup.py build_ext --inplace)")

@@ -20,7 +20,7 @@ def test_setup_builds_cpu_kernel(tmp_path):
     assert len(found) == 1, found
     assert not list((tmp_path / "lib").rglob("_kernels*.so"))  # ATTNCAP_BUILD_KERNELS=0: no CUDA extension
     probe = ("import importlib.util, sys, torch; s = importlib.util.spec_from_file_location("
-             f"'vllm_attncap.engine.compute._cpu_kernels', {str(found[0])!r}); m = importlib.util.module_from_spec(s); "
+             f"'vllm_attncap.engine.cpu._cpu_kernels', {str(found[0])!r}); m = importlib.util.module_from_spec(s); "
              "s.loader.exec_module(m); print(sorted(n for n in dir(m) if not n.startswith('_')), m.num_threads())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Top-k capture: the torch reference (compute/reference.py ``topk_keys``) against a plain numpy ranking, and the CPU
+"""Top-k capture: the torch reference (engine/reference.py ``topk_keys``) against a plain numpy ranking, and the CPU
 kernel (kernels/cpu_capture.cpp, kinds TOPK_NONE / TOPK_MEAN) against the torch reference, on fresh random inputs:
 GQA, fp32 and bf16 keys, exact ties (duplicated keys), rows shorter than k, sinks, soft-cap / ALiBi / sliding
 window, head subsets, several layers, prompt rows (rows before the reply)."""
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from topk_check import assert_topk_matches
-from vllm_attncap.engine.compute import cpu_kernels
-from vllm_attncap.engine.compute.reference import attention_probs, gather_keys, topk_keys
+from vllm_attncap.engine.cpu import kernels as cpu_kernels
+from vllm_attncap.engine.reference import attention_probs, gather_keys, topk_keys
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU capture kernel not built "
                                   "(python setup.py build_ext --inplace)")

@@ -1,4 +1,4 @@
-"""The elided-column reference (vllm_attncap/engine/compute/elide.py) against a plain
+"""The elided-column reference (vllm_attncap/engine/elide.py) against a plain
 loop written straight from method.md "Long histories"."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_attncap.engine.compute.elide import ELIDED, apply_elision, elide_history, plan_elision
-from vllm_attncap.engine.compute.reference import history_stats
+from vllm_attncap.engine.elide import ELIDED, apply_elision, elide_history, plan_elision
+from vllm_attncap.engine.reference import history_stats
 
 
 def elide_loop(row, history_len, sink, salient, n_max, recent):
@@ -49,7 +49,7 @@ def random_rows(gen: torch.Generator, shape, width):
 
 
 def check_against_loop(rows, history_len, sink, salient, n_max, recent):
-    out, plan = elide_history(rows, history_len, sink=sink, salient=salient, n_max=n_max, recent=recent)
+    out, plan = elide_history(rows, history_len, sink=sink, salient=salient, n_max=n_max, window=recent)
     flat_in = rows.reshape(-1, rows.shape[-1])
     flat_out = out.reshape(-1, out.shape[-1])
     for r in range(flat_in.shape[0]):
@@ -105,7 +105,7 @@ def test_short_history_is_unchanged():
 def test_sinks_stay_leading_and_salient_inside_elided_range_is_kept():
     history_len, width, sink = 2000, 2010, 2
     salient = [1, 5, 700, 1600]  # 1 is a sink (ignored), 5 and 700 lie in the elided range, 1600 in the recent window
-    plan = plan_elision(history_len, width, sink=sink, salient=salient, n_max=1024, recent=512)
+    plan = plan_elision(history_len, width, sink=sink, salient=salient, n_max=1024, window=512)
     src = plan.src_col.tolist()
     assert src[:2] == [0, 1]  # sink columns first
     assert src[2] == ELIDED  # first elided position is 2
@@ -139,7 +139,7 @@ def test_mass_is_conserved_and_stats_count_elided_as_one_outcome():
 
 
 def test_everything_salient_means_no_elided_column():
-    plan = plan_elision(10, 10, sink=1, salient=range(1, 10), n_max=4, recent=2)
+    plan = plan_elision(10, 10, sink=1, salient=range(1, 10), n_max=4, window=2)
     assert plan.is_identity and ELIDED not in plan.src_col.tolist()
 
 
@@ -151,7 +151,7 @@ def test_everything_salient_means_no_elided_column():
         (dict(history_len=5, sink=5), "sink"),
         (dict(history_len=5, salient=[5]), "salient"),
         (dict(history_len=5, n_max=0), "n_max"),
-        (dict(history_len=5, recent=-1), "recent"),
+        (dict(history_len=5, window=-1), "window"),
     ],
 )
 def test_plan_rejects_bad_arguments(kwargs, match):
@@ -177,7 +177,7 @@ def test_agrees_with_the_reward_sdk(seed):
     sink = rng.randint(0, min(3, history_len - 1))
     salient = sorted(rng.sample(range(history_len), k=rng.randint(0, min(20, history_len))))
     rows = random_rows(torch.Generator().manual_seed(seed), (4,), history_len + 9).double()
-    out, plan = elide_history(rows, history_len, sink=sink, salient=salient, n_max=n_max, recent=recent)
+    out, plan = elide_history(rows, history_len, sink=sink, salient=salient, n_max=n_max, window=recent)
     sdk = aggregate.elide(rows[:, :history_len].numpy(), salient, n_max=n_max, window=recent, sink=sink)
     assert plan.src_col[:plan.out_history_len].tolist() == sdk.columns.tolist()
     assert list(plan.salient) == sdk.salient.tolist()

@@ -63,7 +63,7 @@ def built_module(tmp_path_factory) -> Path:
 def test_module_imports_without_gpu_and_lists_functions(built_module):
     probe = (
         "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('vllm_attncap.engine.compute._kernels', {str(built_module)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('vllm_attncap.engine.cuda._kernels', {str(built_module)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(json.dumps({'names': sorted(n for n in dir(m) if not n.startswith('_')),\n"
         "                  'archs': m.CUDA_ARCHS, 'runtime': m.cuda_runtime_version(),\n"

@@ -1,4 +1,4 @@
-"""Per-rank parts of a record (vllm_attncap.parts) combine into the single-rank record, on a TP=2 x PP=2 grid.
+"""Per-rank parts of a record (vllm_attncap.store.parts) combine into the single-rank record, on a TP=2 x PP=2 grid.
 
 The workers are emulated: each rank's part is written through the store's CaptureWriter the way
 engine/capture.py writes it (its heads' rows, its share of a head mean, partial rows for statistics of a mean that
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_attncap import parts
+from vllm_attncap.store import parts
 from vllm_attncap import store as S
 from vllm_attncap.engine.parallel import RankFacts, rank_share
 from vllm_attncap.spec import resolve_spec
@@ -112,7 +112,7 @@ def test_parts_combine_to_the_single_rank_record(ns, spec):
     resolved = resolve_spec(spec, num_layers=L, num_heads=H, prompt_len=P, max_tokens=T)
     for facts in _grid()[::-1]:  # any order
         _write_rank(facts, resolved, full, "k", "0-abc")
-    assert len(S.find_captures("k")) == 4
+    assert len(S.list_records("k")) == 4
     (rec,) = parts.read_capture("k", T - 1)
     assert rec.meta.req_id == "0-abc" and rec.meta.status == S.STATUS_FINISHED and rec.meta.rows_written == T
     assert rec.meta.layers == list(resolved.layers) and rec.meta.heads == list(resolved.heads)
@@ -120,7 +120,7 @@ def test_parts_combine_to_the_single_rank_record(ns, spec):
         _expected(resolved, full)[:, :, : T - 1, : P + T - 2]
     assert rec.array.shape == want.shape
     np.testing.assert_allclose(rec.array, want, atol=1e-6, rtol=0)
-    assert S.find_captures() == []  # every part was taken
+    assert S.list_records() == []  # every part was taken
 
 
 def test_an_error_part_fails_the_whole_request(ns):
@@ -134,7 +134,7 @@ def test_an_error_part_fails_the_whole_request(ns):
     assert meta.status == S.STATUS_ERROR
     (rec,) = parts.read_capture("k", T)
     assert rec.array is None and "rank 3" in rec.error
-    assert S.find_captures() == []
+    assert S.list_records() == []
 
 
 def test_a_missing_part_is_an_error_never_a_half_filled_array(ns):
@@ -159,7 +159,7 @@ def test_records_without_parts_pass_through(ns):
 
 def test_history_stats_matches_the_torch_reference():
     torch = pytest.importorskip("torch")
-    from vllm_attncap.engine.compute.reference import history_stats as torch_stats
+    from vllm_attncap.engine.reference import history_stats as torch_stats
 
     rows = _rows(np.random.default_rng(2))
     rows[0, 0, 1, :] = 0.0  # a row without history mass: NaN in both

@@ -184,7 +184,7 @@ def _start_server(root: Path, model: Path, base: Path, extra_args: tuple[str, ..
         VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
         **extra_env,
     )
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE", "VLLM_ATTNCAP_DIR"):
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE"):
         env.pop(name, None)  # the server as users run it, with a namespace of its own
     log_path = root / f"server-{port}.log"
     log = open(log_path, "w")

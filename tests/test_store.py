@@ -57,13 +57,13 @@ def test_keys_match_exactly(ns):
     _finished("team__alice", "r1", 1.0)
     _finished("team__bob", "r2", 2.0)
     assert not S.key_exists("team")
-    assert S.find_captures("team") == []
+    assert S.list_records("team") == []
     with pytest.raises(LookupError):
-        S.read_capture("team", 2, wait_s=0)
+        S.read_records("team", 2, wait_s=0)
     assert S.discard_capture("team") == 0
     assert S.key_exists("team__alice") and S.key_exists("team__bob")
     _finished("team", "r3", 3.0)
-    (rec,) = S.read_capture("team", 2)
+    (rec,) = S.read_records("team", 2)
     assert rec.key == "team" and float(rec.array.max()) == 3.0
     assert S.discard_capture("team__alice") == 1 and S.key_exists("team__bob")
 
@@ -72,16 +72,16 @@ def test_any_key_and_request_id_fit(ns):
     """Item 4: a 400-character request id (past 255 bytes as a file name before) gets its record."""
     long_id = "x" * 400
     _finished("k" * 128, long_id)
-    (rec,) = S.read_capture("k" * 128, 2)
+    (rec,) = S.read_records("k" * 128, 2)
     assert rec.req_id == long_id and rec.array.shape == (1, 2, 2, 4)
     S.write_error("a/b", "../" * 100, "refused")
-    (err,) = S.find_captures("a/b")
+    (err,) = S.list_records("a/b")
     assert err.status == S.STATUS_ERROR and err.error == "refused"
     assert not S.key_exists("a_b")  # no two keys share a name
 
 
 def test_unsafe_bases_are_refused(tmp_path):
-    """Item 2: never use a base that is a symlink or another user's; an own base that is too open is tightened."""
+    """Item 2: never use a base that is a symlink or another user's, nor an own base that is too open."""
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     link = tmp_path / "link"
@@ -97,8 +97,10 @@ def test_unsafe_bases_are_refused(tmp_path):
     loose = tmp_path / "loose"
     loose.mkdir()
     os.chmod(loose, 0o777)
-    store = S.CaptureStore.create(loose)
-    assert stat.S_IMODE(os.lstat(loose).st_mode) == 0o700
+    with pytest.raises(S.StoreError, match="0700"):
+        S.CaptureStore.create(loose)
+    assert stat.S_IMODE(os.lstat(loose).st_mode) == 0o777  # refused, not changed
+    store = S.CaptureStore.create(tmp_path / "base")
     os.chmod(store.path, 0o755)
     with pytest.raises(S.StoreError, match="0700"):
         S.CaptureStore.attach(store.path)
@@ -132,7 +134,7 @@ def test_claim_on_read_delivers_once_among_8_readers(ns):
         def reader():
             barrier.wait()
             try:
-                got.append(S.read_capture(key, [2, 2], wait_s=0))
+                got.append(S.read_records(key, [2, 2], wait_s=0))
             except LookupError as e:
                 errors.append(e)
             except Exception as e:  # noqa: BLE001 - anything else is the bug
@@ -153,18 +155,18 @@ def test_read_racing_discard_and_writer(ns):
     writes is not recreated by the worker's close."""
     w = _writer("live", "r1")
     w.write_rows(0, 0, 1, 3, np.ones((2, 1, 3), np.float32))
-    (rec,) = S.read_capture("live", 1)
+    (rec,) = S.read_records("live", 1)
     assert rec.meta.status == S.STATUS_OPEN and rec.array.shape == (1, 2, 1, 3)
     w.write_rows(0, 1, 2, 4, np.ones((2, 1, 4), np.float32))
     w.close()
-    assert S.find_captures() == []
+    assert S.list_records() == []
     for i in range(20):
         _finished("dr", f"r{i}")
         out = []
 
         def read():
             try:
-                out.append(len(S.read_capture("dr", 2, wait_s=0)))
+                out.append(len(S.read_records("dr", 2, wait_s=0)))
             except LookupError:
                 out.append(0)
 
@@ -234,7 +236,7 @@ def test_children_inherit_the_namespace_strangers_do_not(ns, tmp_path):
     # a namespace whose owner is not an ancestor (here: pid 1) is not used, even when the variable points at it
     fake = ns.path.parent / ("ns-" + "0" * 32)
     fake.mkdir(mode=0o700)
-    (fake / "owner.json").write_text(json.dumps({"pid": 1, "start": S._start_time(1)}))
+    (fake / "owner.json").write_text(json.dumps({"pid": 1, "start": S.namespace._start_time(1)}))
     stranger = _py(code, dict(os.environ, VLLM_ATTNCAP_NAMESPACE=str(fake)))
     assert stranger.returncode == 0, stranger.stderr
     assert stranger.stdout.strip() not in (str(fake), str(ns.path))

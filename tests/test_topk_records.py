@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cagsr_reward.attention import CapturedAttention
-from vllm_attncap.parts import combine_parts, make_part_meta
+from vllm_attncap.store.parts import combine_parts, make_part_meta
 from vllm_attncap.spec import CaptureSpec, resolve_spec
 from vllm_attncap.store import CaptureMeta, CaptureRecord
 

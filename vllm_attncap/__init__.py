@@ -14,10 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import _compat
 from .spec import CaptureSpec
-
-_compat.install()  # old module paths of 0.1 (vllm_attncap.compute, .server, ...) warn and alias the new ones
 
 __version__ = "0.2.0"
 

@@ -18,9 +18,8 @@ import numpy as np
 
 from cagsr_reward.attention import CapturedAttention
 
-from .parts import read_capture
 from .spec import CaptureSpec, resolve_spec
-from .store import CaptureRecord, discard_capture
+from .store import CaptureRecord, discard_capture, read_capture  # a TP/PP engine's per-rank parts combined
 
 __all__ = ["CapturedOutput", "generate_with_attentions", "collect", "engine_model_shape", "check_engine"]
 

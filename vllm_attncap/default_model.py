@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import envs
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "BundledModelMissing",
@@ -61,7 +63,7 @@ class BundledModelMissing(ImportError):
 
 def default_cache_dir() -> Path:
     """``$VLLM_ATTNCAP_CACHE`` if set and non-empty, else ``~/.cache/vllm-attncap``."""
-    env = os.environ.get(CACHE_ENV_VAR)
+    env = envs.get(CACHE_ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vllm-attncap"
 
 

@@ -42,14 +42,16 @@ field           allowed values                              default
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
+
+from cagsr_reward.config import ELISION_WINDOW
+
+from . import envs
 
 __all__ = [
     "CaptureSpec",
     "SPEC_FIELDS",
-    "DEFAULT_MAX_BYTES",
     "REDUCE_MODES",
     "CAPTURE_MODES",
     "ResolvedSpec",
@@ -69,11 +71,6 @@ SPEC_FIELDS = (
 MAX_TOPK = 1024
 #: The reductions a top-k capture supports (top-k of each head, or of the head mean).
 TOPK_REDUCE_MODES = ("none", "head_mean")
-#: Engine-wide cap on one request's capture buffer (bytes); override with the
-#: environment variable ``VLLM_ATTNCAP_MAX_BYTES`` or per request with ``max_bytes``.
-DEFAULT_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_MAX_BYTES", str(256 * 1024**2)))
-#: method.md "Long histories": the most recent positions kept when a history is elided.
-DEFAULT_ELISION_WINDOW = 512
 #: Longest capture key (keys are hashed into file names, so any printable text up to this length works).
 MAX_KEY_CHARS = 1024
 
@@ -184,7 +181,7 @@ class CaptureSpec:
     @property
     def elision_window(self) -> int:
         """The recent positions kept by long-history elision (``window``, default 512)."""
-        return DEFAULT_ELISION_WINDOW if self.window is None else self.window
+        return ELISION_WINDOW if self.window is None else self.window
 
     @classmethod
     def from_any(cls, value: "CaptureSpec | Mapping[str, Any] | None") -> "CaptureSpec":
@@ -344,7 +341,7 @@ def resolve_spec(
     shape = capture_shape(mode, out_l, out_h, prompt_len, max_tokens, topk=spec.topk or 0,
                           prompt_rows=prompt_len - prompt_start if prompt_start else 0)
     resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape, prompt_start)
-    cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or DEFAULT_MAX_BYTES)
+    cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or envs.VLLM_ATTNCAP_MAX_BYTES)
     if resolved.nbytes > cap:
         raise ValueError(
             f"attncap spec field 'max_bytes': this capture needs {resolved.nbytes} bytes "

@@ -44,7 +44,7 @@ def run(llm, out_dir: Path) -> dict:
     from vllm import SamplingParams
 
     from vllm_attncap import collect, generate_with_attentions
-    from vllm_attncap.store import list_captures
+    from vllm_attncap.store import list_records
 
     out_dir = Path(out_dir)
     names = list(SPECS)
@@ -78,7 +78,7 @@ def run(llm, out_dir: Path) -> dict:
         import numpy as np
 
         np.save(out_dir / "good_spec.rows.npy", c_good.attention)
-    result["left"] = [m.key for m in list_captures()]
+    result["left"] = [m.key for m in list_records()]
     (out_dir / "result.json").write_text(json.dumps(result))
     return result
 

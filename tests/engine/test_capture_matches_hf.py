@@ -148,7 +148,8 @@ def test_stock_backend_untouched_without_selection(make_llm):
 
     vllm_attncap.register()
     assert AttentionBackendEnum["ATTNCAP"] is AttentionBackendEnum.CUSTOM
-    assert AttentionBackendEnum["attncap".upper()].get_path().startswith("vllm_attncap.engine.backends")
+    assert AttentionBackendEnum["attncap".upper()].get_path().startswith(
+        ("vllm_attncap.engine.cpu.backend.", "vllm_attncap.engine.cuda.backend."))
     llm = make_llm(attncap=False)
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     impls = {type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")}

@@ -58,8 +58,10 @@ def test_2000_sequential_capture_requests_stay_bounded(make_llm, tmp_path, monke
     from vllm_attncap import generate_with_attentions
     from vllm_attncap.engine.tracker import get_tracker
 
-    # a store directory of this test's own: other processes' captures must not count
-    monkeypatch.setenv("VLLM_ATTNCAP_DIR", str(tmp_path / "store"))
+    from store_utils import private_store
+
+    # a store of this test's own: other processes' captures must not count
+    private_store(monkeypatch, tmp_path / "store")
     llm = make_llm()
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     specs = [{}, {"layers": [-1], "reduce": "head_mean"}, {"mode": "stats", "salient": [1, 2]}]

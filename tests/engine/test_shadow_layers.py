@@ -13,7 +13,7 @@ pytestmark = pytest.mark.engine
 
 
 def test_setting_parses_and_names_allowed_values():
-    from vllm_attncap.engine.backends.cpu import SHADOW_LAYERS_ENV, shadow_layers
+    from vllm_attncap.engine.cpu.backend import SHADOW_LAYERS_ENV, shadow_layers
 
     assert shadow_layers(30, "all") is None and shadow_layers(30, "") is None
     assert shadow_layers(30, "-1") == frozenset({29})

@@ -25,7 +25,7 @@ def _long_prompt(n_words: int, seed: int) -> str:
 
 def _impls(llm):
     """The engine's attention impls by layer (in-process engine: the worker shares the frontend's config)."""
-    from vllm_attncap.engine.backends.common import layer_index_of
+    from vllm_attncap.engine.backend import layer_index_of
 
     ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     return {layer_index_of(layer): layer.impl for layer in ctx.values()}

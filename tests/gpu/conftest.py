@@ -17,10 +17,10 @@ def kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     try:
-        from vllm_attncap.engine.compute import _kernels
+        from vllm_attncap.engine.cuda import _kernels
     except ImportError as exc:
         pytest.fail(
-            f"CUDA is available but vllm_attncap.engine.compute._kernels is not built ({exc}); run "
+            f"CUDA is available but vllm_attncap.engine.cuda._kernels is not built ({exc}); run "
             "`ATTNCAP_BUILD_KERNELS=1 python setup.py build_ext --inplace` first",
             pytrace=False,
         )

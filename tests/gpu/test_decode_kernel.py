@@ -4,7 +4,7 @@
   head-mean rows rows mixed with rows that are off, several layers accumulating, split counts 1 and 4;
 - the launch recorded into a CUDA graph, replayed with new row tables, positions and block tables (the full-graph
   use), with the counters left at zero;
-- the per-step cycle (:class:`~vllm_attncap.engine.graph_capture.GraphCapture` with the CUDA uploader and ring)
+- the per-step cycle (:class:`~vllm_attncap.engine.cuda.graph_step.GraphCapture` with the CUDA uploader and ring)
   under ``torch.cuda.set_sync_debug_mode("error")``: no host synchronisation on the decode path.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_attncap.engine.compute.decode_reference import (
+from vllm_attncap.engine.cuda.decode_reference import (
     F_FIRST_LAYER,
     F_HEADS,
     F_HISTORY,
@@ -25,7 +25,7 @@ from vllm_attncap.engine.compute.decode_reference import (
     FLAG_STATS,
     decode_capture_reference,
 )
-from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers
+from vllm_attncap.engine.cuda.graph_buffers import BufferLayout, DecodeBuffers
 from store_utils import private_store  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -113,7 +113,7 @@ def _compare(bufs, ref_stats, ref_rows, seq, n_rows, label):
 @pytest.mark.parametrize("opts", [{}, {"window": 100, "softcap": 30.0, "alibi": True, "sinks": True}])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_kernel_matches_reference(kernels, dtype, D, H, Hkv, opts, splits):
-    from vllm_attncap.engine.compute.cuda import DecodeCapture
+    from vllm_attncap.engine.cuda.kernels import DecodeCapture
 
     seed = hash((str(dtype), D, H, splits, len(opts))) % 10_000
     lay, bufs, key_cache, bt, seq, q, g = _case(seed, dtype=dtype, D=D, H=H, Hkv=Hkv, splits=splits)
@@ -138,7 +138,7 @@ def test_decode_kernel_matches_reference(kernels, dtype, D, H, Hkv, opts, splits
 
 def test_decode_kernel_in_a_cuda_graph_replays_new_steps(kernels):
     """Record the launches of every layer once; replay with new contents of the same tensors."""
-    from vllm_attncap.engine.compute.cuda import DecodeCapture, preload
+    from vllm_attncap.engine.cuda.kernels import DecodeCapture, preload
 
     lay, bufs, key_cache, bt, seq, q, g = _case(11, dtype=torch.bfloat16, D=64, H=9, Hkv=3, B=8)
     n_rows = lay.max_rows
@@ -169,11 +169,11 @@ def test_decode_cycle_never_syncs_the_host(kernels, tmp_path, monkeypatch):
     under sync-debug 'error': any host synchronisation raises."""
     from types import SimpleNamespace
 
-    from vllm_attncap.engine.compute.cuda import DecodeCapture, preload
-    from vllm_attncap.engine.compute.pinned import CudaRingOps, Uploader
-    from vllm_attncap.engine.graph_capture import GraphCapture
+    from vllm_attncap.engine.cuda.kernels import DecodeCapture, preload
+    from vllm_attncap.engine.cuda.pinned import CudaRingOps, Uploader
+    from vllm_attncap.engine.cuda.graph_step import GraphCapture
     from vllm_attncap.engine.plan import RowBatch, StepPlan
-    from vllm_attncap.engine.result_ring import ResultRing
+    from vllm_attncap.engine.cuda.result_ring import ResultRing
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
     private_store(monkeypatch, tmp_path)

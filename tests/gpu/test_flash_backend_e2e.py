@@ -1,4 +1,4 @@
-"""The CUDA backend (vllm_attncap.engine.backends.flash) end to end, and its bookkeeping.
+"""The CUDA backend (vllm_attncap.engine.cuda.backend) end to end, and its bookkeeping.
 
 Two parts:
 
@@ -7,7 +7,7 @@ Two parts:
    (``runner_hooks.install_mrv2`` on a stand-in runner with MRv2's method names),
    the plan's MRv2 request view, the paged key gather of the 0.23-0.25 layout,
    the sliding-window conversion, and the kernel path's grouping/scatter run
-   with a torch emulation of ``vllm_attncap.engine.compute.cuda`` (the kernels
+   with a torch emulation of ``vllm_attncap.engine.cuda.kernels`` (the kernels
    themselves are compared with the reference in tests/gpu/test_kernels.py).
 2. **GPU only** (``gpu`` marker; skipped without CUDA): vLLM 0.25.1 engines on a
    tiny random Llama (3 layers, 4 query / 2 KV heads, head_dim 64) with
@@ -192,7 +192,7 @@ def test_mrv2_hook_leaves_cpu_v1_runner_alone():
 
 
 def test_window_length_matches_flash_convention():
-    from vllm_attncap.engine.backends.flash import window_length
+    from vllm_attncap.engine.cuda.backend import window_length
 
     impl = SimpleNamespace(sliding_window=(-1, -1))
     assert window_length(impl, SimpleNamespace(sliding_window=None)) == -1
@@ -208,8 +208,8 @@ def _paged_cache(num_blocks, bs, hkv, d, dtype, seed=0):
 
 
 def test_gather_paged_keys_uses_the_block_table():
-    from vllm_attncap.engine.compute.reference import gather_paged_keys
-    from vllm_attncap.engine.compute.reference import gather_keys
+    from vllm_attncap.engine.reference import gather_paged_keys
+    from vllm_attncap.engine.reference import gather_keys
 
     kv = _paged_cache(12, 16, 2, 64, torch.float32)
     key_cache = kv.unbind(1)[0]  # what FlashAttentionImpl reads in 0.23-0.25
@@ -224,7 +224,7 @@ def test_gather_paged_keys_uses_the_block_table():
 
 
 class _EmulatedKernels:
-    """``vllm_attncap.engine.compute.cuda``'s API computed with the torch reference (CPU tensors)."""
+    """``vllm_attncap.engine.cuda.kernels``'s API computed with the torch reference (CPU tensors)."""
 
     PROBS_HEAD_DIMS = (64, 128)
 
@@ -237,8 +237,8 @@ class _EmulatedKernels:
 
     def paged_attention_probs(self, query, key_cache, block_table, q_pos, ctx_len, *, scale, heads, q_index,
                               bt_row, softcap, sliding_window, alibi_slopes, sinks, width, out=None):
-        from vllm_attncap.engine.compute.reference import gather_paged_keys
-        from vllm_attncap.engine.compute.reference import attention_probs
+        from vllm_attncap.engine.reference import gather_paged_keys
+        from vllm_attncap.engine.reference import attention_probs
 
         for name, t in (("q_pos", q_pos), ("ctx_len", ctx_len), ("q_index", q_index), ("bt_row", bt_row), ("heads", heads)):
             assert t.dtype == torch.int32 and t.dim() == 1 and (t.numel() <= 1 or t.stride(0) == 1), name
@@ -272,7 +272,7 @@ class _EmulatedKernels:
 
     @staticmethod
     def history_stats(probs, history_len, sink=0, salient=None, *, salient_row=None, coverage=None, entropy=None):
-        from vllm_attncap.engine.compute.reference import history_stats
+        from vllm_attncap.engine.reference import history_stats
 
         p3 = probs if probs.dim() == 3 else probs.unsqueeze(1)
         n = p3.shape[0]
@@ -297,10 +297,11 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
     first appearance with ``prompt_lens[req_id]`` tokens. Returns {req_id: memmap copy}.
     """
     from vllm_attncap.engine import runner_hooks
-    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.cuda import backend as flash
     from vllm_attncap.engine.capture import capture_layer
-    from vllm_attncap.engine.compute.reference import gather_keys, gather_paged_keys
-    from vllm_attncap.engine.kernel_capture import capture_layer_kernels
+    from vllm_attncap.engine.reference import gather_keys, gather_paged_keys
+    from vllm_attncap.engine.cuda.capture import KernelStep
+    from vllm_attncap.engine.cuda.capture import capture_layer as capture_layer_kernels
     from vllm_attncap.engine.plan import build_step_plan
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
@@ -350,14 +351,16 @@ def _run_steps(monkeypatch, tmp_path, path: str, specs, prompt_lens, steps, *, n
                 for kv_l in kv:
                     kv_l[int(table[idx, pos // bs]), 0, pos % bs] = torch.randn((kv_heads, d), generator=g).to(dtype)
         if plan is not None:
+            kernel_steps = [KernelStep() for _ in plans]  # what each group's AttnCapFlashMetadata carries
             for layer in range(num_layers):
-                plan = plans[next(i for i, own in enumerate(groups) if own is None or layer in own)]
+                group = next(i for i, own in enumerate(groups) if own is None or layer in own)
+                plan = plans[group]
                 if not plan.wants(layer):
                     continue
                 query, key_cache = queries[layer], kv[layer].unbind(1)[0]  # each layer its own q and cache
                 if path == "kernels":
                     capture_layer_kernels(impl, layer, query, key_cache, cm.block_table_tensor, window, plan,
-                                          flash._SINK)
+                                          kernel_steps[group], flash._SINK)
                 elif path == "torch":
                     capture_layer(impl, layer, query,
                                   lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,
@@ -413,8 +416,8 @@ def test_kernel_path_bookkeeping_equals_torch_path(monkeypatch, tmp_path, window
 
     Covers chunked prefill (a prompt over two steps), mixed prefill/decode steps, row
     reordering, several requests per kernel group, every mode/reduction, head subsets."""
-    from vllm_attncap.engine import kernel_capture
-    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.cuda import capture as kernel_capture
+    from vllm_attncap.engine.cuda import backend as flash
 
     emu = _EmulatedKernels()
     monkeypatch.setattr(kernel_capture, "attncap_cuda", emu)
@@ -454,8 +457,8 @@ def test_kernel_path_with_several_kv_cache_groups(monkeypatch, tmp_path):
     """A model with two KV-cache groups (e.g. interleaved sliding-window layers) gets two
     builders, hence two plans per step, each seeing only its own layers: results must not
     depend on it (layer_head_mean across groups is documented as unsupported)."""
-    from vllm_attncap.engine import kernel_capture
-    from vllm_attncap.engine.backends import flash
+    from vllm_attncap.engine.cuda import capture as kernel_capture
+    from vllm_attncap.engine.cuda import backend as flash
 
     monkeypatch.setattr(kernel_capture, "attncap_cuda", _EmulatedKernels())
     monkeypatch.setattr(flash, "_SINK", _SyncSink())
@@ -473,8 +476,8 @@ def test_kernel_path_with_several_kv_cache_groups(monkeypatch, tmp_path):
 def test_host_sink_recycles_pinned_blocks_and_degrades_when_full(monkeypatch):
     """HostSink with a stand-in copier (CPU): writes happen at flush, in order; pool blocks
     are released; a full pool flushes first, a result larger than the pool is copied synchronously."""
-    from vllm_attncap.engine.compute import pinned
-    from vllm_attncap.engine.compute.pinned import HostSink, PinnedBufferPool
+    from vllm_attncap.engine.cuda import pinned
+    from vllm_attncap.engine.cuda.pinned import HostSink, PinnedBufferPool
 
     class Copier:
         def __init__(self, device):
@@ -636,7 +639,7 @@ def _check_vs_hf(outs, specs, hf, tol, label):
 @pytest.mark.gpu
 def test_engine_runs_attncap_on_mrv2(eager_engine):
     from vllm_attncap.engine import runner_hooks
-    from vllm_attncap.engine.backends.flash import AttnCapFlashImpl
+    from vllm_attncap.engine.cuda.backend import AttnCapFlashImpl
 
     _, llm = eager_engine
     runner = _runner(llm)
@@ -679,10 +682,10 @@ def test_kernel_path_equals_torch_path(eager_engine):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     if not attncap_cuda.is_available():
-        pytest.skip("vllm_attncap.engine.compute._kernels is not built (scripts/gpu_check.sh builds it)")
+        pytest.skip("vllm_attncap.engine.cuda._kernels is not built (scripts/gpu_check.sh builds it)")
     _, llm = eager_engine
     specs = [
         {},
@@ -825,8 +828,8 @@ def test_full_graph_capture_equals_eager_path(tiny_gpu_model, hf_fp32):
     from vllm import SamplingParams
 
     from vllm_attncap import generate_with_attentions
-    from vllm_attncap.engine.backends import flash
-    from vllm_attncap.engine.graph_dispatch import policy
+    from vllm_attncap.engine.cuda import backend as flash
+    from vllm_attncap.engine.cuda.graph_dispatch import policy
 
     prompts = _graph_prompts()
     specs = [GRAPH_SPECS[i % len(GRAPH_SPECS)] for i in range(len(prompts))]

@@ -1,6 +1,6 @@
 """Capture inside full decode graphs, the parts that need no GPU, run for real on CPU tensors with fakes:
 
-- the fused kernel's torch reference (``compute/decode_reference.py``) against a naive per-element loop;
+- the fused kernel's torch reference (``cuda/decode_reference.py``) against a naive per-element loop;
 - the static buffer layout, the request slots and the per-step row table (``graph_buffers``);
 - the result ring's bookkeeping with a fake device whose copies complete when the test says
   (``result_ring``): non-blocking drains, waits only when full or for a finishing request, the GPU-side wait;
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_attncap.engine.compute.decode_reference import (
+from vllm_attncap.engine.cuda.decode_reference import (
     F_FLAGS,
     F_WEIGHT,
     FLAG_ROWS,
@@ -29,9 +29,9 @@ from vllm_attncap.engine.compute.decode_reference import (
     ROW_FIELDS,
     decode_capture_reference,
 )
-from vllm_attncap.engine.graph_buffers import BufferLayout, DecodeBuffers, GraphRow, SlotTable, fill_row_table, graph_kind
-from vllm_attncap.engine.graph_dispatch import StepGraphPolicy, force_non_uniform, wrap_dispatch
-from vllm_attncap.engine.result_ring import ResultRing
+from vllm_attncap.engine.cuda.graph_buffers import BufferLayout, DecodeBuffers, GraphRow, SlotTable, fill_row_table, graph_kind
+from vllm_attncap.engine.cuda.graph_dispatch import StepGraphPolicy, force_non_uniform, wrap_dispatch
+from vllm_attncap.engine.cuda.result_ring import ResultRing
 from vllm_attncap.spec import CaptureSpec
 from store_utils import private_store  # noqa: E402
 
@@ -287,7 +287,7 @@ class _CpuUploader:
         self.calls = 0
 
     def upload(self, pairs):
-        from vllm_attncap.engine.compute.pinned import Uploader
+        from vllm_attncap.engine.cuda.pinned import Uploader
 
         self.calls += 1
         self.inner = getattr(self, "inner", None) or Uploader(torch.device("cpu"), 1 << 16)
@@ -299,8 +299,8 @@ def test_decode_cycle_matches_the_eager_torch_path(monkeypatch, tmp_path):
     request buffers as the eager torch path, with requests joining, leaving and reordering between steps."""
     from vllm_attncap.engine import runner_hooks
     from vllm_attncap.engine.capture import capture_layer
-    from vllm_attncap.engine.compute.reference import gather_paged_keys
-    from vllm_attncap.engine.graph_capture import GraphCapture
+    from vllm_attncap.engine.reference import gather_paged_keys
+    from vllm_attncap.engine.cuda.graph_step import GraphCapture
     from vllm_attncap.engine.plan import build_step_plan
     from vllm_attncap.engine.tracker import CaptureTracker, ModelShape
 
@@ -440,13 +440,15 @@ def test_mrv2_hooks_decide_the_step_before_dispatch(monkeypatch, tmp_path):
     """execute_model of a stand-in MRv2 runner sets the decision from the scheduled requests (new ones included)
     before its dispatch runs, and forgets finished requests."""
     private_store(monkeypatch, tmp_path)
-    from vllm_attncap.engine import graph_dispatch, runner_hooks
+    from vllm_attncap.engine import runner_hooks
+    from vllm_attncap.engine.cuda import graph_dispatch
     from vllm_attncap.engine.tracker import CaptureTracker
 
     monkeypatch.setattr(runner_hooks, "get_tracker", lambda t=CaptureTracker(): t)
     pol = StepGraphPolicy()
     pol.num_layers, pol.in_graph = 4, True
-    monkeypatch.setattr(runner_hooks, "graph_policy", pol)
+    runner_hooks.on_schedule(pol.decide)  # what graph_dispatch.install does for the process policy
+    runner_hooks.on_finish(pol.forget)
     seen = []
 
     class Manager:
@@ -498,6 +500,8 @@ def test_mrv2_hooks_decide_the_step_before_dispatch(monkeypatch, tmp_path):
         assert graph_dispatch.policy is not pol  # the process policy was not touched
     finally:
         runner_hooks._ON_FINISH.remove(finished_seen.append)
+        runner_hooks._ON_FINISH.remove(pol.forget)
+        runner_hooks._ON_SCHEDULE.remove(pol.decide)
 
 
 # --------------------------------------------------------------------------- the kernel's online-state algebra
@@ -531,7 +535,7 @@ def test_online_statistics_algebra_equals_the_direct_formula(seed):
     """The fused kernel's statistics algorithm (online (max, S, V, C) per warp, combined across warps and splits in
     any order; entropy = ln S - V/S, coverage = C/S), ported line by line, equals history_stats on the same logits.
     The kernel itself is compared with the reference on a GPU (tests/gpu/test_decode_kernel.py)."""
-    from vllm_attncap.engine.compute.reference import history_stats
+    from vllm_attncap.engine.reference import history_stats
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 300))
@@ -608,7 +612,7 @@ def test_results_reach_the_buffers_before_the_step_output_leaves(monkeypatch):
 def test_stats_only_graph_sends_rows_requests_eager():
     """With the rows pass off (VLLM_ATTNCAP_GRAPH_ROWS=0) head-mean rows requests leave the graph: the policy
     forces their steps to PIECEWISE and begin_step keeps them in the eager plan."""
-    from vllm_attncap.engine.graph_capture import GraphCapture
+    from vllm_attncap.engine.cuda.graph_step import GraphCapture
     from vllm_attncap.engine.plan import RowBatch, StepPlan
 
     pol = StepGraphPolicy()

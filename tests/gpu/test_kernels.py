@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vllm_attncap.engine.compute import cuda as attncap_cuda
-from vllm_attncap.engine.compute.elide import apply_elision, plan_elision
-from vllm_attncap.engine.compute.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
-from vllm_attncap.engine.compute.reference import attention_probs, gather_keys, history_stats, reduce_heads
+from vllm_attncap.engine.cuda import kernels as attncap_cuda
+from vllm_attncap.engine.elide import apply_elision, plan_elision
+from vllm_attncap.engine.cuda.pinned import AsyncCopier, CopyHandle, PinnedBufferPool, PinnedPoolExhausted
+from vllm_attncap.engine.reference import attention_probs, gather_keys, history_stats, reduce_heads
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (torch.cuda.is_available() is False)")]
@@ -372,10 +372,10 @@ def test_history_stats_broadcast_mask_and_2d_rows(kernels):
 def test_elide_rows_match_reference(kernels):
     n, h, width, hist = 5, 3, 2100, 2000
     rows = random_rows(31, n, h, width)
-    plan = plan_elision(hist, width, sink=1, salient=[3, 700, 1501, 1999], n_max=1024, recent=512)
+    plan = plan_elision(hist, width, sink=1, salient=[3, 700, 1501, 1999], n_max=1024, window=512)
     torch.testing.assert_close(attncap_cuda.elide_rows(rows, plan), apply_elision(rows, plan), **SUM_TOL)
     # two requests with different plans in one launch: tables padded to one width (-2 = zero)
-    other = plan_elision(1200, width, sink=0, salient=[10], n_max=1024, recent=100)
+    other = plan_elision(1200, width, sink=0, salient=[10], n_max=1024, window=100)
     w_out = max(plan.out_width, other.out_width)
     src = torch.full((2, w_out), -2, dtype=torch.int32)
     src[0, :plan.out_width] = plan.src_col.to(torch.int32)

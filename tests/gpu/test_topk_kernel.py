@@ -1,5 +1,5 @@
-"""The CUDA top-k kernel (kernels/topk.cu, compute/cuda.py ``topk_keys``) against the torch reference
-(compute/reference.py ``topk_keys``) on fresh random rows: exact ties, rows shorter than k, sliding windows, NaN
+"""The CUDA top-k kernel (kernels/topk.cu, engine/cuda/kernels.py ``topk_keys``) against the torch reference
+(engine/reference.py ``topk_keys``) on fresh random rows: exact ties, rows shorter than k, sliding windows, NaN
 entries, k = 1 .. 1024, contexts up to 32k, strided inputs.
 
 Both sides read the same float32 probabilities, so they must agree exactly: the same positions and bit-equal
@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 
-from vllm_attncap.engine.compute.reference import topk_keys as reference_topk
+from vllm_attncap.engine.reference import topk_keys as reference_topk
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -39,7 +39,7 @@ def _rows(n, h, c, seed, *, ties=False, sharp=1.0):
 @pytest.mark.parametrize("window", [-1, 50])
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_kernel_matches_reference(kernels, k, window, ties):
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     for c, sharp in ((5, 1.0), (300, 4.0), (4096, 2.0), (32768, 8.0)):
         p, q_pos = _rows(6, 3, c, _seed(k, window, ties, c), ties=ties, sharp=sharp)
@@ -51,7 +51,7 @@ def test_topk_kernel_matches_reference(kernels, k, window, ties):
 
 
 def test_topk_kernel_strided_input_and_nan(kernels):
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     p, q_pos = _rows(4, 5, 700, _seed("strided"))
     p[1, 2, 10] = float("nan")  # not a key
@@ -63,7 +63,7 @@ def test_topk_kernel_strided_input_and_nan(kernels):
 
 
 def test_topk_kernel_bad_arguments(kernels):
-    from vllm_attncap.engine.compute import cuda as attncap_cuda
+    from vllm_attncap.engine.cuda import kernels as attncap_cuda
 
     p, q_pos = _rows(2, 1, 10, 0)
     with pytest.raises(ValueError, match="k must"):

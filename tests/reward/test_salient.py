@@ -13,15 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cagsr_reward.salient as salient_module
-from cagsr_reward.salient import (
-    IDFModel,
-    PromptEncoding,
-    SalientSelector,
-    encode_prompt,
-    named_entities,
-    salient_positions,
-    salient_positions_for_messages,
-)
+from cagsr_reward.encoding import PromptEncoding, encode_prompt, salient_positions, salient_positions_for_messages
+from cagsr_reward.salient import IDFModel, SalientSelector, named_entities
 
 CORPUS = ["the cat sat", "the dog sat", "the cat ran"]
 

@@ -15,12 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from cagsr_reward import CAGSRConfig, aggregate, history_block, score_cot, score_turn  # noqa: E402
 from cagsr_reward.integrations.trl import CAGSRRewardFunction, cagsr_reward_func  # noqa: E402
-from cagsr_reward.salient import (  # noqa: E402
-    IDFModel,
-    SalientSelector,
-    salient_positions,
-    salient_positions_for_messages,
-)
+from cagsr_reward.encoding import salient_positions, salient_positions_for_messages  # noqa: E402
+from cagsr_reward.salient import IDFModel, SalientSelector  # noqa: E402
 from cagsr_reward.sources import HFAttentionSource  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -423,17 +419,14 @@ def test_rloo_trains_two_steps_with_the_cagsr_reward(tmp_path, saved, tokenizer,
     assert [reward.encode(t).input_ids for t in (TEXTS[0], TEXTS[2])] == [list(ids) for ids in trl_ids]
 
 
-def test_captured_attention_keeps_the_01_dict_interface_with_a_warning():
-    """attncap_attention entries were dicts in 0.1; user reward functions that index them keep working for a release."""
+def test_captured_attention_is_read_by_attribute_only():
+    """The 0.1 dict interface of attncap_attention entries is gone: a capture is read through its attributes."""
     from cagsr_reward import CapturedAttention
 
     a = np.zeros((1, 1, 2, 4), np.float32)
     a[0, 0, 0, :3] = 1 / 3
     a[0, 0, 1, :4] = 1 / 4
     cap = CapturedAttention(3, a, reduce="layer_head_mean", layer_ids=(1, 2), num_layers=3)
-    with pytest.warns(DeprecationWarning, match="attribute"):
-        assert cap["attention"] is cap.attention
-    with pytest.warns(DeprecationWarning):
-        assert (cap["prompt_len"], cap["reduce"], cap["selected_layer_ids"]) == (3, "layer_head_mean", [1, 2])
-    with pytest.raises(KeyError):
-        cap["shape"]
+    assert (cap.prompt_len, cap.reduce, list(cap.layer_ids)) == (3, "layer_head_mean", [1, 2])
+    with pytest.raises(TypeError):
+        cap["attention"]

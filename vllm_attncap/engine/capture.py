@@ -3,7 +3,7 @@
 Called by a backend's ``Impl.forward`` after the platform kernel produced the
 layer's output, so capture never changes what is generated. For each request
 in the plan it computes the probabilities of the captured query rows
-(:mod:`vllm_attncap.engine.compute.reference`), applies the requested reduction and
+(:mod:`vllm_attncap.engine.reference`), applies the requested reduction and
 writes rows or per-row statistics into the request's buffer.
 
 Reductions (spec ``reduce``): ``none`` keeps (layers, heads); ``head_mean``
@@ -11,7 +11,7 @@ averages the selected heads; ``layer_head_mean`` also averages the selected
 layers (each layer adds its head mean / L; the first selected layer assigns,
 so a recomputed row after preemption is rewritten, not double counted).
 Stats mode computes coverage / history entropy from the reduced rows, after the
-long-history elision rule (:mod:`~vllm_attncap.engine.compute.elide`) when the
+long-history elision rule (:mod:`~vllm_attncap.engine.elide`) when the
 spec sets ``n_max`` and the history is longer.
 """
 
@@ -21,43 +21,43 @@ from collections.abc import Callable
 
 import torch
 
-from .compute.elide import ElisionPlan, apply_elision, plan_elision
-from .compute.reference import attention_probs, history_stats, topk_keys
+from .elide import ElisionPlan, apply_elision, plan_elision
+from .reference import attention_probs, history_stats, topk_keys
 from .plan import RowBatch, StepPlan
 
-__all__ = ["capture_layer", "write_probs"]
+__all__ = ["capture_layer", "elision_plan", "write_probs"]
 
 
 def _device_cache(b: RowBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     c = b.rc.cache
-    if c.get("device") != device:
-        c["device"] = device
-        c["heads"] = torch.tensor(b.rc.local_heads, dtype=torch.long, device=device)  # this rank's own indices
+    if c.device != device:
+        c.device = device
+        c.heads = torch.tensor(b.rc.local_heads, dtype=torch.long, device=device)  # this rank's own indices
         sal = b.rc.spec.salient
-        c["salient"] = torch.tensor(sal, dtype=torch.long, device=device) if sal else None
-    return c["heads"], c["salient"]
+        c.salient = torch.tensor(sal, dtype=torch.long, device=device) if sal else None
+    return c.heads, c.salient
 
 
-def _elision_plan(b: RowBatch) -> ElisionPlan | None:
+def elision_plan(b: RowBatch) -> ElisionPlan | None:
     """The request's long-history elision plan (spec ``n_max``), made once per request; None when not asked for
     or when the history fits (the identity plan)."""
     c = b.rc.cache
-    if "elision" not in c:
+    if not c.elision_planned:
         spec, history_len = b.rc.spec, b.rc.resolved.history_len
         plan = None
         if spec.n_max is not None:
             plan = plan_elision(history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
-                                recent=spec.elision_window)
+                                window=spec.elision_window)
             plan = None if plan.is_identity else plan
-        c["elision"] = plan
-    return c["elision"]
+        c.elision, c.elision_planned = plan, True
+    return c.elision
 
 
 def _elided_salient(b: RowBatch, plan: ElisionPlan, device: torch.device) -> torch.Tensor | None:
     c = b.rc.cache
-    t = c.get("elided_salient")
+    t = c.elided_salient
     if t is None or t.device != device:
-        t = c["elided_salient"] = torch.tensor(plan.salient, dtype=torch.long, device=device) if plan.salient else None
+        t = c.elided_salient = torch.tensor(plan.salient, dtype=torch.long, device=device) if plan.salient else None
     return t
 
 
@@ -101,7 +101,7 @@ def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor, *, sliding_w
     if spec.mode == "stats":
         _, salient = _device_cache(b, probs.device)
         history_len = rc.resolved.history_len
-        plan = _elision_plan(b)
+        plan = elision_plan(b)
         if plan is not None:  # method.md "Long histories": the same rule the reward SDK applies
             probs = apply_elision(probs[..., :history_len], plan)
             history_len = plan.out_history_len
@@ -134,8 +134,8 @@ def capture_layer(
         impl: the attention ``Impl`` (gives scale, soft-cap, ALiBi, sinks).
         query: ``(num_tokens, H, D)`` this step's queries.
         keys_of: a request's keys of positions ``0..b.ctx_len-1``, ``(ctx_len, H_kv, D)``: the backend's way of
-            reading its KV cache (CPU: the slot-indexed shadow store, :func:`~.compute.reference.gather_keys`;
-            CUDA: the paged cache, :func:`~.compute.reference.gather_paged_keys`).
+            reading its KV cache (CPU: the slot-indexed shadow store, :func:`~.reference.gather_keys`;
+            CUDA: the paged cache, :func:`~.reference.gather_paged_keys`).
         plan: this step's :class:`StepPlan`.
         sliding_window: the window the platform kernel used (-1 = none).
     """

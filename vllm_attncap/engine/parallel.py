@@ -4,7 +4,7 @@ Under tensor parallelism (TP) each rank runs every layer with a contiguous slice
 ``tp`` holds global heads ``r * H/tp .. (r+1) * H/tp - 1``, and the KV heads those use); under pipeline parallelism
 (PP) each stage runs a contiguous range of layers (``vllm.distributed.utils.get_pp_indices``, which honours
 ``VLLM_PP_LAYER_PARTITION``). Every rank captures what it holds, into a part of the request's record of its own
-(:mod:`vllm_attncap.parts`); the reader combines the parts into exactly the arrays a single-rank engine gives.
+(:mod:`vllm_attncap.store.parts`); the reader combines the parts into exactly the arrays a single-rank engine gives.
 
 How each reduction splits (``H`` = selected heads, ``L`` = selected layers, all counted over the whole model):
 

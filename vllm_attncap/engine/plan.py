@@ -44,26 +44,23 @@ class RowBatch:
 
 @dataclass
 class StepPlan:
-    """The captured rows of one step, and what the backends decide about them once per step.
+    """The captured rows of one step (shared by the backends).
 
     Attributes:
         batches: one :class:`RowBatch` per captured request.
         layers: every layer some request of the step captures.
         own_layers: the layers of the KV-cache group whose builder made the plan (None = all); set by the CUDA
             builder (a model with several KV-cache groups gets one plan per group).
-        use_kernels: whether the CUDA kernels capture this step (decided at the first captured layer).
-        kernel_groups: the kernel path's row groups, built at the first captured layer.
         block_table: the step's block table (rows indexed by ``RowBatch.batch_row``).
-        cpu_step: the CPU kernel path's tables (:class:`~.cpu_capture.CpuStep`), built at the first captured layer.
+
+    What one backend decides about the step (the CPU kernel's tables, the CUDA kernel path's choice and row groups)
+    is that backend's, on its own metadata subclass (``AttnCapCPUMetadata``, ``AttnCapFlashMetadata``).
     """
 
     batches: list[RowBatch]
     layers: frozenset[int]
     own_layers: frozenset[int] | None = None
-    use_kernels: bool | None = None
-    kernel_groups: list[Any] | None = None
     block_table: torch.Tensor | None = None
-    cpu_step: Any = None
 
     def wants(self, layer_index: int) -> bool:
         return layer_index in self.layers

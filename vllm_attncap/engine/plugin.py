@@ -4,8 +4,8 @@
 ``attention_backend`` is parsed. It:
 
 1. registers the platform's attncap backend class on the ``CUSTOM`` member of
-   ``AttentionBackendEnum`` (CPU: :class:`~vllm_attncap.engine.backends.cpu.AttnCapCPUBackend`;
-   CUDA: :class:`~vllm_attncap.engine.backends.flash.AttnCapFlashBackend`);
+   ``AttentionBackendEnum`` (CPU: :class:`~vllm_attncap.engine.cpu.backend.AttnCapCPUBackend`;
+   CUDA: :class:`~vllm_attncap.engine.cuda.backend.AttnCapFlashBackend`);
 2. adds ``ATTNCAP`` as an alias name of that member, so ``attention_backend="attncap"``
    (any case) parses in every process — an alias pickles as ``CUSTOM``, which
    survives vLLM's spawned processes (a new enum member would not);
@@ -25,8 +25,8 @@ logger = logging.getLogger("vllm_attncap")
 
 __all__ = ["register", "backend_class_path"]
 
-CPU_BACKEND = "vllm_attncap.engine.backends.cpu.AttnCapCPUBackend"
-CUDA_BACKEND = "vllm_attncap.engine.backends.flash.AttnCapFlashBackend"
+CPU_BACKEND = "vllm_attncap.engine.cpu.backend.AttnCapCPUBackend"
+CUDA_BACKEND = "vllm_attncap.engine.cuda.backend.AttnCapFlashBackend"
 
 
 def backend_class_path(platform) -> str | None:

@@ -30,10 +30,9 @@ asynchronous device-to-host copies there), and those registered with
 ``sample_tokens`` (both runners) is wrapped so that a step's copies are written
 into the request buffers before that step's output leaves the worker
 (:func:`on_output`; inside ``get_output()`` for an asynchronous output). Before
-the step they decide its CUDA-graph mode (:mod:`vllm_attncap.engine.graph_dispatch`):
-the runner's graph dispatch (MRv2 ``CudaGraphManager.dispatch``, V1
-``CudagraphDispatcher.dispatch``) is wrapped to pick the PIECEWISE entry for
-steps with a request the full decode graph cannot capture.
+the step's forward they call those registered with :func:`on_schedule` with the
+step's scheduled request ids (the CUDA backend decides the step's graph mode
+there: :mod:`vllm_attncap.engine.cuda.graph_dispatch`).
 
 The method names used here are stable across vLLM 0.18-0.33 (see
 docs/architecture.md, docs/gpu.md); the hooks are installed once per process,
@@ -48,13 +47,12 @@ import logging
 import sys
 from typing import Any, Callable
 
-from .graph_dispatch import policy as graph_policy
-from .graph_dispatch import wrap_dispatch
 from .tracker import get_tracker
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["install", "active_runner", "on_step_end", "on_finish", "on_output", "MRv2StepView", "mrv2_installed"]
+__all__ = ["install", "active_runner", "on_step_end", "on_finish", "on_output", "on_schedule", "MRv2StepView",
+           "mrv2_installed"]
 
 _ACTIVE: Any = None
 _INSTALLED = False
@@ -63,8 +61,7 @@ _IN_MRV2_STEP = False
 _STEP_END: list[Callable[[], None]] = []
 _ON_FINISH: list[Callable[[Any], None]] = []
 _ON_OUTPUT: list[Callable[[], Callable[[], None]]] = []
-_MRV2_DISPATCH = ("vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager")
-_V1_DISPATCH = ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher")
+_ON_SCHEDULE: list[Callable[[Any, Callable[[str], Any]], Any]] = []
 _MRV2_MODULE = "vllm.v1.worker.gpu.model_runner"
 
 
@@ -92,6 +89,13 @@ def on_output(fn: Callable[[], Callable[[], None]]) -> None:
     asynchronous one (idempotent per ``fn``)."""
     if fn not in _ON_OUTPUT:
         _ON_OUTPUT.append(fn)
+
+
+def on_schedule(fn: Callable[[Any, Callable[[str], Any]], Any]) -> None:
+    """Before a hooked runner's step runs, call ``fn(req_ids, raw_spec_of)``: the step's scheduled request ids and
+    a function from a request id to its raw attncap spec (None when it asks for none) (idempotent per ``fn``)."""
+    if fn not in _ON_SCHEDULE:
+        _ON_SCHEDULE.append(fn)
 
 
 def _run_all(fns, what: str = "output") -> None:
@@ -150,13 +154,15 @@ def _finish(finished) -> None:
         except Exception:  # capture must never fail the engine step
             logger.exception("vllm_attncap: finish callback %r failed", fn)
     get_tracker().finish(finished)
-    graph_policy.forget(finished)
 
 
-def _decide_graph_mode(scheduler_output, raw_spec_of: Callable[[str], Any]) -> None:
-    """Set the per-step graph decision from the step's scheduled requests (before the runner dispatches)."""
+def _schedule(scheduler_output, raw_spec_of: Callable[[str], Any]) -> None:
+    """Tell the :func:`on_schedule` callbacks the step's scheduled requests (before the runner dispatches)."""
+    if not _ON_SCHEDULE:
+        return
     sched = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
-    graph_policy.decide(sched, raw_spec_of)
+    for fn in _ON_SCHEDULE:
+        fn(sched, raw_spec_of)
 
 
 def _spec_from_params(sp: Any) -> Any:
@@ -176,18 +182,6 @@ def _v1_spec_of(runner: Any, scheduler_output) -> Callable[[str], Any]:
     return spec_of
 
 
-def _install_dispatch(module_name: str, cls_name: str) -> bool:
-    """Wrap ``cls.dispatch`` of a loaded module (idempotent); False when the module or class is absent."""
-    mod = sys.modules.get(module_name)
-    cls = getattr(mod, cls_name, None) if mod is not None else None
-    fn = getattr(cls, "dispatch", None) if cls is not None else None
-    if fn is None:
-        return False
-    if not getattr(fn, "__attncap_wrapped__", False):
-        cls.dispatch = wrap_dispatch(fn)
-    return True
-
-
 def mrv2_installed() -> bool:
     """Whether the Model Runner V2 hook is installed in this process."""
     return _MRV2_INSTALLED
@@ -204,7 +198,7 @@ def _wrap_execute_model(orig):
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
             _finish(finished)
-        _decide_graph_mode(scheduler_output, _v1_spec_of(self, scheduler_output))
+        _schedule(scheduler_output, _v1_spec_of(self, scheduler_output))
         _ACTIVE = self
         try:
             return orig(self, scheduler_output, *args, **kwargs)
@@ -313,7 +307,7 @@ def _wrap_mrv2_execute_model(orig):
                     sp = getattr(new[rid], "sampling_params", None)
                 return _spec_from_params(sp)
 
-            _decide_graph_mode(so, spec_of)
+            _schedule(so, spec_of)
         try:
             return orig(self, *args, **kwargs)
         finally:
@@ -360,9 +354,6 @@ def install() -> None:
     global _INSTALLED, _MRV2_INSTALLED
     if not _MRV2_INSTALLED:
         _MRV2_INSTALLED = _install_mrv2_if_loaded()
-        if _MRV2_INSTALLED and not _install_dispatch(*_MRV2_DISPATCH):
-            logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
-                           "the full decode graph cannot capture may lose those captures")
     if _INSTALLED:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -370,5 +361,4 @@ def install() -> None:
     if not getattr(GPUModelRunner.execute_model, "__attncap_wrapped__", False):
         GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
     _install_sample_tokens(GPUModelRunner)
-    _install_dispatch(*_V1_DISPATCH)  # the V1 runner's dispatcher (its module is loaded with the runner's)
     _INSTALLED = True

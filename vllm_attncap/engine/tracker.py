@@ -12,18 +12,24 @@ recorded for the caller (:func:`vllm_attncap.store.read_capture` returns it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..parts import make_part_meta, part_req_id
+from ..store.parts import make_part_meta, part_req_id
 from ..spec import CaptureSpec, ResolvedSpec, resolve_spec
 from ..store import CaptureMeta, CaptureWriter, write_error
 from .parallel import RankFacts, rank_share
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["ModelShape", "RequestCapture", "CaptureTracker", "get_tracker"]
+if TYPE_CHECKING:
+    import torch
+
+    from .elide import ElisionPlan
+
+__all__ = ["ModelShape", "RequestCache", "RequestCapture", "CaptureTracker", "get_tracker"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,36 @@ class ModelShape:
 
 
 @dataclass
+class RequestCache:
+    """What the capture paths keep for one request between steps; dropped (:meth:`clear`) when it finishes.
+
+    The fields are the torch path's (:mod:`vllm_attncap.engine.capture`), which both rooms use. A room that keeps
+    more subclasses this and installs the subclass with :meth:`CaptureTracker.set_cache_type` (the CPU room:
+    ``engine.cpu.capture.CpuRequestCache``, the kernel's step-invariant tables).
+
+    Attributes:
+        device: the device of the tensors below (None: not made yet).
+        heads: this rank's selected heads as indices of its own heads; salient: the spec's salient positions
+            (None: none).
+        elision: the long-history elision plan (None: not asked for, or the history fits); ``elision_planned``:
+            whether it was made.
+        elided_salient: the salient positions after elision, on ``elided_salient.device``.
+    """
+
+    device: torch.device | None = None
+    heads: torch.Tensor | None = None
+    salient: torch.Tensor | None = None
+    elision: ElisionPlan | None = None
+    elision_planned: bool = False
+    elided_salient: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        """Forget everything (drops views of the request's mapped array before it is unmapped)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+
+
+@dataclass
 class RequestCapture:
     """One captured request in the worker."""
 
@@ -50,7 +86,7 @@ class RequestCapture:
     layer_slot: dict[int, int] = field(default_factory=dict)
     first_layer: int = 0
     last_layer: int = 0
-    cache: dict[str, Any] = field(default_factory=dict)  # per-device tensors (heads, salient)
+    cache: RequestCache = field(default_factory=RequestCache)  # what the capture paths keep between steps
     # under TP/PP (engine.parallel): this rank's selected heads as indices of its own heads, its share of the
     # selected heads (weights its head mean), and whether statistics of a mean go to the host as partial rows
     local_heads: tuple[int, ...] = ()
@@ -89,6 +125,12 @@ class CaptureTracker:
         self.capturable_layers: frozenset[int] | None = None
         #: how the capturable layers were set, for the refusal message
         self.capturable_setting: str = ""
+        #: the per-request cache of the backend in use (:class:`RequestCache` or a room's subclass)
+        self.cache_type: type[RequestCache] = RequestCache
+
+    def set_cache_type(self, cache_type: type[RequestCache]) -> None:
+        """The :class:`RequestCache` subclass of the backend in use (each new request's ``cache``)."""
+        self.cache_type = cache_type
 
     def set_capturable_layers(self, layers: frozenset[int] | None, setting: str = "") -> None:
         self.capturable_layers = layers
@@ -156,7 +198,7 @@ class CaptureTracker:
                 prompt_start=resolved.prompt_start,
             )
             share = None
-            if self.ranks is not None:  # one part per rank (vllm_attncap.parts)
+            if self.ranks is not None:  # one part per rank (vllm_attncap.store.parts)
                 share = rank_share(self.ranks, resolved)
                 if resolved.capture_mode == "topk" and resolved.spec.reduce != "none" and \
                         0 < len(share.heads) < len(resolved.heads):
@@ -185,7 +227,7 @@ class CaptureTracker:
         if share is not None and share.empty:
             slot = {}
         first, last = (min(layers), max(layers)) if slot else (-1, -1)
-        rc = RequestCapture(req_id, resolved, writer, slot, first, last)
+        rc = RequestCapture(req_id, resolved, writer, slot, first, last, cache=self.cache_type())
         if share is not None:
             rc.sharded, rc.local_heads, rc.head_share = True, share.local_heads, share.head_share
             rc.stats_on_host = share.stats_on_host
@@ -223,10 +265,10 @@ def _stats_history(resolved: ResolvedSpec) -> tuple[int, int, list[int]]:
     spec asks for it (the elision plan depends only on the spec and the prompt, so every rank makes the same)."""
     spec = resolved.spec
     if spec.n_max is not None:
-        from .compute.elide import plan_elision
+        from .elide import plan_elision
 
         plan = plan_elision(resolved.history_len, sink=spec.sink, salient=spec.salient, n_max=spec.n_max,
-                            recent=spec.elision_window)
+                            window=spec.elision_window)
         if not plan.is_identity:
             return plan.out_history_len, spec.sink, list(plan.salient)
     return resolved.history_len, spec.sink, list(spec.salient)

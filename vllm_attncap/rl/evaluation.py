@@ -151,7 +151,7 @@ def score_dialogue_rollout(
 
     Turn t's history block is columns ``0..P_t-1`` of its captured attention
     (:meth:`~cagsr_reward.attention.CapturedAttention.history_block`); salient positions and the current user
-    turn's span come from :func:`~cagsr_reward.salient.encode_prompt` on H_t (which must tokenize to the ids vLLM
+    turn's span come from :func:`~cagsr_reward.encoding.encode_prompt` on H_t (which must tokenize to the ids vLLM
     generated from); the response ids are the turn's generated ids.
     """
     inputs = []

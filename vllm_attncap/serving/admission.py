@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..spec import DEFAULT_MAX_BYTES, SPEC_FIELDS, CaptureSpec, resolve_spec
-from ..parts import list_captures as find_captures  # a TP/PP engine's per-rank parts count as one record
-from ..store import MAX_PENDING_BYTES, STATUS_OPEN, key_exists
+from .. import envs
+from ..spec import SPEC_FIELDS, CaptureSpec, resolve_spec
+from ..store import STATUS_OPEN, key_exists, list_captures  # TP/PP parts count as one record
 from .xargs import SPEC_XARG, SpecError, spec_from_xargs
 
 __all__ = [
@@ -74,7 +74,7 @@ def pending_capture_bytes() -> int:
     ``VLLM_ATTNCAP_MAX_PENDING_BYTES``."""
     seen: dict[str, tuple[int, int]] = {}
     total = 0
-    for meta in find_captures():
+    for meta in list_captures():
         if meta.status == STATUS_OPEN:
             total += meta.nbytes
         count, nbytes = seen.get(meta.key, (0, 0))
@@ -146,8 +146,8 @@ def admit_request(
     spec_dict, rest = spec_from_xargs(extra_args)
     if spec_dict is None:
         return None
-    cap = DEFAULT_MAX_BYTES if max_bytes is None else int(max_bytes)
-    pending_cap = MAX_PENDING_BYTES if max_pending_bytes is None else int(max_pending_bytes)
+    cap = envs.VLLM_ATTNCAP_MAX_BYTES if max_bytes is None else int(max_bytes)
+    pending_cap = envs.VLLM_ATTNCAP_MAX_PENDING_BYTES if max_pending_bytes is None else int(max_pending_bytes)
     unknown = sorted(set(spec_dict) - set(SPEC_FIELDS))
     if unknown:
         raise SpecError(
@@ -212,8 +212,8 @@ def admit_request(
                 r.since = now
             else:
                 # joining after the earlier prompts' records appeared: they count as seen
-                before = len(find_captures(key)) if joins else 0
-                prior = sum(m.nbytes for m in find_captures(key)) if joins else 0
+                before = len(list_captures(key)) if joins else 0
+                prior = sum(m.nbytes for m in list_captures(key)) if joins else 0
                 _reservations[key] = _Reservation(prior + need, before + samples, now)
             if spec.key is not None:
                 _owners[key] = (group, now)

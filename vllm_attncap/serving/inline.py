@@ -4,7 +4,7 @@ A non-streaming response of ``/v1/completions``, ``/v1/chat/completions`` or the
 ``/inference/v1/generate`` (vLLM's ``ServingTokens``, served with ``--enable-scale-out``) gets, on each choice whose
 request asked for a capture, a field ``attncap``:
 
-* when the capture's arrays hold at most :data:`INLINE_MAX_BYTES` bytes (``VLLM_ATTNCAP_INLINE_MAX_BYTES``, default
+* when the capture's arrays hold at most :func:`inline_max_bytes` bytes (``VLLM_ATTNCAP_INLINE_MAX_BYTES``, default
   1 MiB; 0 turns inline delivery off), the capture itself: its record (``key``, ``mode``, ``reduce``, ``layers``,
   ``heads``, ``prompt_len``, ``num_tokens``, ``prompt_start`` for top-k) and ``arrays``, each
   ``{"shape": [...], "dtype": "int32" | "float32", "npy": <base64 of the .npy file>}``: ``attention`` (rows mode),
@@ -21,7 +21,7 @@ top-k request with ``prompt_start`` before the end of its prompt skips reading t
 tokens need their queries computed).
 
 This module only wraps the three handlers' methods (:func:`install`) and reads captures through
-:mod:`vllm_attncap.parts`; it adds no route.
+:mod:`vllm_attncap.store` (its TP/PP-combining readers); it adds no route.
 """
 
 from __future__ import annotations
@@ -33,25 +33,30 @@ import functools
 import io
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import numpy as np
 
-from ..parts import list_captures, read_capture
+from .. import envs
 from ..spec import CaptureSpec
-from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureMeta, CaptureRecord
+from ..store import (STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureMeta, CaptureRecord, list_captures,
+                     read_capture)
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["FIELD", "INLINE_MAX_BYTES", "install", "inline_field", "decode_array", "encode_array",
+__all__ = ["FIELD", "inline_max_bytes", "install", "inline_field", "decode_array", "encode_array",
            "prepare_sampling_params", "trimmed_nbytes"]
 
 #: The per-choice response field.
 FIELD = "attncap"
-#: Largest capture (bytes of its arrays) returned inline; larger ones stay under their key.
-INLINE_MAX_BYTES = int(os.environ.get("VLLM_ATTNCAP_INLINE_MAX_BYTES", str(1 << 20)))
+
+
+def inline_max_bytes() -> int:
+    """Largest capture (bytes of its arrays) returned inline (``VLLM_ATTNCAP_INLINE_MAX_BYTES``, vllm_attncap.envs);
+    larger ones stay under their key."""
+    return int(envs.VLLM_ATTNCAP_INLINE_MAX_BYTES)
+
 #: How long a response waits for the worker to close a capture whose token count it does not know.
 CLOSE_WAIT_S = 3.0
 
@@ -158,7 +163,7 @@ def _deliver(key: str, counts: list[int | None], limit: int) -> list[dict[str, A
 async def _fields(key: str, counts: list[int | None]) -> list[dict[str, Any]]:
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(None, _deliver, key, counts, INLINE_MAX_BYTES)
+        return await loop.run_in_executor(None, _deliver, key, counts, inline_max_bytes())
     except Exception as e:  # never fail the response because of its capture
         logger.warning("vllm_attncap: inline delivery of %r failed: %s", key, e)
         return [_handle(key, None, f"inline delivery failed: {e}")] * len(counts)

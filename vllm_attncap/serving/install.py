@@ -20,8 +20,7 @@ import sys
 from http import HTTPStatus
 
 from ..engine.parallel import global_counts
-from ..spec import DEFAULT_MAX_BYTES
-from ..store import MAX_PENDING_BYTES
+from .. import envs
 from .admission import PendingCapError, admit_request
 from .inline import install as install_inline
 from .inline import prepare_sampling_params
@@ -154,7 +153,8 @@ def _attach(app) -> None:
     install_inline()  # small captures ride in the responses (serving/inline.py)
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
-        "(per-request cap %d bytes, in-flight cap %d bytes)", ROUTE, DEFAULT_MAX_BYTES, MAX_PENDING_BYTES,
+        "(per-request cap %d bytes, in-flight cap %d bytes)", ROUTE, envs.VLLM_ATTNCAP_MAX_BYTES,
+        envs.VLLM_ATTNCAP_MAX_PENDING_BYTES,
     )
 
 

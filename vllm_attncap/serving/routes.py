@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..parts import list_captures, read_capture  # the store's, with the per-rank parts of a TP/PP engine combined
-from ..store import STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists
+from ..store import (STATUS_ERROR, STATUS_OPEN, CaptureClaimed, CaptureRecord, current_store, key_exists,
+                     list_captures, read_capture)  # list and read: a TP/PP engine's per-rank parts combined
 from .admission import MAX_DERIVED_KEY_CHARS, pending_capture_bytes, release, reservations
 
 __all__ = ["ROUTE", "STATUS_ROUTE", "build_router", "capture_payload", "status_payload"]

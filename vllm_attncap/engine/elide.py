@@ -28,7 +28,7 @@ Example (``P = 6``, ``N_max = 4``, ``W = 2``, ``sink = 1``, salient ``{2}``;
 positions 1 and 3 are elided):
 
     >>> import torch
-    >>> plan = plan_elision(6, 7, sink=1, salient=[2], n_max=4, recent=2)
+    >>> plan = plan_elision(6, 7, sink=1, salient=[2], n_max=4, window=2)
     >>> plan.src_col.tolist(), plan.out_history_len, plan.salient
     ([0, -1, 2, 4, 5, 6], 5, (2,))
     >>> row = torch.tensor([[0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1]])
@@ -43,13 +43,12 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["ELIDED", "DEFAULT_N_MAX", "DEFAULT_RECENT", "ElisionPlan", "plan_elision", "apply_elision", "elide_history"]
+from cagsr_reward.config import ELISION_N_MAX, ELISION_WINDOW  # the defaults: elide past N_max, keep the last W
+
+__all__ = ["ELIDED", "ElisionPlan", "plan_elision", "apply_elision", "elide_history"]
 
 #: ``src_col`` value of the elided column.
 ELIDED = -1
-#: method.md defaults: elide histories longer than N_max, keep the last W positions.
-DEFAULT_N_MAX = 1024
-DEFAULT_RECENT = 512
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ def plan_elision(
     *,
     sink: int = 0,
     salient: Iterable[int] = (),
-    n_max: int = DEFAULT_N_MAX,
-    recent: int = DEFAULT_RECENT,
+    n_max: int = ELISION_N_MAX,
+    window: int = ELISION_WINDOW,
 ) -> ElisionPlan:
     """Plan the elided-column rule for rows of ``width`` columns whose first
     ``history_len`` columns are the history.
@@ -104,7 +103,7 @@ def plan_elision(
         salient: salient history positions (``0 <= s < P``); those ``< sink`` are
             ignored (sinks never count as salient).
         n_max: elide only when ``P > n_max`` (``>= 1``).
-        recent: most recent positions always kept (``>= 0``).
+        window: most recent positions always kept (``>= 0``).
 
     Returns:
         An :class:`ElisionPlan`; the identity plan when ``P <= n_max``.
@@ -121,8 +120,8 @@ def plan_elision(
         raise ValueError(f"plan_elision: sink must be in 0..{history_len - 1}, got {sink}")
     if n_max < 1:
         raise ValueError(f"plan_elision: n_max must be >= 1, got {n_max}")
-    if recent < 0:
-        raise ValueError(f"plan_elision: recent must be >= 0, got {recent}")
+    if window < 0:
+        raise ValueError(f"plan_elision: window must be >= 0, got {window}")
     sal = sorted(set(int(s) for s in salient))
     if sal and (sal[0] < 0 or sal[-1] >= history_len):
         raise ValueError(f"plan_elision: salient positions must lie in 0..{history_len - 1}, got {sal}")
@@ -130,7 +129,7 @@ def plan_elision(
 
     kept = torch.ones(history_len, dtype=torch.bool)
     if history_len > n_max:
-        kept[sink:max(sink, history_len - recent)] = False
+        kept[sink:max(sink, history_len - window)] = False
         if sal:
             kept[torch.tensor(sal, dtype=torch.long)] = True
     elided = torch.zeros(width, dtype=torch.bool)
@@ -176,13 +175,13 @@ def elide_history(
     *,
     sink: int = 0,
     salient: Iterable[int] = (),
-    n_max: int = DEFAULT_N_MAX,
-    recent: int = DEFAULT_RECENT,
+    n_max: int = ELISION_N_MAX,
+    window: int = ELISION_WINDOW,
 ) -> tuple[torch.Tensor, ElisionPlan]:
     """Plan and apply the rule to rows ``probs (..., C)``; returns ``(rows, plan)``.
 
     Feed ``rows, plan.out_history_len, sink, plan.salient`` to
-    :func:`vllm_attncap.engine.compute.reference.history_stats` for the reward inputs.
+    :func:`vllm_attncap.engine.reference.history_stats` for the reward inputs.
     """
-    plan = plan_elision(history_len, probs.shape[-1], sink=sink, salient=salient, n_max=n_max, recent=recent)
+    plan = plan_elision(history_len, probs.shape[-1], sink=sink, salient=salient, n_max=n_max, window=window)
     return apply_elision(probs, plan), plan

@@ -2,15 +2,16 @@
 
 The CUDA builder declares ``UNIFORM_SINGLE_TOKEN_DECODE`` support, so vLLM keeps its default
 ``FULL_AND_PIECEWISE`` mode: pure decode steps replay a full CUDA graph (which holds the fused decode-capture
-kernel, :mod:`~vllm_attncap.engine.graph_buffers`), prefill and mixed steps run PIECEWISE. A step whose scheduled
+kernel, :mod:`~vllm_attncap.engine.cuda.graph_buffers`), prefill and mixed steps run PIECEWISE. A step whose scheduled
 requests include one that the full graph cannot capture (full rows, head-mean rows of several layers, elision —
-:func:`~vllm_attncap.engine.graph_buffers.graph_kind` is None — or any capture while the in-graph path is off) must
-run attention eagerly: the runner's CUDA-graph dispatch is wrapped (:func:`wrap_dispatch`, installed by
-:mod:`~vllm_attncap.engine.runner_hooks`) to ask vLLM for the batch as if it were not a uniform decode, which
+:func:`~vllm_attncap.engine.cuda.graph_buffers.graph_kind` is None — or any capture while the in-graph path is off) must
+run attention eagerly: the runner's CUDA-graph dispatch is wrapped (:func:`wrap_dispatch`, installed with the
+decision's runner hooks by :func:`install`, which the CUDA metadata builder calls) to ask vLLM for the batch as if it were not a uniform decode, which
 selects the PIECEWISE entry of the same size (Model Runner V2: ``uniform_token_count=None``; V1:
 ``uniform_decode=False``).
 
-Pure Python (no vLLM, no CUDA): the decision and the argument rewrite are unit-tested with fakes.
+Pure Python (no CUDA; vLLM only through :mod:`~vllm_attncap.engine.runner_hooks`): the decision and the argument
+rewrite are unit-tested with fakes.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from typing import Any, Callable, Iterable
 
-from ..spec import CaptureSpec
+from ...spec import CaptureSpec
+from .. import runner_hooks
 from .graph_buffers import graph_kind
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "policy"]
+__all__ = ["StepGraphPolicy", "force_non_uniform", "wrap_dispatch", "install", "policy"]
+
+_MRV2_DISPATCH = ("vllm.v1.worker.gpu.cudagraph_utils", "CudaGraphManager")
+_V1_DISPATCH = ("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher")
 
 #: Dispatch arguments that, rewritten so, make vLLM treat a batch as non-uniform (MRv2, V1).
 _NON_UNIFORM = {"uniform_token_count": None, "uniform_decode": False}
@@ -35,8 +41,8 @@ class StepGraphPolicy:
     """Decides, before the runner dispatches a step, whether it must leave the full decode graph.
 
     Attributes:
-        graphs: whether the platform runs graphs at all (False on CPU, set by the CPU builder: no step is forced,
-            no step pays for the decision).
+        graphs: whether the platform runs graphs at all (False: no step is forced, no step pays for the
+            decision).
         in_graph: whether the in-graph capture path is usable in this engine (set by the CUDA builder); when False,
             every step with a capturing request goes PIECEWISE.
         num_layers: the model's layers (``head_mean`` over "all" layers of a one-layer model runs in the graph).
@@ -129,3 +135,33 @@ def wrap_dispatch(orig: Callable, pol: StepGraphPolicy | None = None) -> Callabl
 
     dispatch.__attncap_wrapped__ = True
     return dispatch
+
+
+def _install_dispatch(module_name: str, cls_name: str, pol: StepGraphPolicy) -> bool:
+    """Wrap ``cls.dispatch`` of a loaded module (idempotent); False when the module or class is absent."""
+    mod = sys.modules.get(module_name)
+    cls = getattr(mod, cls_name, None) if mod is not None else None
+    fn = getattr(cls, "dispatch", None) if cls is not None else None
+    if fn is None:
+        return False
+    if not getattr(fn, "__attncap_wrapped__", False):
+        cls.dispatch = wrap_dispatch(fn, pol)
+    return True
+
+
+_WARNED_MRV2 = False
+
+
+def install(pol: StepGraphPolicy | None = None) -> None:
+    """Make ``pol`` (default :data:`policy`) decide every step: it hears the step's scheduled requests and the
+    finished ones through :mod:`~vllm_attncap.engine.runner_hooks`, and the runners' graph dispatch (Model Runner
+    V2's when that runner is hooked, V1's) is wrapped. Call after :func:`runner_hooks.install` (idempotent)."""
+    global _WARNED_MRV2
+    pol = pol or policy
+    runner_hooks.on_schedule(pol.decide)
+    runner_hooks.on_finish(pol.forget)
+    if runner_hooks.mrv2_installed() and not _install_dispatch(*_MRV2_DISPATCH, pol) and not _WARNED_MRV2:
+        _WARNED_MRV2 = True
+        logger.warning("vllm_attncap: Model Runner V2's CUDA-graph dispatch was not found; steps with requests "
+                       "the full decode graph cannot capture may lose those captures")
+    _install_dispatch(*_V1_DISPATCH, pol)  # the V1 runner's dispatcher (its module is loaded with the runner's)

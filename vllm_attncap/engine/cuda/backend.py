@@ -1,6 +1,6 @@
 """attncap on CUDA: vLLM 0.25.1's FLASH_ATTN backend plus capture.
 
-Same shape as :mod:`vllm_attncap.engine.backends.cpu` (Backend / MetadataBuilder / Impl,
+Same shape as :mod:`vllm_attncap.engine.cpu.backend` (Backend / MetadataBuilder / Impl,
 subclassing vLLM's own classes, which the runner requires: its builders check
 ``isinstance(layer.impl, FlashAttentionImpl)``):
 
@@ -15,9 +15,9 @@ subclassing vLLM's own classes, which the runner requires: its builders check
   :class:`AttnCapFlashMetadata`. It declares ``UNIFORM_SINGLE_TOKEN_DECODE``
   CUDA-graph support, so vLLM keeps its default ``FULL_AND_PIECEWISE`` mode: pure
   decode steps replay full graphs that hold the fused decode-capture kernel over
-  static buffers (:mod:`vllm_attncap.engine.graph_capture`), and a step with a
+  static buffers (:mod:`vllm_attncap.engine.cuda.graph_step`), and a step with a
   request the graph cannot capture is switched to PIECEWISE by the runner hook
-  (:mod:`vllm_attncap.engine.graph_dispatch`); docs/gpu.md, "CUDA graphs".
+  (:mod:`vllm_attncap.engine.cuda.graph_dispatch`); docs/gpu.md, "CUDA graphs".
 * :class:`AttnCapFlashImpl` runs FlashAttention first — generated tokens are
   exactly FLASH_ATTN's — then captures the planned rows of its layer.
 
@@ -26,9 +26,9 @@ store), split exactly as ``FlashAttentionImpl`` does in vLLM 0.23-0.25:
 ``kv_cache.unbind(1)[0]`` of ``[num_blocks, 2, block_size, H_kv, D]``.
 
 Two ways to compute a layer's rows, chosen once per step: the CUDA kernels
-(:mod:`vllm_attncap.engine.kernel_capture`), or the torch path shared with the CPU
+(:mod:`vllm_attncap.engine.cuda.capture`), or the torch path shared with the CPU
 backend (:func:`vllm_attncap.engine.capture.capture_layer` over
-:func:`~vllm_attncap.engine.compute.reference.gather_paged_keys`).
+:func:`~vllm_attncap.engine.reference.gather_paged_keys`).
 
 Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md, "What awaits a GPU run").
 """
@@ -36,7 +36,7 @@ Status: written against vLLM 0.25.1's source; not yet run on a GPU (docs/gpu.md,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -48,18 +48,21 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from ... import envs
 from .. import runner_hooks
+from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..capture import capture_layer
-from ..compute.pinned import HostSink
-from ..compute.reference import gather_paged_keys
-from ..compute import cuda as attncap_cuda
-from ..graph_buffers import BufferLayout
-from ..graph_capture import GraphCapture
-from ..graph_dispatch import policy as graph_policy
-from ..kernel_capture import capture_layer_kernels, kernels_available, step_uses_kernels
 from ..plan import StepPlan, build_step_plan
+from ..reference import gather_paged_keys
 from ..tracker import get_tracker
-from .common import extend_metadata, layer_index_of, model_shape_from_config
+from . import kernels as attncap_cuda
+from . import capture as kernel_capture
+from .capture import KernelStep, kernels_available, step_uses_kernels
+from .graph_buffers import BufferLayout
+from . import graph_dispatch
+from .graph_dispatch import policy as graph_policy
+from .graph_step import GraphCapture
+from .pinned import HostSink
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -114,10 +117,13 @@ class AttnCapFlashMetadata(FlashAttentionMetadata):
         attncap_plan: which query rows of the step are captured by the eager paths (None: none).
         attncap_graph: set on uniform single-token decode steps when the in-graph path is on: every layer launches
             the fused decode kernel over its static buffers (rows whose flag is off exit at once).
+        attncap_kernel_step: what the eager kernel path decides about the step at its first captured layer
+            (:class:`~.capture.KernelStep`: whether the kernels capture it, its row groups).
     """
 
     attncap_plan: StepPlan | None = None
     attncap_graph: GraphCapture | None = None
+    attncap_kernel_step: KernelStep = field(default_factory=KernelStep)
 
 
 class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -146,6 +152,7 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         runner_hooks.on_step_end(flush_pending)
         runner_hooks.on_finish(finish_requests)
         runner_hooks.on_output(output_mark)
+        graph_dispatch.install(graph_policy)
         # layer indices of this KV-cache group (several groups = several builders and plans per step)
         try:
             self._own_layers: frozenset[int] | None = frozenset(_layer_index_of_name(n) for n in layer_names)
@@ -174,7 +181,8 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             # eager / piecewise decode steps launch the fused kernel only when some row uses it; full-graph
             # replays run it whatever the metadata says
             graph = self._graph if uniform and self._graph.active else None
-        return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph)
+        return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=plan, attncap_graph=graph,
+                               attncap_kernel_step=KernelStep())
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> AttnCapFlashMetadata:
         """The metadata recorded into a full graph: the same static buffers, every row off (no active runner)."""
@@ -187,20 +195,16 @@ class AttnCapFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return extend_metadata(AttnCapFlashMetadata, md, attncap_plan=None, attncap_graph=self._graph)
 
 
-#: Environment switch of the in-graph capture path (``0``: every capturing step runs PIECEWISE).
-GRAPH_ENV = "VLLM_ATTNCAP_GRAPH"
 _GRAPH: GraphCapture | None = None
 
 
 def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture | None:
     """The process's in-graph capture state, or None when the fused kernel cannot serve this engine."""
     global _GRAPH
-    import os
-
     reason = None
     dtype = getattr(vllm_config.model_config, "dtype", None)
-    if os.environ.get(GRAPH_ENV, "1") == "0":
-        reason = f"{GRAPH_ENV}=0"
+    if not envs.VLLM_ATTNCAP_GRAPH:
+        reason = "VLLM_ATTNCAP_GRAPH=0"
     elif not (torch.cuda.is_available() and kernels_available()):
         reason = "the CUDA capture kernels are not built"
     elif shape.head_size not in attncap_cuda.PROBS_HEAD_DIMS:
@@ -218,8 +222,8 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
                     reason)
         _GRAPH = None
         return None
-    from ..compute.pinned import CudaRingOps, Uploader
-    from ..result_ring import ResultRing
+    from .pinned import CudaRingOps, Uploader
+    from .result_ring import ResultRing
 
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -227,12 +231,12 @@ def _make_graph_capture(vllm_config, shape, own_layers, device) -> GraphCapture 
     max_rows = vllm_config.scheduler_config.max_num_seqs
     layout = BufferLayout(max_rows=max_rows, num_layers=shape.num_layers, num_heads=shape.num_heads,
                           num_kv_heads=shape.num_kv_heads, width=shape.max_model_len,
-                          n_splits=int(os.environ.get("VLLM_ATTNCAP_SPLITS", "4")))
-    kinds = ("stats", "rows") if os.environ.get("VLLM_ATTNCAP_GRAPH_ROWS", "1") != "0" else ("stats",)
+                          n_splits=envs.VLLM_ATTNCAP_SPLITS)
+    kinds = ("stats", "rows") if envs.VLLM_ATTNCAP_GRAPH_ROWS else ("stats",)
     if _GRAPH is not None and _GRAPH.layout == layout and _GRAPH.buffers.stats.device == dev and _GRAPH.kinds == kinds:
         _GRAPH.reset()  # another builder of this engine, or a new engine in this process: same buffers
         return _GRAPH
-    ring_slots = int(os.environ.get("VLLM_ATTNCAP_RING_SLOTS", "4"))
+    ring_slots = envs.VLLM_ATTNCAP_RING_SLOTS
     # one step's upload: the row table + the masks of at most max_rows requests seen for the first time
     upload_bytes = max_rows * (8 * 4 + shape.num_layers + shape.num_heads + layout.width + 48) + 64
     attncap_cuda.preload(dev)  # no kernel module may load lazily inside a graph capture
@@ -287,9 +291,10 @@ class AttnCapFlashImpl(FlashAttentionImpl):
             return output
         key_cache = kv_cache.unbind(1)[0]  # vLLM 0.23-0.25 FlashAttention split
         window = window_length(self, attn_metadata)
-        if step_uses_kernels(plan, self, query, key_cache):
-            capture_layer_kernels(self, self._layer_index, query, key_cache, attn_metadata.block_table, window, plan,
-                                  _SINK)
+        step = attn_metadata.attncap_kernel_step
+        if step_uses_kernels(plan, step, self, query, key_cache):
+            kernel_capture.capture_layer(self, self._layer_index, query, key_cache, attn_metadata.block_table, window,
+                                         plan, step, _SINK)
         else:
             capture_layer(self, self._layer_index, query,
                           lambda b: gather_paged_keys(key_cache, b.block_table_row, b.ctx_len), plan,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .graph_buffers import BufferLayout, DecodeBuffers, GraphRow, SlotTable, fill_row_table, graph_kind
-from .plan import StepPlan
+from ..plan import StepPlan
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -43,7 +43,7 @@ class GraphCapture:
     Args:
         layout: buffer sizes.
         alloc: ``alloc(shape, dtype)`` -> zeroed device tensor.
-        uploader: ``upload(pairs)`` of ``(numpy array, device tensor)`` (:class:`~.compute.pinned.Uploader`).
+        uploader: ``upload(pairs)`` of ``(numpy array, device tensor)`` (:class:`~.pinned.Uploader`).
         make_ring: ``make_ring(slot_bytes)`` -> :class:`~.result_ring.ResultRing` (made at the first capturing step).
         kinds: what the graph captures (``"stats"``, ``"rows"``); without ``"rows"`` the head-mean rows pass is not
             launched and such requests are captured eagerly (their steps run PIECEWISE).

@@ -24,7 +24,7 @@ try:  # built by setup.py beside the CUDA extension; absent in a source tree tha
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
-__all__ = ["KINDS", "KernelRequest", "CaptureTables", "available", "build_tables", "capture_layer", "kind_of",
+__all__ = ["KINDS", "KernelCache", "KernelRequest", "CaptureTables", "available", "build_tables", "capture_layer", "kind_of",
            "write_shadow", "write_shadow_reference"]
 
 #: (mode, reduce) -> the kernel's request kind.
@@ -53,6 +53,13 @@ def kind_of(mode: str, reduce: str) -> int:
 
 
 @dataclass
+class KernelCache:
+    """What :func:`build_tables` keeps for one request between steps: its step-invariant table part."""
+
+    static: _Static | None = None
+
+
+@dataclass
 class KernelRequest:
     """One request's captured rows in a step, as the kernel needs them.
 
@@ -69,8 +76,8 @@ class KernelRequest:
         history_len, sink, salient: stats parameters (as in :func:`.reference.history_stats`).
         first_layer, last_layer: the first / last selected layer (layer means assign at the first, stats of
             ``layer_head_mean`` are taken at the last).
-        cache: a dict that lives as long as the request (its ``RequestCapture.cache``); :func:`build_tables` keeps
-            the request's step-invariant table part there. None: rebuilt every call.
+        cache: a :class:`KernelCache` that lives as long as the request; :func:`build_tables` keeps the request's
+            step-invariant table part there. None: rebuilt every call.
     """
 
     batch_row: int
@@ -88,7 +95,7 @@ class KernelRequest:
     salient: Sequence[int] = ()
     first_layer: int = 0
     last_layer: int = 0
-    cache: dict | None = None  # the request's own dict: keeps the step-invariant tables between steps
+    cache: KernelCache | None = None  # the request's own: keeps the step-invariant tables between steps
     topk: int = 0
 
 
@@ -193,11 +200,11 @@ def build_tables(requests: Sequence[KernelRequest], num_layers: int) -> CaptureT
     q_index = np.empty(n_rows, dtype=np.int64)
     r0 = 0
     for i, kr in enumerate(requests):
-        st = kr.cache.get("cpu_tables") if kr.cache is not None else None
+        st = kr.cache.static if kr.cache is not None else None
         if st is None or st.out is not kr.out or st.layer_slot.shape[0] != layer_slot.shape[1]:
             st = _static_of(kr, num_layers)
             if kr.cache is not None:
-                kr.cache["cpu_tables"] = st
+                kr.cache.static = st
         statics.append(st)
         k = len(kr.rows)
         if k == 0:
@@ -273,7 +280,7 @@ def capture_layer(
         block_size: KV-cache block size.
     """
     if _ext is None:
-        raise RuntimeError("the CPU capture kernel (vllm_attncap.engine.compute._cpu_kernels) is not built")
+        raise RuntimeError("the CPU capture kernel (vllm_attncap.engine.cpu._cpu_kernels) is not built")
     if not 0 <= layer < tables.num_layers:
         raise ValueError(f"cpu capture: layer {layer} out of range 0..{tables.num_layers - 1}")
     if key_slots.dim() != 3 or key_slots.dtype not in KEY_DTYPES or not key_slots.is_contiguous():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -34,13 +33,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ... import envs
+
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier", "HostSink", "PINNED_BYTES",
-           "CudaRingOps", "Uploader"]
-
-#: Cap on pinned host memory for in-flight capture copies (bytes).
-PINNED_BYTES = int(os.environ.get("VLLM_ATTNCAP_PINNED_BYTES", str(1024**3)))
+__all__ = ["PinnedPoolExhausted", "PinnedBufferPool", "CopyHandle", "AsyncCopier", "HostSink", "CudaRingOps",
+           "Uploader"]
 
 
 class PinnedPoolExhausted(RuntimeError):
@@ -304,8 +302,9 @@ class HostSink:
     A result larger than the whole pool is copied synchronously (with a one-time warning).
     """
 
-    def __init__(self, max_bytes: int = PINNED_BYTES) -> None:
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_bytes: int | None = None) -> None:
+        #: the pool's cap (None: ``VLLM_ATTNCAP_PINNED_BYTES``, read when the pool is made)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._warned = False
         self.copier: AsyncCopier | None = None
         self.pool: PinnedBufferPool | None = None
@@ -318,6 +317,8 @@ class HostSink:
         if self.copier is None or self.copier.device != dev.device:
             self.flush()
             self.copier = AsyncCopier(dev.device)
+            if self.max_bytes is None:
+                self.max_bytes = int(envs.VLLM_ATTNCAP_PINNED_BYTES)
             self.pool = PinnedBufferPool(self.max_bytes, pin=True)
         dev = dev.contiguous()
         try:
@@ -366,7 +367,7 @@ class HostSink:
 
 
 class CudaRingOps:
-    """The device layer of :class:`~vllm_attncap.engine.result_ring.ResultRing` on CUDA: pinned slots, copies on a
+    """The device layer of :class:`~vllm_attncap.engine.cuda.result_ring.ResultRing` on CUDA: pinned slots, copies on a
     side stream ordered after the compute stream, completion events."""
 
     def __init__(self, device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """The static buffers of capture inside full decode CUDA graphs, and what fills them each step.
 
-Owned by the CUDA metadata builder (:class:`~vllm_attncap.engine.backends.flash.AttnCapFlashMetadataBuilder`), sized
+Owned by the CUDA metadata builder (:class:`~vllm_attncap.engine.cuda.backend.AttnCapFlashMetadataBuilder`), sized
 once by ``max_num_seqs`` and the model, and read by the fused decode kernel of every layer (``kernels/decode_capture.cu``,
-reference :mod:`~vllm_attncap.engine.compute.decode_reference`). A captured graph holds their addresses; every step
+reference :mod:`~vllm_attncap.engine.cuda.decode_reference`). A captured graph holds their addresses; every step
 only their contents change:
 
 ========================  ==========================  =====================================================
@@ -27,7 +27,7 @@ device-to-host copy.
 Which requests run here (:func:`graph_kind`): ``mode="stats"`` with ``reduce="none"`` and no ``n_max`` (per-head
 statistics), and ``mode="rows"`` with ``reduce="layer_head_mean"``, or ``"head_mean"`` over one layer (one head-mean
 row per token). Everything else (full rows, head-mean rows of several layers, head-mean statistics, elision) needs
-the per-step PIECEWISE switch (:mod:`~vllm_attncap.engine.graph_dispatch`).
+the per-step PIECEWISE switch (:mod:`~vllm_attncap.engine.cuda.graph_dispatch`).
 
 Everything device-specific (allocation, uploads) is injected, so the layout, the per-step fill and the slot
 bookkeeping run on CPU tensors in the tests.
@@ -41,8 +41,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..spec import CaptureSpec
-from .compute.decode_reference import (
+from ...spec import CaptureSpec
+from .decode_reference import (
     F_FIRST_LAYER,
     F_FLAGS,
     F_HEADS,

@@ -1,6 +1,6 @@
 """Plain-torch reference of the fused decode-capture kernel (``kernels/decode_capture.cu``).
 
-Same inputs and outputs as the kernel (the static buffers of :mod:`vllm_attncap.engine.graph_buffers`), computed
+Same inputs and outputs as the kernel (the static buffers of :mod:`vllm_attncap.engine.cuda.graph_buffers`), computed
 with the reference of every other capture path (:mod:`.reference`): keys gathered from the paged cache,
 :func:`~.reference.attention_probs`, :func:`~.reference.history_stats`. Row ``b`` of the step is query token ``b``
 at position ``seq_lens[b] - 1``; rows whose flag is off, or that do not capture ``layer``, are left untouched.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import attention_probs, gather_paged_keys, history_stats
+from ..reference import attention_probs, gather_paged_keys, history_stats
 
 __all__ = ["FLAG_STATS", "FLAG_ROWS", "ROW_FIELDS", "F_FLAGS", "F_SLOT", "F_HISTORY", "F_SINK", "F_FIRST_LAYER",
            "F_WEIGHT", "F_HEADS", "decode_capture_reference"]

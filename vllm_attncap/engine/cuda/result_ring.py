@@ -16,7 +16,7 @@ first, into the requests' buffers and stops at the first unfinished one. The hos
   behind the step's forward, so this wait is short; later steps' copies are not waited for.
 
 The device layer (:class:`DeviceOps`) is injected: on CUDA, pinned host tensors, events and a side stream
-(:class:`~vllm_attncap.engine.compute.pinned.CudaRingOps`); in the tests, a fake whose copies complete when the
+(:class:`~vllm_attncap.engine.cuda.pinned.CudaRingOps`); in the tests, a fake whose copies complete when the
 test says so.
 """
 

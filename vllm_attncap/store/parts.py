@@ -7,7 +7,8 @@ describes the part's own array (its layers and heads) and carries, in ``meta.par
 (``final``) and where the part's layers and heads sit in it (``layer_pos``, ``head_pos``). A rank whose selection
 holds nothing still writes an empty part: the reader counts parts to know that every rank is done.
 
-:func:`read_capture` is the store's :func:`~vllm_attncap.store.read_capture` for every engine: records without
+:func:`read_capture` is the caller's reader for every engine (the raw one is
+:func:`~vllm_attncap.store.store.read_records`): records without
 parts (a single-rank engine) pass through unchanged; parts are waited for until all ``n`` of a request are there,
 then combined into the record a single-rank engine writes, in the same layout:
 
@@ -23,7 +24,7 @@ combined record is that error, and parts still missing after ``wait_s`` make it 
 returns a half-filled array. Reading deletes every part (the store's claim-on-read covers them all: they share
 the key).
 
-This module imports numpy, the standard library and :mod:`vllm_attncap.store`.
+This module imports numpy, the standard library and its siblings in :mod:`vllm_attncap.store`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from .store import STATUS_ABANDONED, STATUS_ERROR, STATUS_OPEN, CaptureMeta, CaptureRecord
-from .store import list_captures as _store_list
-from .store import read_capture as _store_read
+from .record import STATUS_ABANDONED, STATUS_ERROR, STATUS_OPEN, CaptureMeta, CaptureRecord
+from .store import list_records as _store_list
+from .store import read_records as _store_read
 
 __all__ = [
     "part_req_id", "split_part_id", "make_part_meta", "read_capture", "list_captures", "combine_parts", "history_stats",
@@ -105,7 +106,7 @@ def make_part_meta(
 def history_stats(rows: np.ndarray, width: int, sink: int, salient) -> tuple[np.ndarray, np.ndarray]:
     """Per-row coverage and history entropy of ``rows`` ``(..., >= width)`` over history columns
     ``sink..width-1`` (renormalised per row); NaN for a row without history mass. The numpy twin of
-    ``vllm_attncap.engine.compute.reference.history_stats``."""
+    ``vllm_attncap.engine.reference.history_stats``."""
     block = rows[..., sink:width].astype(np.float64)
     mass = block.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -214,7 +215,7 @@ def _complete(groups: dict[str, list], want: int) -> bool:
 
 
 def list_captures(key: str | None = None) -> list[CaptureMeta]:
-    """The store's :func:`~vllm_attncap.store.list_captures` with the parts of each request folded into one record
+    """The store's :func:`~vllm_attncap.store.store.list_records` with the parts of each request folded into one record
     (no data): ``error`` if any part is an error, ``open`` while a part is open or missing, ``rows_written`` the
     fewest any rank wrote."""
     out = []
@@ -241,7 +242,7 @@ def list_captures(key: str | None = None) -> list[CaptureMeta]:
 
 def read_capture(key: str, num_tokens: list[int] | int, *, wait_s: float = 5.0, delete: bool = True) -> list[CaptureRecord]:
     """Read (and by default delete) the capture(s) under ``key``: the store's
-    :func:`~vllm_attncap.store.read_capture`, with the parts of a multi-rank engine combined.
+    :func:`~vllm_attncap.store.store.read_records`, with the parts of a multi-rank engine combined.
 
     Args and returns as the store's: one record per completion, ordered like ``RequestOutput.outputs``, trimmed to
     ``num_tokens``. Parts are waited for (up to ``wait_s``) until every rank's part of each completion is there.

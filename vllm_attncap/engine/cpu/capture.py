@@ -1,9 +1,9 @@
 """Batched capture of one step on CPU: one kernel call per layer for every captured row of the step.
 
-The CPU backend (:mod:`.backends.cpu`) calls :func:`capture_layer_cpu` after the stock kernel, in place of the
-per-request torch path (:func:`.capture.capture_layer`). At the step's first captured layer it builds, once,
-the kernel's tables (:func:`.compute.cpu_kernels.build_tables`: rows, positions, heads, output pointers into the
-requests' mapped files, layer slots) and caches them on the :class:`~.plan.StepPlan`; every layer then makes one
+The CPU backend (:mod:`.backend`) calls :func:`capture_layer` after the stock kernel, in place of the
+per-request torch path (:func:`vllm_attncap.engine.capture.capture_layer`). At the step's first captured layer it
+builds, once, the kernel's tables (:func:`.kernels.build_tables`: rows, positions, heads, output pointers into the
+requests' mapped files, layer slots) into a :class:`CpuStep` (kept on the step's ``AttnCapCPUMetadata``); every layer then makes one
 call of the C++ kernel (kernels/cpu_capture.cpp), which reads the shadow keys through the block table and writes
 rows or statistics straight into the mapped files — no per-request torch ops, no intermediate copies.
 
@@ -14,22 +14,31 @@ Without the compiled kernel, or with ``VLLM_ATTNCAP_CPU_KERNEL=0``, every reques
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .capture import _elision_plan, capture_layer
-from .compute import cpu_kernels
-from .compute.reference import gather_keys
-from .plan import RowBatch, StepPlan
+from ... import envs
+from .. import capture as torch_capture
+from ..plan import RowBatch, StepPlan
+from ..reference import gather_keys
+from ..tracker import RequestCache
+from . import kernels as cpu_kernels
 
-__all__ = ["CpuStep", "capture_layer_cpu", "kernel_enabled"]
+__all__ = ["CpuRequestCache", "CpuStep", "capture_layer", "kernel_enabled", "prepare_step"]
 
 
 def kernel_enabled() -> bool:
     """Whether the CPU kernel is built and not switched off (``VLLM_ATTNCAP_CPU_KERNEL=0``)."""
-    return cpu_kernels.available() and os.environ.get("VLLM_ATTNCAP_CPU_KERNEL", "1") != "0"
+    return cpu_kernels.available() and envs.VLLM_ATTNCAP_CPU_KERNEL
+
+
+@dataclass
+class CpuRequestCache(RequestCache):
+    """The CPU room's per-request cache: the torch path's fields plus the kernel's step-invariant tables
+    (installed by the CPU metadata builder with ``CaptureTracker.set_cache_type``)."""
+
+    kernel: cpu_kernels.KernelCache = field(default_factory=cpu_kernels.KernelCache)
 
 
 @dataclass
@@ -60,19 +69,21 @@ def _kernel_request(b: RowBatch) -> cpu_kernels.KernelRequest:
         salient=spec.salient,
         first_layer=rc.first_layer,
         last_layer=rc.last_layer,
-        cache=rc.cache,
+        cache=rc.cache.kernel if isinstance(rc.cache, CpuRequestCache) else None,
         topk=spec.topk or 0,
     )
 
 
-def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
+def prepare_step(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
+    """The step's :class:`CpuStep` (made at its first captured layer): the kernel's tables for the requests it
+    covers, the rest left to the torch path."""
     kernel, fallback = [], []
     use = kernel_enabled() and key_dtype in cpu_kernels.KEY_DTYPES and plan.block_table is not None
     for b in plan.batches:
         if b.rc.writer.array is None:
             continue  # closed buffer: nothing to write
         # sharded (TP/PP) requests capture their rank's part on the torch path (engine.parallel)
-        if not use or b.batch_row < 0 or b.rc.sharded or _elision_plan(b) is not None:
+        if not use or b.batch_row < 0 or b.rc.sharded or torch_capture.elision_plan(b) is not None:
             fallback.append(b)
         else:
             kernel.append(b)
@@ -85,13 +96,14 @@ def _prepare(plan: StepPlan, key_dtype: torch.dtype) -> CpuStep:
     return step
 
 
-def capture_layer_cpu(
+def capture_layer(
     impl,
     layer_index: int,
     query: torch.Tensor,
     key_slots: torch.Tensor,
     block_size: int,
     plan: StepPlan,
+    step: CpuStep,
     *,
     sliding_window: int = -1,
 ) -> None:
@@ -102,12 +114,10 @@ def capture_layer_cpu(
         query: ``(num_tokens, H, D)`` this step's queries.
         key_slots: ``(num_slots, H_kv, D)`` the shadow key store.
         block_size: KV-cache block size.
-        plan: this step's plan (its ``cpu_step`` is filled at the first captured layer).
+        plan: this step's plan.
+        step: the step's :class:`CpuStep` (:func:`prepare_step`, once per step).
         sliding_window: the window the platform kernel used (-1 = none).
     """
-    step = plan.cpu_step
-    if step is None:
-        step = plan.cpu_step = _prepare(plan, key_slots.dtype)
     if step.tables is not None:
         cpu_kernels.capture_layer(
             step.tables, layer_index, query, key_slots, plan.block_table, block_size,
@@ -117,7 +127,7 @@ def capture_layer_cpu(
         for writer, upto in step.done_at.get(layer_index, ()):
             writer.note_rows(upto)
     if step.fallback is not None:
-        capture_layer(
+        torch_capture.capture_layer(
             impl, layer_index, query,
             lambda b: gather_keys(key_slots, b.block_table_row, b.ctx_len, block_size), step.fallback,
             sliding_window=sliding_window,

@@ -1,33 +1,33 @@
 """The CUDA kernel path of capture: one step's captured rows, grouped, launched per layer, copied to the host.
 
-Used by :class:`~vllm_attncap.engine.backends.flash.AttnCapFlashImpl` when the extension is built, the head size
+Used by :class:`~vllm_attncap.engine.cuda.backend.AttnCapFlashImpl` when the extension is built, the head size
 is 64 or 128 and ``VLLM_ATTNCAP_KERNELS`` is not ``0``. The step's captured rows are grouped by spec (mode,
 reduction, layers, heads); per group and layer one ``paged_attention_probs`` launch, then ``head_mean`` /
 ``history_stats`` on the device, then an asynchronous copy to pinned host memory
-(:class:`~vllm_attncap.engine.compute.pinned.HostSink`: side stream, the compute stream never waits). The host
+(:class:`~vllm_attncap.engine.cuda.pinned.HostSink`: side stream, the compute stream never waits). The host
 writes pinned rows into each request's buffer (:class:`~vllm_attncap.store.CaptureWriter`) once per step, after the
 forward (the runner hook's step end).
 
-The math is :mod:`vllm_attncap.engine.compute.reference`'s; tests/gpu compares the two.
+The math is :mod:`vllm_attncap.engine.reference`'s; tests/gpu compares the two.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .compute import cuda as attncap_cuda
-from .compute.pinned import HostSink
-from .plan import RowBatch, StepPlan
+from ... import envs
+from ..plan import RowBatch, StepPlan
+from . import kernels as attncap_cuda
+from .pinned import HostSink
 
 logger = logging.getLogger("vllm_attncap")
 
-__all__ = ["KERNEL_DTYPES", "capture_layer_kernels", "kernels_available", "step_uses_kernels"]
+__all__ = ["KERNEL_DTYPES", "KernelStep", "capture_layer", "kernels_available", "step_uses_kernels"]
 
 _WARNED_LHM_GROUPS = False
 
@@ -54,13 +54,27 @@ def kernels_available() -> bool:
     return _KERNELS_OK
 
 
-def step_uses_kernels(plan: StepPlan, impl, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+@dataclass
+class KernelStep:
+    """What the kernel path decides about one step, at its first captured layer (kept on the step's
+    ``AttnCapFlashMetadata``).
+
+    Attributes:
+        use_kernels: whether the CUDA kernels capture this step (None: not decided yet).
+        groups: the step's row groups (None: not built yet).
+    """
+
+    use_kernels: bool | None = None
+    groups: list[_Group] | None = None
+
+
+def step_uses_kernels(plan: StepPlan, step: KernelStep, impl, query: torch.Tensor, key_cache: torch.Tensor) -> bool:
     """Whether this step captures with the kernels; decided once per step (layer-mean accumulators must stay on
-    one path) and kept in ``plan.use_kernels``."""
-    use = plan.use_kernels
+    one path) and kept in ``step.use_kernels``."""
+    use = step.use_kernels
     if use is None:
         use = (
-            os.environ.get("VLLM_ATTNCAP_KERNELS", "1") != "0"
+            envs.VLLM_ATTNCAP_KERNELS
             # long-history elision (spec n_max) runs on the torch path; the elide_rows kernel is not wired in yet
             and not any(b.rc.spec.n_max is not None for b in plan.batches)
             # top-k: the torch path (reference.topk_keys after the probabilities)
@@ -73,7 +87,7 @@ def step_uses_kernels(plan: StepPlan, impl, query: torch.Tensor, key_cache: torc
             and impl.head_size in attncap_cuda.PROBS_HEAD_DIMS
             and kernels_available()
         )
-        plan.use_kernels = use
+        step.use_kernels = use
     return use
 
 
@@ -179,20 +193,21 @@ def _result_shape(g: _Group) -> tuple[int, ...]:
     return (2, *per_row) if g.mode == "stats" else (*per_row, g.width)
 
 
-def capture_layer_kernels(impl, layer_index: int, query: torch.Tensor, key_cache: torch.Tensor,
-                          block_table: torch.Tensor, window: int, plan: StepPlan, sink: HostSink) -> None:
+def capture_layer(impl, layer_index: int, query: torch.Tensor, key_cache: torch.Tensor,
+                  block_table: torch.Tensor, window: int, plan: StepPlan, step: KernelStep, sink: HostSink) -> None:
     """Capture layer ``layer_index`` of every planned request with the CUDA kernels; results leave through ``sink``.
 
     Args:
         impl: the ``AttnCapFlashImpl`` (scale, soft-cap, ALiBi / sinks on the device).
         query: ``(num_tokens, H, D)``; key_cache: ``(num_blocks, block_size, H_kv, D)``; block_table: the step's.
         window: the sliding window FlashAttention used (-1 = none).
-        plan: the step's plan (its kernel groups are built on the first captured layer, kept in ``plan.kernel_groups``).
+        plan: the step's plan; step: what the kernel path decided about it (the row groups are built on the first
+            captured layer, kept in ``step.groups``).
         sink: where device results go (pinned copies, written into the request buffers at the step's end).
     """
-    groups = plan.kernel_groups
+    groups = step.groups
     if groups is None:
-        groups = plan.kernel_groups = _build_groups(plan, query.device, plan.own_layers)
+        groups = step.groups = _build_groups(plan, query.device, plan.own_layers)
     dev = query.device
     for g in groups:
         if layer_index not in g.layers:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from ..parallel import check_supported, global_counts, rank_facts
-from ..tracker import ModelShape
+from .parallel import check_supported, global_counts, rank_facts
+from .tracker import ModelShape
 
 __all__ = ["extend_metadata", "layer_index_of", "model_shape_from_config"]
 

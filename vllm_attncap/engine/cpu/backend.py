@@ -10,7 +10,7 @@ Backend / MetadataBuilder / Impl, as in vLLM's own backends:
   step, the capture plan (:mod:`vllm_attncap.engine.plan`).
 * :class:`AttnCapCPUImpl` runs the stock kernel first — generated tokens are
   exactly CPU_ATTN's — then captures the planned rows of its layer, all rows of
-  the step in one call of the CPU capture kernel (:mod:`vllm_attncap.engine.cpu_capture`).
+  the step in one call of the CPU capture kernel (:mod:`vllm_attncap.engine.cpu.capture`).
 
 Why a shadow key store: the CPU KV cache holds keys in an ISA-specific packed
 layout (column-major blocks for ``vec``, VNNI tiles for ``amx``); reading it
@@ -33,7 +33,6 @@ request may hit a block written now.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +43,13 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from ... import envs
 from .. import runner_hooks
-from ..graph_dispatch import policy as graph_policy
-from ..compute import cpu_kernels
-from ..cpu_capture import capture_layer_cpu
+from ..backend import extend_metadata, layer_index_of, model_shape_from_config
 from ..plan import StepPlan, build_step_plan
 from ..tracker import get_tracker
-from .common import extend_metadata, layer_index_of, model_shape_from_config
+from . import kernels as cpu_kernels
+from . import capture as cpu_capture
 
 logger = logging.getLogger("vllm_attncap")
 
@@ -68,7 +67,7 @@ def shadow_layers(num_layers: int, value: str | None = None) -> frozenset[int] |
     Raises:
         ValueError: naming the setting and the allowed values, for anything but ``all`` or in-range indices.
     """
-    raw = os.environ.get(SHADOW_LAYERS_ENV, "all") if value is None else value
+    raw = envs.get(SHADOW_LAYERS_ENV) if value is None else value
     text = raw.strip().lower()
     if text in ("", "all"):
         return None
@@ -125,9 +124,12 @@ class AttnCapCPUMetadata(CPUAttentionMetadata):
 
     Attributes:
         attncap_plan: which query rows of the step are captured, for which request (None: nobody captures).
+        attncap_cpu_step: the CPU kernel path's tables for the step (:func:`~.capture.prepare_step`), made by the
+            Impl at the step's first captured layer.
     """
 
     attncap_plan: StepPlan | None = None
+    attncap_cpu_step: cpu_capture.CpuStep | None = None
 
 
 class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -139,10 +141,10 @@ class AttnCapCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         tracker.reset()  # a new engine in this process: earlier engines' captures are dead
         shape = model_shape_from_config(vllm_config)
         tracker.set_model_shape(shape)
-        raw = os.environ.get(SHADOW_LAYERS_ENV, "all")
+        tracker.set_cache_type(cpu_capture.CpuRequestCache)
+        raw = envs.get(SHADOW_LAYERS_ENV)
         tracker.set_capturable_layers(shadow_layers(shape.num_layers, raw), f"{SHADOW_LAYERS_ENV}={raw}")
-        runner_hooks.install()
-        graph_policy.graphs = False  # vLLM runs no CUDA graphs on CPU: no step has a graph to leave
+        runner_hooks.install()  # no CUDA graphs on CPU: no per-step graph decision is registered
         # With prefix caching a later request may read the blocks written now: every step keeps every kept layer.
         self._keys_every_step = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True))
         STEP_KEYS.layers = None
@@ -203,8 +205,11 @@ class AttnCapCPUImpl(CPUAttentionBackendImpl):
             if self._layer_index is None:
                 self._layer_index = layer_index_of(layer)
             if plan.wants(self._layer_index):
-                capture_layer_cpu(
-                    self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan,
+                step = attn_metadata.attncap_cpu_step
+                if step is None:
+                    step = attn_metadata.attncap_cpu_step = cpu_capture.prepare_step(plan, self._key_slots.dtype)
+                cpu_capture.capture_layer(
+                    self, self._layer_index, query, self._key_slots, kv_cache.shape[2], plan, step,
                     sliding_window=self.sliding_window if self.sliding_window is not None else -1,
                 )
         return output

@@ -1,9 +1,9 @@
-"""CUDA path of capture: thin wrappers over the ``vllm_attncap.engine.compute._kernels`` extension.
+"""CUDA path of capture: thin wrappers over the ``vllm_attncap.engine.cuda._kernels`` extension.
 
 Each function checks its tensors (device, dtype, shape, last-dimension
 contiguity), picks the kernel and launches it on the current CUDA stream; the
-math is that of :mod:`vllm_attncap.engine.compute.reference` (probabilities, head
-mean, history statistics) and :mod:`vllm_attncap.engine.compute.elide` (elided
+math is that of :mod:`vllm_attncap.engine.reference` (probabilities, head
+mean, history statistics) and :mod:`vllm_attncap.engine.elide` (elided
 columns), and tests/gpu/test_kernels.py compares the two.
 
 None of the functions synchronises or reads device data on the host (unless
@@ -49,7 +49,7 @@ _preloaded: set[int] = set()
 
 
 class KernelsUnavailable(ImportError):
-    """The compiled extension ``vllm_attncap.engine.compute._kernels`` is not importable."""
+    """The compiled extension ``vllm_attncap.engine.cuda._kernels`` is not importable."""
 
 
 def _load():
@@ -73,10 +73,10 @@ def _kernels():
     ext = _load()
     if ext is None:
         raise KernelsUnavailable(
-            "vllm_attncap.engine.compute._kernels is not built, so the CUDA capture kernels are unavailable "
+            "vllm_attncap.engine.cuda._kernels is not built, so the CUDA capture kernels are unavailable "
             f"({_ext_error}). Build it with `ATTNCAP_BUILD_KERNELS=1 pip install -e .` (or "
             "`python setup.py build_ext --inplace`) on a machine with nvcc; see docs/kernels.md. "
-            "The torch reference (vllm_attncap.engine.compute.reference) needs no extension."
+            "The torch reference (vllm_attncap.engine.reference) needs no extension."
         )
     return ext
 
@@ -383,7 +383,7 @@ def topk_keys(
     probs: torch.Tensor, q_pos: torch.Tensor, k: int, *, sliding_window: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` keys of highest probability of each row (kernels/topk.cu): the CUDA twin of
-    :func:`vllm_attncap.engine.compute.reference.topk_keys`, with the same arguments and result (int32 positions,
+    :func:`vllm_attncap.engine.reference.topk_keys`, with the same arguments and result (int32 positions,
     float32 probabilities, ``(n, h, k)``; ties to the lower position; -1 / 0 padding).
 
     Written against the reference and compiled for sm_80/sm_90, but not yet run on a GPU (docs/kernels.md): the
@@ -505,7 +505,7 @@ def elide_rows(
 
     Args:
         probs: ``(n, h, W)`` or ``(n, W)`` float32, last dimension contiguous.
-        plan: an :class:`~vllm_attncap.engine.compute.elide.ElisionPlan` (its tables are
+        plan: an :class:`~vllm_attncap.engine.elide.ElisionPlan` (its tables are
             copied to the device on each call: keep device tables for hot loops), or
             the ``(M, W_out)`` int32 source-column table on the device.
         elided: with a table ``plan``: ``(M, W_e)`` uint8/bool mask of elided columns.
@@ -575,7 +575,7 @@ class DecodeCapture:
     those addresses (vLLM keeps them static for full graphs) and replays with the buffers' new contents.
 
     Args:
-        buffers: the :class:`~vllm_attncap.engine.graph_buffers.DecodeBuffers` (CUDA tensors).
+        buffers: the :class:`~vllm_attncap.engine.cuda.graph_buffers.DecodeBuffers` (CUDA tensors).
         layer: the model layer of this launch.
         scale / softcap / window / alibi / sinks: the layer's attention parameters (``alibi`` / ``sinks``
             contiguous float32 ``(H,)`` CUDA tensors or None).
