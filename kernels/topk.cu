@@ -1,4 +1,4 @@
-// Top-k keys of captured probability rows (docs/capture.md "Top-k"; interface: topk.h; reference:
+// Top-k keys of captured probability rows (docs/capture.md "Top-k mode"; interface: topk.h; reference:
 // vllm_attncap/engine/reference.py topk_keys; device test: tests/gpu/test_topk_kernel.py).
 //
 // One thread block per (row, head). Probabilities are >= 0, so their float bits order like unsigned integers:

@@ -1,6 +1,6 @@
 """One check of a top-k capture against reference probability rows (kernel tests and engine tests share it).
 
-The contract (docs/capture.md, "Top-k"): positions equal the reference's top-k, except that keys whose reference
+The contract (docs/capture.md, "Top-k mode"): positions equal the reference's top-k, except that keys whose reference
 probabilities differ by less than ``tie_tol`` may trade places; probabilities within ``prob_tol``; rows with fewer
 keys padded with -1 / 0; equal probabilities listed lower position first.
 """

@@ -1,7 +1,7 @@
 """Top-k capture (spec ``topk``, ``prompt_start``) against Hugging Face eager attention: per head and head mean, in
 a batch mixed with full-row captures, under chunked prefill, prefix caching and preemption, and over three turns.
 
-Contract (docs/capture.md, "Top-k"): positions equal HF's top-k of the same rows, except between keys whose
+Contract (docs/capture.md, "Top-k mode"): positions equal HF's top-k of the same rows, except between keys whose
 probabilities differ by less than 1e-6; probabilities within 1e-5."""
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def history_stats(
 def topk_keys(
     probs: torch.Tensor, q_pos: torch.Tensor, k: int, *, sliding_window: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` keys of highest probability of each row: the top-k capture (docs/capture.md, "Top-k").
+    """The ``k`` keys of highest probability of each row: the top-k capture (docs/capture.md, "Top-k mode").
 
     A row's keys are the positions it attends to: ``0..q_pos`` (inside the sliding window when there is one). They
     are ranked by probability, highest first, ties to the lower position; a row with fewer than ``k`` keys is padded

@@ -294,7 +294,7 @@ def install() -> list[str]:
 
 def prepare_sampling_params(sp: Any, prompt_len: int) -> None:
     """After admission: a top-k request whose ``prompt_start`` lies before the end of its prompt skips reading the
-    prefix cache (its prompt rows need their queries computed; docs/capture.md, "Top-k")."""
+    prefix cache (its prompt rows need their queries computed; docs/capture.md, "Top-k mode")."""
     raw = (getattr(sp, "extra_args", None) or {}).get("attncap")
     if not isinstance(raw, dict) or raw.get("topk") is None or raw.get("prompt_start") is None:
         return
