@@ -112,3 +112,39 @@ def test_tracker_refuses_a_head_mean_topk_whose_heads_span_tp_ranks(tmp_path, mo
         tr.close_all()
     finally:
         store.set_current_store(None)
+
+
+def test_server_sends_prompt_rows_past_the_prefix_cache():
+    """serving.inline.prepare_sampling_params: a top-k request with prompt rows skips reading the prefix cache (its
+    prompt rows need their queries); other requests keep it."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    from vllm_attncap.serving.inline import prepare_sampling_params
+
+    cases = [({"topk": 4, "prompt_start": 3}, 10, True), ({"topk": 4, "prompt_start": 10}, 10, False),
+             ({"topk": 4}, 10, False), ({"layers": [-1]}, 10, False)]
+    for spec, plen, skip in cases:
+        sp = SamplingParams(max_tokens=2, extra_args={"attncap": spec})
+        assert sp.skip_reading_prefix_cache is False
+        prepare_sampling_params(sp, plen)
+        assert sp.skip_reading_prefix_cache is skip, spec
+
+
+def test_inline_arrays_round_trip_through_npy():
+    from vllm_attncap.serving.inline import decode_array, encode_array, inline_field, trimmed_nbytes
+
+    meta = _final(reduce="head_mean", heads=(0, 1), layers=(2,), k=2, prompt_len=4, prompt_start=2, t=3)
+    meta.status = "finished"
+    arr = np.zeros(meta.shape, np.float32)
+    arr[0] = 0.5
+    arr[1] = 1
+    rec = CaptureRecord(meta, meta.trim(arr, 2))
+    field = inline_field(rec)
+    assert field["mode"] == "topk" and field["prompt_start"] == 2 and field["num_tokens"] == 2
+    pos = decode_array(field["arrays"]["topk_positions"])
+    assert pos.dtype == np.int32 and pos.shape == (1, 1, 4, 2) and (pos == 1).all()
+    assert field["arrays"]["topk_probs"]["shape"] == [1, 1, 4, 2]
+    assert trimmed_nbytes(meta, 2) == 4 * 2 * 1 * 1 * 4 * 2
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(decode_array(encode_array(x)), x)
