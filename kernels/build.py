@@ -1,6 +1,6 @@
 """Build helpers for the optional CUDA extension ``vllm_attncap.engine.cuda._kernels``.
 
-Used by ``setup.py`` (its ``build_ext``) and by ``tests/test_kernels_build.py``,
+Used by ``setup.py`` (its ``build_ext``) and by ``tests/engine/cuda/test_kernels_build.py``,
 so that the test exercises the same commands a ``pip install`` runs. Standard
 library only: this file is imported by setup.py before any build dependency is
 guaranteed.

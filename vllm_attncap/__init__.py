@@ -5,8 +5,9 @@ Importing this package is cheap and never imports vLLM or torch; vLLM calls
 helpers below import vLLM lazily.
 
 Layers (docs/architecture.md): ``engine`` is the seam inside vLLM (registration,
-runner hooks, plan, tracker, backends, compute); ``spec`` and ``store`` are what
-the seam and the callers share; ``api`` / ``dialogue`` / ``viz`` / ``serving`` /
+runner hooks, plan, tracker, the torch capture path, and one room per platform:
+``engine.cpu``, ``engine.cuda``); ``spec``, ``store`` and ``envs`` (the settings) are
+what the seam and the callers share; ``api`` / ``dialogue`` / ``viz`` / ``serving`` /
 ``cli`` are the user surface; ``rl`` drives a capturing engine for training.
 """
 

@@ -17,7 +17,7 @@ then combined into the record a single-rank engine writes, in the same layout:
   added;
 * statistics of a mean that spans ranks come as partial rows over the (elided) history: they are added, then
   coverage and entropy are computed here (:func:`history_stats`, the numpy twin of
-  ``engine.compute.reference.history_stats``).
+  ``engine.reference.history_stats``).
 
 A request is complete only when every part is: if any part is an error (a rank refused or failed the capture) the
 combined record is that error, and parts still missing after ``wait_s`` make it an error too; the reader never

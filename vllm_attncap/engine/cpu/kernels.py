@@ -4,7 +4,7 @@ The kernel captures one layer for every captured row of a step in one call, read
 slot-indexed shadow key store through the block table (each key once per KV head), and writes probability
 rows or statistics straight into the requests' output arrays (the mapped capture files). Its plain-torch
 reference is :mod:`.reference` (``gather_keys`` + ``attention_probs`` + ``history_stats``); the comparison
-test is ``tests/test_cpu_kernels.py``.
+test is ``tests/engine/cpu/test_cpu_kernels.py``.
 
 :class:`CaptureTables` holds the int64 tables the kernel reads; build them ONCE per step
 (:func:`build_tables`) and call :func:`capture_layer` once per layer. When the extension is missing

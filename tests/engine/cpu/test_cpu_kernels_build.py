@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_setup_builds_cpu_kernel(tmp_path):
@@ -16,7 +16,7 @@ def test_setup_builds_cpu_kernel(tmp_path):
            "--build-temp", str(tmp_path / "temp")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"setup.py build_ext failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    found = list((tmp_path / "lib" / "vllm_attncap" / "engine" / "compute").glob("_cpu_kernels*.so"))
+    found = list((tmp_path / "lib" / "vllm_attncap" / "engine" / "cpu").glob("_cpu_kernels*.so"))
     assert len(found) == 1, found
     assert not list((tmp_path / "lib").rglob("_kernels*.so"))  # ATTNCAP_BUILD_KERNELS=0: no CUDA extension
     probe = ("import importlib.util, sys, torch; s = importlib.util.spec_from_file_location("

@@ -30,7 +30,7 @@ from vllm_attncap import serving as attncap_server  # noqa: E402
 from vllm_attncap.serving import PendingCapError, SpecError, admit_request, spec_from_xargs  # noqa: E402
 from vllm_attncap.serving import admission as attncap_admission  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 
 MAX_BYTES = 1_000_000
 MAX_PENDING_BYTES = 600_000

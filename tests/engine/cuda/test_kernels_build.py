@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _kernel_build_module():
@@ -54,7 +54,7 @@ def built_module(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("attncap_build")
     res = _setup_build_ext(tmp, "1")
     assert res.returncode == 0, f"setup.py build_ext failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    found = list((tmp / "lib" / "vllm_attncap" / "engine" / "compute").glob("_kernels*.so"))
+    found = list((tmp / "lib" / "vllm_attncap" / "engine" / "cuda").glob("_kernels*.so"))
     assert len(found) == 1, f"expected one built module, found {found}\n{res.stderr[-2000:]}"
     return found[0]
 

@@ -18,7 +18,7 @@ import pytest
 
 from vllm_attncap import store as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

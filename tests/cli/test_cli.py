@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 
 from vllm_attncap.cli import DEMO_SCRIPT, build_parser, load_support_turns  # noqa: E402
 
