@@ -17,7 +17,7 @@ pytest.importorskip("trl")
 requests = pytest.importorskip("requests")
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "serving"))
 sys.path.insert(0, str(TESTS / "engine"))
 from test_server import _start_server, _stop_server  # noqa: E402
 

@@ -22,8 +22,9 @@ import pytest
 requests = pytest.importorskip("requests")
 openai = pytest.importorskip("openai")
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/serving: the server helpers
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared top-k check
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # the tiny model
 from test_server import _start_server, _stop_server  # noqa: E402
 from topk_check import assert_topk_matches  # noqa: E402
 

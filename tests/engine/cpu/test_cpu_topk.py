@@ -6,15 +6,18 @@ window, head subsets, several layers, prompt rows (rows before the reply)."""
 from __future__ import annotations
 
 import math
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from topk_check import assert_topk_matches
-from vllm_attncap.engine.cpu import kernels as cpu_kernels
-from vllm_attncap.engine.reference import attention_probs, gather_keys, topk_keys
+sys.path.insert(0, str(Path(__file__).parents[2]))  # tests/: the shared top-k check
+from topk_check import assert_topk_matches  # noqa: E402
+from vllm_attncap.engine.cpu import kernels as cpu_kernels  # noqa: E402
+from vllm_attncap.engine.reference import attention_probs, gather_keys, topk_keys  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU capture kernel not built "
                                   "(python setup.py build_ext --inplace)")
