@@ -28,7 +28,8 @@ def test_grpo_trains_on_rewards_from_server_captures(tmp_path):
     from tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "model", num_layers=3, heads=4, kv_heads=2, head_dim=32)
-    srv = _start_server(tmp_path, model, tmp_path / "store", ("--enable-scale-out",))
+    srv = _start_server(tmp_path, model, tmp_path / "store", ("--enable-scale-out",),
+                        VLLM_ATTNCAP_INLINE_MAX_BYTES=str(1 << 20))
     try:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
         done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_server_run.py")), srv["base"],

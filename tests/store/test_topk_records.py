@@ -148,3 +148,17 @@ def test_inline_arrays_round_trip_through_npy():
     assert trimmed_nbytes(meta, 2) == 4 * 2 * 1 * 1 * 4 * 2
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.array_equal(decode_array(encode_array(x)), x)
+
+
+def test_inline_off_by_default_leaves_the_capture_for_get(monkeypatch):
+    """VLLM_ATTNCAP_INLINE_MAX_BYTES=0 (the default): a handle at once, nothing read from the store."""
+    from vllm_attncap.serving import inline
+
+    monkeypatch.delenv("VLLM_ATTNCAP_INLINE_MAX_BYTES", raising=False)
+    assert inline.inline_max_bytes() == 0
+    called = []
+    monkeypatch.setattr(inline, "list_captures", lambda key: called.append(key) or [])
+    field = inline._deliver("some-key", [3], inline.inline_max_bytes())
+    assert field == [{"key": "some-key", "inline": False, "nbytes": None,
+                      "reason": "inline delivery is off (VLLM_ATTNCAP_INLINE_MAX_BYTES=0): fetch it by key"}]
+    assert called == []

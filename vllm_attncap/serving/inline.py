@@ -4,8 +4,9 @@ A non-streaming response of ``/v1/completions``, ``/v1/chat/completions`` or the
 ``/inference/v1/generate`` (vLLM's ``ServingTokens``, served with ``--enable-scale-out``) gets, on each choice whose
 request asked for a capture, a field ``attncap``:
 
-* when the capture's arrays hold at most :func:`inline_max_bytes` bytes (``VLLM_ATTNCAP_INLINE_MAX_BYTES``, default
-  1 MiB; 0 turns inline delivery off), the capture itself: its record (``key``, ``mode``, ``reduce``, ``layers``,
+* when inline delivery is on (``VLLM_ATTNCAP_INLINE_MAX_BYTES`` > 0, :func:`inline_max_bytes`; the default 0 keeps
+  every capture under its key, so clients that fetch by key keep working) and the capture's arrays hold at most
+  that many bytes, the capture itself: its record (``key``, ``mode``, ``reduce``, ``layers``,
   ``heads``, ``prompt_len``, ``num_tokens``, ``prompt_start`` for top-k) and ``arrays``, each
   ``{"shape": [...], "dtype": "int32" | "float32", "npy": <base64 of the .npy file>}``: ``attention`` (rows mode),
   ``coverage`` and ``entropy`` (stats mode), ``topk_positions`` and ``topk_probs`` (top-k mode). The capture is
@@ -128,6 +129,9 @@ def _spec_key(extra: Any) -> tuple[bool, str | None]:
 
 def _deliver(key: str, counts: list[int | None], limit: int) -> list[dict[str, Any]]:
     """The fields of the records under ``key`` (one per completion, in order), inline when they fit."""
+    if limit <= 0:  # off: a handle at once (no waiting), the capture stays for GET
+        return [_handle(key, None, "inline delivery is off (VLLM_ATTNCAP_INLINE_MAX_BYTES=0): fetch it by key")] \
+            * len(counts)
     deadline = time.monotonic() + CLOSE_WAIT_S
     while True:
         metas = list_captures(key)
@@ -144,9 +148,9 @@ def _deliver(key: str, counts: list[int | None], limit: int) -> list[dict[str, A
         c = counts[i] if i < len(counts) else counts[-1]
         tokens.append(c if c is not None else max(0, m.rows_written - m.prompt_rows))
     total = sum(trimmed_nbytes(m, t) for m, t in zip(metas, tokens))
-    if limit <= 0 or total > limit:
-        why = "inline delivery is off" if limit <= 0 else f"{total} bytes > the inline limit of {limit}"
-        return [_handle(key, total, f"{why} (VLLM_ATTNCAP_INLINE_MAX_BYTES): fetch it by key")] * len(metas)
+    if total > limit:
+        return [_handle(key, total, f"{total} bytes > the inline limit of {limit} (VLLM_ATTNCAP_INLINE_MAX_BYTES): "
+                        "fetch it by key")] * len(metas)
     try:
         records = read_capture(key, tokens, wait_s=0.0)
     except (CaptureClaimed, LookupError) as e:
