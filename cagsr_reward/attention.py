@@ -9,7 +9,9 @@ honouring what a device-side reduction already did.
 
 Layout (docs/method.md, "Attention that produced a token"): rows mode holds float32 ``(L, H, T, P+T-1)``; row ``s``
 is the attention of the query at position ``P-1+s`` over keys ``0..P-1+s``, zeros to the right. Stats mode holds
-only per-row ``coverage`` and history ``entropy``, ``(L, H, T)`` each. numpy only.
+only per-row ``coverage`` and history ``entropy``, ``(L, H, T)`` each. Top-k mode holds, per row, the ``k`` keys of
+highest probability: ``topk_positions`` int32 and ``topk_probs`` float32, ``(L, H, R, k)``, where the ``R`` rows start
+at the token at position ``prompt_start`` (default ``P``: the reply's rows only). numpy only.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class CapturedAttention:
         num_layers (`int` or `None`): the model's layer count (resolves negative layer selections).
         prompt_token_ids, token_ids (`tuple[int, ...]` or `None`): the history's and the completion's ids, when the
             producer knows them.
+        topk_positions, topk_probs (`np.ndarray` or `None`): top-k mode, int32 / float32 ``(L, H, R, k)``: per row,
+            the key positions of highest probability (ties to the lower position) and their probabilities; rows
+            with fewer than ``k`` keys are padded with -1 / 0. Row ``r`` is the attention of the query at position
+            ``prompt_start - 1 + r`` (the one that produced the token at ``prompt_start + r``).
+        prompt_start (`int` or `None`): top-k mode, the position of the first row's token, ``1..P`` (``None``: ``P``,
+            the reply's rows only); ``R = P - prompt_start + T``.
 
     Example:
         >>> import numpy as np
@@ -75,6 +83,9 @@ class CapturedAttention:
     num_layers: int | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     token_ids: tuple[int, ...] | None = None
+    topk_positions: np.ndarray | None = None
+    topk_probs: np.ndarray | None = None
+    prompt_start: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_len, (int, np.integer)) or isinstance(self.prompt_len, bool) or self.prompt_len < 1:
@@ -86,9 +97,26 @@ class CapturedAttention:
             object.__setattr__(self, name, _ids(getattr(self, name), name))
         if self.num_layers is not None:
             object.__setattr__(self, "num_layers", int(self.num_layers))
-        if (self.attention is None) == (self.coverage is None):
-            raise ValueError("CapturedAttention: give either attention (rows mode) or coverage and entropy (stats mode)")
-        if self.attention is not None:
+        given = [self.attention is not None, self.coverage is not None, self.topk_positions is not None]
+        if sum(given) != 1:
+            raise ValueError("CapturedAttention: give one of attention (rows mode), coverage and entropy (stats mode), "
+                             "or topk_positions and topk_probs (top-k mode)")
+        if self.topk_positions is not None:
+            pos, val = np.asarray(self.topk_positions), np.asarray(self.topk_probs)
+            if pos.ndim != 4 or pos.shape != val.shape:
+                raise ValueError(f"topk_positions/topk_probs: expected two (L, H, R, k) arrays, got {pos.shape} and "
+                                 f"{val.shape}")
+            start = self.prompt_len if self.prompt_start is None else int(self.prompt_start)
+            if not 1 <= start <= self.prompt_len:
+                raise ValueError(f"prompt_start: expected an int in 1..{self.prompt_len}, got {self.prompt_start!r}")
+            if pos.shape[2] < self.prompt_len - start:
+                raise ValueError(f"topk_positions: {pos.shape[2]} rows, fewer than the {self.prompt_len - start} "
+                                 f"prompt rows from prompt_start={start}")
+            object.__setattr__(self, "prompt_start", start)
+            object.__setattr__(self, "topk_positions", pos.astype(np.int32, copy=False))
+            object.__setattr__(self, "topk_probs", val.astype(np.float32, copy=False))
+            lead = pos.shape[:2]
+        elif self.attention is not None:
             arr = np.asarray(self.attention)
             if arr.ndim != 4:
                 raise ValueError(f"attention: expected (L, H, T, P+T-1), got shape {arr.shape}")
@@ -123,15 +151,22 @@ class CapturedAttention:
     # -- what it holds ------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """``"rows"`` or ``"stats"``."""
+        """``"rows"``, ``"stats"`` or ``"topk"``."""
+        if self.topk_positions is not None:
+            return "topk"
         return "rows" if self.attention is not None else "stats"
 
     @property
     def num_tokens(self) -> int:
-        """$T$, the number of generated tokens (attention rows)."""
+        """$T$, the number of generated tokens (attention rows of the reply)."""
+        if self.topk_positions is not None:
+            return int(self.topk_positions.shape[2]) - (self.prompt_len - self.prompt_start)
         return int(self.attention.shape[2] if self.attention is not None else self.coverage.shape[2])
 
     def _rows(self) -> np.ndarray:
+        if self.topk_positions is not None:
+            raise ValueError("this capture holds top-k keys per row (topk_positions / topk_probs), not full rows; "
+                             "capture without topk to aggregate attention maps")
         if self.attention is None:
             raise ValueError("this capture ran in mode='stats' (per-row coverage/entropy only); capture rows to "
                              "aggregate attention maps")
@@ -199,9 +234,11 @@ class CapturedAttention:
         ``heads`` (the ids), ``prompt_token_ids``, ``token_ids``, ``num_layers``, and the ``extra`` string/array
         fields (e.g. ``text``, ``spec``)."""
         arrays: dict[str, Any] = {"prompt_len": np.asarray(self.prompt_len), "reduce": np.asarray(self.reduce)}
-        for name in ("attention", "coverage", "entropy"):
+        for name in ("attention", "coverage", "entropy", "topk_positions", "topk_probs"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
+        if self.prompt_start is not None:
+            arrays["prompt_start"] = np.asarray(self.prompt_start)
         # file keys as vllm-attncap 0.1 wrote them ("layers", "heads"), so files stay readable both ways
         for name, key in (("layer_ids", "layers"), ("head_ids", "heads"), ("prompt_token_ids", "prompt_token_ids"),
                           ("token_ids", "token_ids")):
@@ -224,9 +261,11 @@ class CapturedAttention:
         if "heads" in data:
             data["head_ids"] = data.pop("heads")
         kw: dict[str, Any] = {"prompt_len": int(data.pop("prompt_len")), "reduce": str(data.pop("reduce"))}
-        for name in ("attention", "coverage", "entropy"):
+        for name in ("attention", "coverage", "entropy", "topk_positions", "topk_probs"):
             if name in data:
                 kw[name] = data.pop(name)
+        if "prompt_start" in data:
+            kw["prompt_start"] = int(data.pop("prompt_start"))
         for name in ("layer_ids", "head_ids", "prompt_token_ids", "token_ids"):
             if name in data:
                 kw[name] = data.pop(name).tolist()

@@ -19,6 +19,7 @@
 #include <cuda_runtime_api.h>
 
 #include "attncap_kernels.h"
+#include "topk.h"
 
 #ifndef ATTNCAP_CUDA_ARCHS
 #define ATTNCAP_CUDA_ARCHS "unknown"
@@ -113,6 +114,7 @@ PYBIND11_MODULE(_kernels, m) {
     check(attncap::preload_probs_kernels(), "preload");
     check(attncap::preload_reduce_kernels(), "preload");
     check(attncap::preload_decode_kernels(), "preload");
+    check(attncap::preload_topk_kernels(), "preload");
   }, py::arg("device"),
         "Load every kernel on `device` now, so that no module loads lazily inside a CUDA graph capture.");
 
@@ -355,4 +357,38 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::arg("params"), py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("head_dim"),
       py::arg("passes"), "Fused decode capture of one layer (see kernels/decode_capture.cu).");
+  m.def(
+      "topk_keys",
+      [](int device, std::uintptr_t stream, std::uintptr_t in, int64_t in_stride_row, int64_t in_stride_head,
+         int n_rows, int n_heads, int width, std::uintptr_t q_pos, int window, int k, std::uintptr_t positions,
+         int64_t pos_stride_row, int64_t pos_stride_head, std::uintptr_t probs, int64_t prob_stride_row,
+         int64_t prob_stride_head) {
+        const char* what = "topk_keys";
+        require_grid(n_rows, n_heads, what);
+        require(k >= 1 && k <= attncap::kTopkMax, "topk_keys: k must be in 1.." + std::to_string(attncap::kTopkMax));
+        attncap::TopkParams p{};
+        p.in = ptr<const float>(in);
+        p.in_stride_row = in_stride_row;
+        p.in_stride_head = in_stride_head;
+        p.n_rows = n_rows;
+        p.n_heads = n_heads;
+        p.width = width;
+        p.q_pos = ptr<const int32_t>(q_pos);
+        p.window = window;
+        p.k = k;
+        p.positions = ptr<int32_t>(positions);
+        p.pos_stride_row = pos_stride_row;
+        p.pos_stride_head = pos_stride_head;
+        p.probs = ptr<float>(probs);
+        p.prob_stride_row = prob_stride_row;
+        p.prob_stride_head = prob_stride_head;
+        py::gil_scoped_release nogil;
+        DeviceGuard guard(device, what);
+        check(attncap::launch_topk_keys(p, as_stream(stream)), what);
+      },
+      py::arg("device"), py::arg("stream"), py::arg("in_"), py::arg("in_stride_row"), py::arg("in_stride_head"),
+      py::arg("n_rows"), py::arg("n_heads"), py::arg("width"), py::arg("q_pos"), py::arg("window"), py::arg("k"),
+      py::arg("positions"), py::arg("pos_stride_row"), py::arg("pos_stride_head"), py::arg("probs"),
+      py::arg("prob_stride_row"), py::arg("prob_stride_head"),
+      "The k keys of highest probability of each (row, head) (see kernels/topk.h).");
 }

@@ -31,9 +31,9 @@ import subprocess
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parent
-CUDA_SOURCES = ("probs.cu", "reduce.cu", "decode_capture.cu")
+CUDA_SOURCES = ("probs.cu", "reduce.cu", "decode_capture.cu", "topk.cu")
 BINDING_SOURCE = "binding.cpp"
-HEADERS = ("attncap_kernels.h", "common.cuh")
+HEADERS = ("attncap_kernels.h", "common.cuh", "topk.h")
 EXTENSION_NAME = "vllm_attncap.engine.cuda._kernels"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 NVCC_FLAGS = (

@@ -12,6 +12,10 @@
 //               without writing a probability row            -> out[0|1, slot, h_out, r]
 //   STATS_MEAN  the same statistics of the head-mean row      -> out[0|1, slot, 0, r]
 //   STATS_LHM   of the layer-and-head-mean row, accumulated in a scratch row and reduced at the last layer
+//   TOPK_NONE   the k keys of highest probability of each selected head: probabilities -> out[0, slot, h_out, r, i],
+//               key positions (as float32) -> out[1, slot, h_out, r, i]; ties go to the lower position, a row with
+//               fewer than k keys is padded with probability 0 and position -1
+//   TOPK_MEAN   the same of the head-mean row                 -> out[0|1, slot, 0, r, i]
 //
 // Keys are fp32 or bf16 (fp32 accumulation). The plain-torch reference is
 // vllm_attncap/engine/compute/reference.py (attention_probs + history_stats); tests/test_cpu_kernels.py
@@ -20,6 +24,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,13 +40,15 @@ namespace py = pybind11;
 
 namespace {
 
-enum Kind : int64_t { ROWS_NONE = 0, ROWS_MEAN = 1, ROWS_LHM = 2, STATS_NONE = 3, STATS_MEAN = 4, STATS_LHM = 5 };
+enum Kind : int64_t {
+  ROWS_NONE = 0, ROWS_MEAN = 1, ROWS_LHM = 2, STATS_NONE = 3, STATS_MEAN = 4, STATS_LHM = 5, TOPK_NONE = 6, TOPK_MEAN = 7
+};
 
 // Per-request fields (int64 each), see cpu_kernels.py REQ_FIELDS.
 enum ReqField : int {
   R_BATCH_ROW = 0, R_CTX_LEN, R_HEADS_OFF, R_HEADS_CNT, R_KIND, R_OUT_PTR, R_S_SLOT, R_S_HEAD, R_S_ROW, R_S_STAT,
   R_HIST_LEN, R_SINK, R_SAL_OFF, R_SAL_CNT, R_SCRATCH_PTR, R_ROW0, R_FIRST_LAYER, R_LAST_LAYER, R_N_LAYERS,
-  R_NFIELDS
+  R_TOPK, R_NFIELDS
 };
 // Per-row fields: request index, query position, output row index, row of q.
 enum RowField : int { W_REQ = 0, W_POS, W_ROW, W_QROW, W_NFIELDS };
@@ -209,6 +216,45 @@ void row_stats(const float* row, int64_t sink, int64_t hist, const int64_t* sal,
   *ent = static_cast<float>(e);
 }
 
+inline bool is_mean(int64_t kind) {
+  return kind == ROWS_MEAN || kind == ROWS_LHM || kind == STATS_MEAN || kind == STATS_LHM || kind == TOPK_MEAN;
+}
+
+// Top-k of one probability row: the k largest of v[lo, hi) (times inv, a positive normaliser, so the order is
+// that of v), ties to the lower position; probabilities to o[0, k), positions to o[plane, plane + k), padded
+// with 0 / -1. NaN entries (a key the store does not hold) rank below every probability. Selection is
+// nth_element then a sort of the k chosen: O(n + k log k).
+void emit_topk(const float* v, float inv, int64_t lo, int64_t hi, int64_t k, float* o, int64_t plane,
+               std::vector<float>& val, std::vector<int64_t>& idx) {
+  const int64_t n = std::max<int64_t>(0, hi - lo);
+  val.resize(static_cast<size_t>(n));
+  idx.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[lo + i];
+    val[i] = std::isnan(x) ? -1.f : x;
+    idx[i] = i;
+  }
+  const int64_t m = std::min(k, n);
+  auto before = [&val](int64_t a, int64_t b) { return val[a] > val[b] || (val[a] == val[b] && a < b); };
+  if (m > 0 && m < n) std::nth_element(idx.begin(), idx.begin() + (m - 1), idx.end(), before);
+  std::sort(idx.begin(), idx.begin() + m, before);
+  for (int64_t i = 0; i < m; ++i) {
+    const float x = val[idx[i]];
+    const bool ok = x >= 0.f;
+    o[i] = ok ? x * inv : 0.f;
+    o[plane + i] = ok ? static_cast<float>(lo + idx[i]) : -1.f;
+  }
+  for (int64_t i = m; i < k; ++i) {
+    o[i] = 0.f;
+    o[plane + i] = -1.f;
+  }
+}
+
+// First key position a row at `pos` attends to (the sliding window's lower edge, else 0).
+inline int64_t first_key(const Params& p, int64_t pos) {
+  return p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+}
+
 void capture_layer_cpu(const Params& p) {
   const int64_t R = p.R;
   const int64_t Hkv = p.Hkv;
@@ -218,8 +264,7 @@ void capture_layer_cpu(const Params& p) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t* rq = p.reqs + p.rows[r * W_NFIELDS + W_REQ] * R_NFIELDS;
     cmax = std::max(cmax, rq[R_CTX_LEN]);
-    const int64_t kind = rq[R_KIND];
-    any_mean = any_mean || (kind == ROWS_MEAN || kind == ROWS_LHM || kind == STATS_MEAN || kind == STATS_LHM);
+    any_mean = any_mean || is_mean(rq[R_KIND]);
   }
   std::vector<float> partial(any_mean ? static_cast<size_t>(R * Hkv * cmax) : 0);
   std::vector<uint8_t> touched(any_mean ? static_cast<size_t>(R * Hkv) : 0, 0);
@@ -233,6 +278,8 @@ void capture_layer_cpu(const Params& p) {
     std::vector<const float*> qh;
     std::vector<int64_t> hsel;  // selected head (absolute) per group member
     std::vector<int64_t> hout;  // its output head index
+    std::vector<float> tk_val;  // top-k selection scratch
+    std::vector<int64_t> tk_idx;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntask; ++t) {
       const int64_t r = t / Hkv, kvh = t % Hkv;
@@ -309,6 +356,12 @@ void capture_layer_cpu(const Params& p) {
           }
           float z = c1 > c0 ? exp_sum(lg, c0, c1, m, nullptr) : 0.f;
           if (p.sinks) z += std::exp(sink_logit - m);
+          if (kind == TOPK_NONE) {
+            emit_topk(lg, 1.f / z, c0, c1, rq[R_TOPK],
+                      out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW], rq[R_S_STAT], tk_val,
+                      tk_idx);
+            continue;
+          }
           emit_row(lg, 1.f / z, c1, C, kind == ROWS_NONE, out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] +
                    r_out * rq[R_S_ROW], part, inv_heads);
           continue;
@@ -365,6 +418,12 @@ void capture_layer_cpu(const Params& p) {
           z += e;
         }
         if (p.sinks) z += std::exp(sink_logit - mx);
+        if (kind == TOPK_NONE) {
+          emit_topk(lg, static_cast<float>(1.0 / z), std::min(first_key(p, pos), c1), c1, rq[R_TOPK],
+                    out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW], rq[R_S_STAT], tk_val,
+                    tk_idx);
+          continue;
+        }
         emit_row(lg, static_cast<float>(1.0 / z), c1, C, kind == ROWS_NONE,
                  out + slot * rq[R_S_SLOT] + hout[g] * rq[R_S_HEAD] + r_out * rq[R_S_ROW], part, inv_heads);
       }
@@ -379,7 +438,7 @@ void capture_layer_cpu(const Params& p) {
     const int64_t req = row[W_REQ];
     const int64_t* rq = p.reqs + req * R_NFIELDS;
     const int64_t kind = rq[R_KIND];
-    if (!(kind == ROWS_MEAN || kind == ROWS_LHM || kind == STATS_MEAN || kind == STATS_LHM)) continue;
+    if (!is_mean(kind)) continue;
     const int64_t slot = p.layer_slot[req * p.layer_stride + p.layer];
     if (slot < 0) continue;
     const int64_t C = rq[R_CTX_LEN];
@@ -403,6 +462,13 @@ void capture_layer_cpu(const Params& p) {
       } else {
         for (int64_t j = 0; j < C; ++j) o[j] += mean[j] * w;
       }
+    } else if (kind == TOPK_MEAN) {
+      const int64_t pos = row[W_POS];
+      const int64_t hi = std::min(pos + 1, C);
+      std::vector<float> val;
+      std::vector<int64_t> idx;
+      emit_topk(mean.data(), 1.f, std::min(first_key(p, pos), hi), hi, rq[R_TOPK],
+                out + slot * rq[R_S_SLOT] + r_out * rq[R_S_ROW], rq[R_S_STAT], val, idx);
     } else if (kind == STATS_MEAN) {
       float cov, ent;
       row_stats(mean.data(), rq[R_SINK], rq[R_HIST_LEN], sal, rq[R_SAL_CNT], &cov, &ent);

@@ -70,8 +70,26 @@ class CapturedOutput:
         at position ``P-1+s`` over keys ``0..P-1+s`` (zeros to the right); rows mode only."""
         cap = self._check()
         if cap.attention is None:
-            raise ValueError("attncap: this request ran in mode='stats'; use .stats")
+            raise ValueError(f"attncap: this request ran in mode={cap.mode!r}; use "
+                             f"{'.stats' if cap.mode == 'stats' else '.topk_positions / .topk_probs'}")
         return cap.attention
+
+    @property
+    def topk_positions(self) -> np.ndarray:
+        """int32 ``(L, H, R, k)``: per row the key positions of highest probability (-1 pads short rows); row
+        ``r`` is the query at position ``prompt_start - 1 + r``; top-k captures only."""
+        cap = self._check()
+        if cap.topk_positions is None:
+            raise ValueError(f"attncap: this request ran without topk (mode={cap.mode!r})")
+        return cap.topk_positions
+
+    @property
+    def topk_probs(self) -> np.ndarray:
+        """float32 ``(L, H, R, k)``: the probabilities of :attr:`topk_positions` (0 for padding)."""
+        cap = self._check()
+        if cap.topk_probs is None:
+            raise ValueError(f"attncap: this request ran without topk (mode={cap.mode!r})")
+        return cap.topk_probs
 
     @property
     def stats(self) -> dict[str, np.ndarray]:
@@ -166,12 +184,15 @@ def _record_to_output(req_output, spec: CaptureSpec, rec: CaptureRecord, num_lay
     prompt_len = len(req_output.prompt_token_ids)
     if rec.error is not None:
         return CapturedOutput(req_output, spec, error=ValueError(rec.error), _prompt_len=prompt_len)
-    stats = meta.mode == "stats"
+    stats, topk = meta.mode == "stats", meta.mode == "topk"
     captured = CapturedAttention(
         meta.prompt_len,
-        None if stats else rec.array,
+        None if stats or topk else rec.array,
         coverage=rec.coverage if stats else None,
         entropy=rec.entropy if stats else None,
+        topk_positions=rec.topk_positions if topk else None,
+        topk_probs=rec.topk_probs if topk else None,
+        prompt_start=meta.prompt_start if topk else None,
         reduce=meta.reduce,
         layer_ids=meta.layers,
         head_ids=meta.heads,
@@ -253,6 +274,8 @@ def generate_with_attentions(
         cs = CaptureSpec.from_any({**cs.to_dict(), "key": key})
         sp2 = sp.clone()
         sp2.extra_args = {**(sp.extra_args or {}), "attncap": cs.to_dict()}
+        if cs.prompt_start is not None and cs.prompt_start < plen:
+            sp2.skip_reading_prefix_cache = True  # rows of prompt tokens need their queries computed
         to_run.append((i, p, sp2, cs))
 
     if to_run:

@@ -66,6 +66,11 @@ _TABLE = [
     Setting("VLLM_ATTNCAP_MAX_PENDING_BYTES", "int", 2 * 1024**3,
             "cap on the bytes of captures held in the store; the server refuses new captures past it (HTTP 503) "
             "and the writer evicts the oldest finished ones"),
+    # the server (serving/)
+    Setting("VLLM_ATTNCAP_INLINE_MAX_BYTES", "int", 0,
+            "server: a capture whose arrays hold at most this many bytes rides in the response's per-choice attncap "
+            "field (base64 .npy) and is deleted from the store; larger ones stay under their key (0, the default: "
+            "never inline, every capture stays for GET /v1/attncap/{key}; 1048576 is a good limit)"),
     # the bundled model (default_model.py)
     Setting("VLLM_ATTNCAP_CACHE", "path", None,
             "where the bundled SmolLM2 model is converted to and cached (default ~/.cache/vllm-attncap)"),

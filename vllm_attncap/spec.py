@@ -26,6 +26,14 @@ field           allowed values                              default
                 (the reward's long-history rule, method.md)
 ``window``      int >= 0: with ``n_max``, the most recent      ``512``
                 positions always kept
+``topk``        int in 1..1024: per generated token, the k    none (full rows)
+                keys of highest probability (positions and
+                probabilities) instead of full rows;
+                ``reduce`` "none" or "head_mean", mode "rows"
+``prompt_start`` int in 1..P, with ``topk``: rows also for      P (the reply only)
+                the prompt tokens at positions
+                ``prompt_start..P-1`` (multi-turn: the ones
+                an earlier turn did not return)
 ``max_bytes``   int >= 1: cap on this request's buffer        engine default (256 MiB)
 ``key``         str: correlation key chosen by the caller     the request id
                 (1-1024 printable characters, not only dots)
@@ -49,13 +57,20 @@ __all__ = [
     "ResolvedSpec",
     "resolve_spec",
     "capture_shape",
+    "MAX_TOPK",
+    "TOPK_REDUCE_MODES",
 ]
 
 REDUCE_MODES = ("none", "head_mean", "layer_head_mean")
 CAPTURE_MODES = ("rows", "stats")
 SPEC_FIELDS = (
     "layers", "heads", "reduce", "mode", "history_len", "sink", "salient", "n_max", "window", "max_bytes", "key",
+    "topk", "prompt_start",
 )
+#: Largest ``topk`` a request may ask for.
+MAX_TOPK = 1024
+#: The reductions a top-k capture supports (top-k of each head, or of the head mean).
+TOPK_REDUCE_MODES = ("none", "head_mean")
 #: Longest capture key (keys are hashed into file names, so any printable text up to this length works).
 MAX_KEY_CHARS = 1024
 
@@ -109,6 +124,8 @@ class CaptureSpec:
     window: int | None = None
     max_bytes: int | None = None
     key: str | None = None
+    topk: int | None = None
+    prompt_start: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _check_index_list("layers", self.layers))
@@ -144,6 +161,22 @@ class CaptureSpec:
                 f"attncap spec field 'key': expected 1-{MAX_KEY_CHARS} printable characters, not only dots, "
                 f"got {self.key!r}"
             )
+
+        if self.topk is not None:
+            if not _is_int(self.topk) or not 1 <= self.topk <= MAX_TOPK:
+                raise ValueError(f"attncap spec field 'topk': expected an int in 1..{MAX_TOPK}, got {self.topk!r}")
+            if self.reduce not in TOPK_REDUCE_MODES:
+                raise ValueError(f"attncap spec field 'reduce': with topk, expected one of {TOPK_REDUCE_MODES}, "
+                                 f"got {self.reduce!r}")
+            if self.mode != "rows":
+                raise ValueError(f"attncap spec field 'mode': topk selects keys of each row; expected 'rows' with "
+                                 f"topk, got {self.mode!r}")
+        if self.prompt_start is not None:
+            if not _is_int(self.prompt_start) or self.prompt_start < 1:
+                raise ValueError(f"attncap spec field 'prompt_start': expected an int >= 1 (a prompt position), got "
+                                 f"{self.prompt_start!r}")
+            if self.topk is None:
+                raise ValueError("attncap spec field 'prompt_start': applies to topk captures only (set topk)")
 
     @property
     def elision_window(self) -> int:
@@ -206,6 +239,18 @@ class ResolvedSpec:
     max_tokens: int
     history_len: int
     shape: tuple[int, ...]
+    prompt_start: int = 0
+
+    @property
+    def capture_mode(self) -> str:
+        """The buffer's layout: ``"rows"``, ``"stats"`` or ``"topk"``."""
+        return "topk" if self.spec.topk is not None else self.spec.mode
+
+    @property
+    def row_origin(self) -> int:
+        """Position of the query of row 0: ``P - 1`` (the reply's first token), or ``prompt_start - 1`` for a top-k
+        capture with prompt rows."""
+        return (self.prompt_start or self.prompt_len) - 1
 
     @property
     def nbytes(self) -> int:
@@ -223,14 +268,20 @@ class ResolvedSpec:
         return 1 if self.spec.reduce in ("head_mean", "layer_head_mean") else len(self.heads)
 
 
-def capture_shape(mode: str, out_layers: int, out_heads: int, prompt_len: int, max_tokens: int) -> tuple[int, ...]:
+def capture_shape(mode: str, out_layers: int, out_heads: int, prompt_len: int, max_tokens: int, *,
+                  topk: int = 0, prompt_rows: int = 0) -> tuple[int, ...]:
     """Shape of a request's float32 buffer: rows ``(L, H, T_max, P + T_max - 1)``, stats ``(2, L, H, T_max)``
-    (coverage then history entropy per row). The one definition of the layout; the store's record uses it too.
+    (coverage then history entropy per row), top-k ``(2, L, H, prompt_rows + T_max, k)`` (probabilities, then key
+    positions stored as float32, exact below 2**24). The one definition of the layout; the store's record uses it too.
 
     Example:
         >>> capture_shape("rows", 1, 1, 10, 5), capture_shape("stats", 30, 9, 10, 5)
         ((1, 1, 5, 14), (2, 30, 9, 5))
+        >>> capture_shape("topk", 2, 1, 10, 5, topk=8, prompt_rows=3)
+        (2, 2, 1, 8, 8)
     """
+    if mode == "topk":
+        return (2, out_layers, out_heads, prompt_rows + max_tokens, topk)
     if mode == "stats":
         return (2, out_layers, out_heads, max_tokens)
     return (out_layers, out_heads, max_tokens, prompt_len + max_tokens - 1)
@@ -248,8 +299,8 @@ def resolve_spec(
     """Check a spec against the model (layer/head counts) and the request.
 
     Raises:
-        ValueError: naming the field, when an index is out of range, the
-            history is longer than the prompt, a salient position lies outside
+        ValueError: naming the field, when an index is out of range,
+            ``prompt_start`` is past the prompt, the history is longer than the prompt, a salient position lies outside
             the history, or the buffer would exceed ``max_bytes``.
 
     Example:
@@ -276,15 +327,25 @@ def resolve_spec(
         raise ValueError(
             f"attncap spec field 'salient': position {spec.salient[-1]} is outside the history (0..{history_len - 1})"
         )
+    prompt_start = 0
+    if spec.topk is not None:
+        prompt_start = prompt_len if spec.prompt_start is None else spec.prompt_start
+        if prompt_start > prompt_len:
+            raise ValueError(
+                f"attncap spec field 'prompt_start': {prompt_start} is past the prompt (allowed 1..{prompt_len}, "
+                f"the prompt length meaning the reply only)"
+            )
     out_l = 1 if spec.reduce == "layer_head_mean" else len(layers)
     out_h = 1 if spec.reduce in ("head_mean", "layer_head_mean") else len(heads)
-    shape = capture_shape(spec.mode, out_l, out_h, prompt_len, max_tokens)
-    resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape)
+    mode = "topk" if spec.topk is not None else spec.mode
+    shape = capture_shape(mode, out_l, out_h, prompt_len, max_tokens, topk=spec.topk or 0,
+                          prompt_rows=prompt_len - prompt_start if prompt_start else 0)
+    resolved = ResolvedSpec(spec, layers, heads, prompt_len, max_tokens, history_len, shape, prompt_start)
     cap = spec.max_bytes if spec.max_bytes is not None else (default_max_bytes or envs.VLLM_ATTNCAP_MAX_BYTES)
     if resolved.nbytes > cap:
         raise ValueError(
             f"attncap spec field 'max_bytes': this capture needs {resolved.nbytes} bytes "
-            f"(shape {shape}, float32) but the cap is {cap}; capture fewer layers/heads, "
+            f"(shape {shape}, float32) but the cap is {cap}; capture fewer layers/heads, a smaller topk, "
             f"use reduce='head_mean'/'layer_head_mean' or mode='stats', lower max_tokens, or raise max_bytes"
         )
     return resolved

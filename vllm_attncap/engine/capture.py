@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .elide import ElisionPlan, apply_elision, plan_elision
-from .reference import attention_probs, history_stats
+from .reference import attention_probs, history_stats, topk_keys
 from .plan import RowBatch, StepPlan
 
 __all__ = ["capture_layer", "elision_plan", "write_probs"]
@@ -61,7 +61,7 @@ def _elided_salient(b: RowBatch, plan: ElisionPlan, device: torch.device) -> tor
     return t
 
 
-def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor) -> None:
+def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor, *, sliding_window: int = -1) -> None:
     """Reduce ``probs`` (n, h, C) of one layer and store them in the request's buffer."""
     rc = b.rc
     spec = rc.spec
@@ -75,6 +75,13 @@ def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor) -> None:
         probs = probs.mean(dim=1, keepdim=True)
         if rc.head_share != 1.0:  # tensor parallelism: this rank's part of the mean over all selected heads
             probs = probs * rc.head_share
+    if spec.topk is not None:  # the top-k of each row (of each head, or of the head mean; the tracker refuses a
+        # head mean whose heads span ranks, so head_share is 1 here)
+        pos, val = topk_keys(probs, b.q_pos, spec.topk, sliding_window=sliding_window)
+        writer.write_topk(slot, r0, r1, pos.permute(1, 0, 2).cpu().numpy(), val.permute(1, 0, 2).cpu().numpy())
+        if layer_index == rc.last_layer:
+            writer.note_rows(r1)
+        return
     if spec.reduce == "layer_head_mean":
         contrib = probs / n_layers
         if spec.mode == "stats":
@@ -150,4 +157,4 @@ def capture_layer(
             sinks=impl.sinks,
             heads=heads,
         )
-        write_probs(b, layer_index, probs)
+        write_probs(b, layer_index, probs, sliding_window=sliding_window)

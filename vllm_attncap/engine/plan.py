@@ -4,7 +4,9 @@ Built once per step by the metadata builder (``AttnCapMetadataBuilder.build``)
 and attached to the attention metadata; every layer's ``Impl.forward`` reads it.
 
 Row semantics (method.md, "Attention that produced a token"): for a request
-with P prompt tokens, row ``s`` is the query at position ``P-1+s``. A step
+with P prompt tokens, row ``s`` is the query at position ``P-1+s`` (a top-k
+capture with ``prompt_start`` starts its rows earlier, at ``prompt_start-1``:
+``RequestCapture.row_origin``). A step
 schedules, for batch row ``i``, the query tokens ``qsl[i]:qsl[i+1]`` at
 positions ``seq_len[i]-q_len[i] .. seq_len[i]-1``; the captured ones are those
 at positions ``>= P-1`` (row 0 comes from the prefill step that holds the last
@@ -160,12 +162,23 @@ def build_step_plan(
             key_layers.update(rc.resolved.layers)
         q_len = qsl[i + 1] - qsl[i]
         first_pos = seq_lens[i] - q_len
-        lo = max(first_pos, prompt_len - 1)
+        origin = rc.row_origin  # P - 1, or prompt_start - 1 for a top-k capture with prompt rows
+        if first_pos > origin + rc.rows_planned:
+            # rows before this step's first query were never computed: a prefix-cache hit covered them
+            tracker.fail(rc, (
+                f"attncap spec field 'prompt_start': rows from position {origin + rc.rows_planned + 1} on "
+                f"were asked for, but this engine computed the request from position {first_pos + 1} on (a "
+                f"prefix-cache hit covered the positions before); send the request with "
+                f"SamplingParams(skip_reading_prefix_cache=True) (the helpers and the server do), or a "
+                f"prompt_start >= {first_pos + 1}"))
+            continue
+        lo = max(first_pos, origin)
         hi = min(seq_lens[i], prompt_len - 1 + rc.resolved.max_tokens)
         if hi <= lo:
             continue
         pos = torch.arange(lo, hi, dtype=torch.long)
-        first_row = lo - (prompt_len - 1)
+        first_row = lo - origin
+        rc.rows_planned = max(rc.rows_planned, hi - origin)
         if first_row < rc.writer.rows_written:  # re-prefill after preemption: rows are rewritten
             tracker.recomputed_rows += rc.writer.rows_written - first_row
         batches.append(
@@ -173,7 +186,7 @@ def build_step_plan(
                 rc=rc,
                 token_index=pos - first_pos + qsl[i],
                 q_pos=pos,
-                rows=list(range(first_row, hi - (prompt_len - 1))),
+                rows=list(range(first_row, hi - origin)),
                 ctx_len=hi,
                 block_table_row=cm.block_table_tensor[i],
                 batch_row=i,

@@ -25,6 +25,7 @@ __all__ = [
     "attention_probs",
     "reduce_heads",
     "history_stats",
+    "topk_keys",
 ]
 
 
@@ -169,3 +170,50 @@ def history_stats(
         sal = sal[(sal >= sink) & (sal < history_len)] - sink
         cov = p[..., sal].sum(dim=-1)
     return cov, ent
+
+
+def topk_keys(
+    probs: torch.Tensor, q_pos: torch.Tensor, k: int, *, sliding_window: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` keys of highest probability of each row: the top-k capture (docs/capture.md, "Top-k mode").
+
+    A row's keys are the positions it attends to: ``0..q_pos`` (inside the sliding window when there is one). They
+    are ranked by probability, highest first, ties to the lower position; a row with fewer than ``k`` keys is padded
+    with position -1 and probability 0.
+
+    Args:
+        probs: ``(n, h, C)`` probability rows (:func:`attention_probs`, or their head mean with ``h = 1``).
+        q_pos: ``(n,)`` position of each row's query (``C > max(q_pos)``).
+        k: keys per row, ``>= 1``.
+        sliding_window: the window the rows were computed with (-1 = none).
+
+    Returns:
+        ``(positions, probabilities)``: int32 and float32, each ``(n, h, k)``.
+
+    Example:
+        >>> p = torch.tensor([[[0.2, 0.5, 0.3, 0.0]], [[0.25, 0.25, 0.25, 0.25]]])
+        >>> pos, val = topk_keys(p, torch.tensor([2, 3]), 2)
+        >>> pos.tolist(), val.tolist()
+        ([[[1, 2]], [[0, 1]]], [[[0.5, 0.30000001192092896]], [[0.25, 0.25]]])
+        >>> topk_keys(p[:1], torch.tensor([0]), 2)[0].tolist()    # one key: padded
+        [[[0, -1]]]
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"topk_keys: probs must be (n, h, C), got {tuple(probs.shape)}")
+    if k < 1:
+        raise ValueError(f"topk_keys: k must be >= 1, got {k}")
+    n, h, ctx = probs.shape
+    key_pos = torch.arange(ctx, device=probs.device)
+    rel = key_pos[None, :] - q_pos.to(probs.device, torch.long)[:, None]
+    valid = rel <= 0
+    if sliding_window is not None and sliding_window > 0:
+        valid = valid & (rel > -sliding_window)
+    # probabilities are >= 0: -1 ranks every non-key (and the padding) below every key
+    vals = probs.float().masked_fill(~valid[:, None, :], -1.0)
+    if ctx < k:
+        vals = torch.cat([vals, vals.new_full((n, h, k - ctx), -1.0)], dim=-1)
+    # a stable descending sort keeps equal probabilities in position order: ties go to the lower position
+    top, idx = torch.sort(vals, dim=-1, descending=True, stable=True)
+    top, idx = top[..., :k], idx[..., :k]
+    pad = top < 0
+    return idx.to(torch.int32).masked_fill(pad, -1), top.masked_fill(pad, 0.0)

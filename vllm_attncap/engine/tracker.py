@@ -93,6 +93,8 @@ class RequestCapture:
     head_share: float = 1.0
     stats_on_host: bool = False
     sharded: bool = False
+    #: rows some step has planned so far (0..rows_planned-1): a step that starts past them lost rows
+    rows_planned: int = 0
 
     def __post_init__(self) -> None:
         if not self.sharded:
@@ -101,6 +103,11 @@ class RequestCapture:
     @property
     def spec(self) -> CaptureSpec:
         return self.resolved.spec
+
+    @property
+    def row_origin(self) -> int:
+        """Position of the query of output row 0 (:attr:`ResolvedSpec.row_origin`)."""
+        return self.resolved.row_origin
 
 
 class CaptureTracker:
@@ -177,7 +184,7 @@ class CaptureTracker:
             meta = CaptureMeta(
                 key,
                 req_id,
-                mode=resolved.spec.mode,
+                mode=resolved.capture_mode,
                 reduce=resolved.spec.reduce,
                 layers=list(resolved.layers),
                 heads=list(resolved.heads),
@@ -187,10 +194,19 @@ class CaptureTracker:
                 sink=resolved.spec.sink,
                 salient=list(resolved.spec.salient),
                 spec=resolved.spec.to_dict(),
+                topk=resolved.spec.topk or 0,
+                prompt_start=resolved.prompt_start,
             )
             share = None
             if self.ranks is not None:  # one part per rank (vllm_attncap.store.parts)
                 share = rank_share(self.ranks, resolved)
+                if resolved.capture_mode == "topk" and resolved.spec.reduce != "none" and \
+                        0 < len(share.heads) < len(resolved.heads):
+                    raise ValueError(
+                        f"attncap spec field 'reduce': the top-k of a head mean needs every selected head on one "
+                        f"rank; at tensor_parallel_size={self.ranks.tp_size} the selected heads span ranks (allowed: "
+                        f"reduce='none', or heads of one rank's slice)"
+                    )
                 meta = make_part_meta(
                     meta, self.ranks.index, self.ranks.count, layers=list(share.layers),
                     layer_pos=list(share.layer_pos), heads=list(share.heads), head_pos=list(share.head_pos),
@@ -217,6 +233,19 @@ class CaptureTracker:
             rc.stats_on_host = share.stats_on_host
         self.active[req_id] = rc
         return rc
+
+    def fail(self, rc: RequestCapture, message: str) -> None:
+        """Refuse a capture that is already running (rows it needs cannot be computed): its record becomes an
+        error naming why, the request itself goes on without capture."""
+        self.active.pop(rc.req_id, None)
+        self.refused.add(rc.req_id)
+        rc.cache.clear()
+        rc.writer.close(status="error")
+        logger.warning("vllm_attncap: capture refused for request %s: %s", rc.req_id, message)
+        try:
+            write_error(rc.writer.key, rc.writer.req_id, message)
+        except OSError as e:
+            logger.error("vllm_attncap: could not record the refusal of request %s: %s", rc.req_id, e)
 
     def finish(self, req_ids) -> None:
         """Close buffers of requests vLLM reports finished or aborted."""

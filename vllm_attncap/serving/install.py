@@ -29,6 +29,8 @@ from http import HTTPStatus
 from ..engine.parallel import global_counts
 from .. import envs
 from .admission import PendingCapError, admit_request
+from .inline import install as install_inline
+from .inline import prepare_sampling_params
 from .routes import ROUTE, STATUS_ROUTE, build_router, start_expiry_timer
 from .xargs import SpecError, check_request_body, is_capture_name
 
@@ -150,6 +152,7 @@ def _wrap_process_inputs(orig):
             raise _noted(caller, _internal_error(e), None) from None
         if new_args is not None:
             sp.extra_args = new_args  # a fresh dict: the caller's params stay untouched
+            prepare_sampling_params(sp, len(request.prompt_token_ids or []))  # top-k prompt rows: no cache reads
         return out
 
     process_inputs.__attncap_wrapped__ = True
@@ -411,6 +414,7 @@ def _attach(app) -> None:
     app.add_middleware(CaptureGuard)  # vLLM's build_app attaches plugins before it adds any middleware
     _SERVER_MODE = True
     start_expiry_timer()
+    install_inline()  # small captures ride in the responses (serving/inline.py)
     logger.info(
         "vllm_attncap: server mode on: capture specs via vllm_xargs, captures at GET %s "
         "(per-request cap %d bytes, in-flight cap %d bytes; capture requests %s the API key)", ROUTE,

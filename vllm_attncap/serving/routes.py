@@ -212,7 +212,8 @@ def build_router():
                     "key",
                 )
             await asyncio.sleep(0.02)
-        counts = [max(0, min(num_tokens if num_tokens is not None else m.rows_written, m.max_tokens)) for m in metas]
+        counts = [max(0, min(num_tokens if num_tokens is not None else m.rows_written - m.prompt_rows, m.max_tokens))
+                  for m in metas]  # top-k rows of prompt tokens come before the reply's
         try:
             records = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: read_capture(stored, counts, wait_s=0.0)

@@ -12,7 +12,7 @@ holds nothing still writes an empty part: the reader counts parts to know that e
 parts (a single-rank engine) pass through unchanged; parts are waited for until all ``n`` of a request are there,
 then combined into the record a single-rank engine writes, in the same layout:
 
-* slices (``reduce="none"``) are placed at their layer and head positions;
+* slices (``reduce="none"``, and top-k captures) are placed at their layer and head positions;
 * partial means (``head_mean``, ``layer_head_mean``; each rank wrote its sum weighted by the global counts) are
   added;
 * statistics of a mean that spans ranks come as partial rows over the (elided) history: they are added, then
@@ -172,6 +172,8 @@ def combine_parts(records: list[CaptureRecord], expected: int | None = None) -> 
                 stats_acc = np.zeros((final.out_layers, 1, final.max_tokens, w), np.float32)
                 stats_info = p["stats"]
             stats_acc[np.ix_(lp, hp)] += arr[..., :w]
+        elif final.mode == "topk":  # disjoint slices (a head mean's heads all live on one rank)
+            out[(slice(None),) + np.ix_(lp, hp)] = arr
         elif final.mode == "stats":
             out[(slice(None),) + np.ix_(lp, hp)] += arr
         else:

@@ -70,6 +70,8 @@ class CaptureMeta:
         rows_written: rows ``0..rows_written-1`` hold data (set when the writer closes).
         created, closed: wall-clock times (seconds since the epoch).
         part: set on the part of one rank of a multi-rank engine (:mod:`vllm_attncap.parts`), else None.
+        topk, prompt_start: mode ``"topk"``: keys per row, and the position of the first row's token (rows
+            ``0..P-prompt_start-1`` are prompt tokens, then the reply's).
     """
 
     key: str
@@ -91,6 +93,8 @@ class CaptureMeta:
     closed: float | None = None
     format_version: int = FORMAT_VERSION
     part: dict[str, Any] | None = None
+    topk: int = 0
+    prompt_start: int = 0
 
     # -- layout -------------------------------------------------------------------------------------------------
     @property
@@ -102,11 +106,18 @@ class CaptureMeta:
         return 1 if self.reduce in ("head_mean", "layer_head_mean") else len(self.heads)
 
     @property
+    def prompt_rows(self) -> int:
+        """Top-k mode: rows of prompt tokens before the reply's (``P - prompt_start``)."""
+        return self.prompt_len - self.prompt_start if self.mode == "topk" and self.prompt_start else 0
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The data's shape: rows ``(L, H, T_max, P+T_max-1)``, stats ``(2, L, H, T_max)``; () for errors."""
+        """The data's shape: rows ``(L, H, T_max, P+T_max-1)``, stats ``(2, L, H, T_max)``, top-k
+        ``(2, L, H, P-prompt_start+T_max, k)`` (probabilities, then positions as float32); () for errors."""
         if self.status == STATUS_ERROR:
             return ()
-        return capture_shape(self.mode, self.out_layers, self.out_heads, self.prompt_len, self.max_tokens)
+        return capture_shape(self.mode, self.out_layers, self.out_heads, self.prompt_len, self.max_tokens,
+                             topk=self.topk, prompt_rows=self.prompt_rows)
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +140,8 @@ class CaptureMeta:
     def trim(self, array: np.ndarray, num_tokens: int) -> np.ndarray:
         """An owned copy of ``array`` (the file's) cut to ``num_tokens`` generated tokens."""
         t = max(0, min(int(num_tokens), self.max_tokens))
+        if self.mode == "topk":
+            return np.array(array[:, :, :, : self.prompt_rows + t])
         if self.mode == "stats":
             return np.array(array[..., :t])
         return np.array(array[:, :, :t, : self.prompt_len + t - 1])
@@ -168,7 +181,19 @@ class CaptureRecord:
         """Generated tokens in ``array``."""
         if self.array is None:
             return 0
+        if self.meta.mode == "topk":
+            return int(self.array.shape[3]) - self.meta.prompt_rows
         return int(self.array.shape[-1] if self.meta.mode == "stats" else self.array.shape[2])
+
+    @property
+    def topk_positions(self) -> np.ndarray:
+        """Top-k mode: ``(L, H, R, k)`` int32 key positions (-1 pads rows with fewer than k keys)."""
+        return self.array[1].astype(np.int32)
+
+    @property
+    def topk_probs(self) -> np.ndarray:
+        """Top-k mode: ``(L, H, R, k)`` float32 probabilities of those keys (0 for padding)."""
+        return np.ascontiguousarray(self.array[0])
 
     @property
     def coverage(self) -> np.ndarray:

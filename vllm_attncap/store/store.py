@@ -30,7 +30,8 @@ so any key or request id fits, no key is a prefix of another, and names reveal n
 48-byte prefix (magic, :data:`FORMAT_VERSION`, JSON length, data offset, then the mutable status, rows written
 and close time at fixed offsets), the :class:`CaptureMeta` JSON (which carries the real key and request id:
 lookups compare them exactly), and, page-aligned, the float32 array of :attr:`CaptureMeta.shape` (rows mode
-``(L, H, T_max, P + T_max - 1)``; stats mode ``(2, L, H, T_max)``, coverage then entropy), sparse, so untouched
+``(L, H, T_max, P + T_max - 1)``; stats mode ``(2, L, H, T_max)``, coverage then entropy; top-k mode
+``(2, L, H, rows, k)``, probabilities then key positions), sparse, so untouched
 rows cost no memory. A refused capture is a record with status ``"error"`` and no data. The worker writes every
 row of a step before that step's output leaves the worker, so when the caller holds a finished ``RequestOutput``
 with T tokens, rows ``0..T-1`` are in the file.

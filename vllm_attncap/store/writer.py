@@ -56,6 +56,13 @@ class CaptureWriter:
         else:
             view[...] = rows
 
+    def write_topk(self, slot: int, r0: int, r1: int, positions: np.ndarray, probs: np.ndarray) -> None:
+        """Top-k mode: ``positions`` / ``probs`` ``(H_out, r1-r0, k)`` into layer slot ``slot``, rows ``r0..r1-1``."""
+        if self.array is None:
+            return
+        self.array[0, slot, :, r0:r1] = probs
+        self.array[1, slot, :, r0:r1] = positions
+
     def write_stats(self, slot: int, r0: int, r1: int, coverage: np.ndarray, entropy: np.ndarray) -> None:
         """Stats mode: per-row ``coverage`` / ``entropy`` ``(H_out, r1-r0)`` into layer slot ``slot``."""
         if self.array is None:

@@ -35,11 +35,12 @@ NVCC = kb.find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 EXPECTED_FUNCTIONS = {"paged_attention_probs", "head_mean", "history_stats", "elide_rows", "preload", "decode_capture",
-                      "DecodeCaptureParams",
+                      "DecodeCaptureParams", "topk_keys",
                       "cuda_runtime_version", "device_count"}
 KERNEL_NAMES = {"probs.cu": (b"probs_chunk_kernel", b"probs_normalize_kernel"),
                 "decode_capture.cu": (b"decode_pass1_kernel", b"decode_rows_kernel"),
-                "reduce.cu": (b"head_mean_kernel", b"history_stats_kernel", b"elide_rows_kernel")}
+                "reduce.cu": (b"head_mean_kernel", b"history_stats_kernel", b"elide_rows_kernel"),
+                "topk.cu": (b"topk_keys_kernel",)}
 
 
 def _setup_build_ext(tmp: Path, mode: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:

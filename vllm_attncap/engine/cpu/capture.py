@@ -60,7 +60,7 @@ def _kernel_request(b: RowBatch) -> cpu_kernels.KernelRequest:
         rows=b.rows,
         ctx_len=b.ctx_len,
         heads=list(rc.resolved.heads),
-        mode=spec.mode,
+        mode=rc.resolved.capture_mode,
         reduce=spec.reduce,
         out=rc.writer.array,
         layer_slot=rc.layer_slot,
@@ -70,6 +70,7 @@ def _kernel_request(b: RowBatch) -> cpu_kernels.KernelRequest:
         first_layer=rc.first_layer,
         last_layer=rc.last_layer,
         cache=rc.cache.kernel if isinstance(rc.cache, CpuRequestCache) else None,
+        topk=spec.topk or 0,
     )
 
 

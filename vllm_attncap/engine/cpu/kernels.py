@@ -31,11 +31,13 @@ __all__ = ["KINDS", "KernelCache", "KernelRequest", "CaptureTables", "available"
 KINDS = {
     ("rows", "none"): 0, ("rows", "head_mean"): 1, ("rows", "layer_head_mean"): 2,
     ("stats", "none"): 3, ("stats", "head_mean"): 4, ("stats", "layer_head_mean"): 5,
+    ("topk", "none"): 6, ("topk", "head_mean"): 7,
 }
 #: Per-request int64 fields, in the order kernels/cpu_capture.cpp reads them (enum ReqField).
 REQ_FIELDS = (
     "batch_row", "ctx_len", "heads_off", "heads_cnt", "kind", "out_ptr", "s_slot", "s_head", "s_row", "s_stat",
     "hist_len", "sink", "sal_off", "sal_cnt", "scratch_ptr", "row0", "first_layer", "last_layer", "n_layers",
+    "topk",
 )
 ROW_FIELDS = ("req", "pos", "row", "qrow")
 KEY_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -67,9 +69,9 @@ class KernelRequest:
             (consecutive).
         ctx_len: output columns written per row (``max(q_pos) + 1``).
         heads: selected query heads (output head ``i`` is ``heads[i]``).
-        mode, reduce: the spec's.
-        out: the request's float32 output array (rows ``(L, H, T_max, W)``, stats ``(2, L, H, T_max)``), last
-            axis contiguous; written in place.
+        mode, reduce: the spec's (mode ``"topk"`` for a top-k capture).
+        out: the request's float32 output array (rows ``(L, H, T_max, W)``, stats ``(2, L, H, T_max)``, top-k
+            ``(2, L, H, rows, k)``: probabilities, then positions), last axis contiguous; written in place.
         layer_slot: model layer -> output layer slot.
         history_len, sink, salient: stats parameters (as in :func:`.reference.history_stats`).
         first_layer, last_layer: the first / last selected layer (layer means assign at the first, stats of
@@ -94,6 +96,7 @@ class KernelRequest:
     first_layer: int = 0
     last_layer: int = 0
     cache: KernelCache | None = None  # the request's own: keeps the step-invariant tables between steps
+    topk: int = 0
 
 
 @dataclass
@@ -143,8 +146,11 @@ class _Static:
 
 
 def _static_of(kr: KernelRequest, num_layers: int) -> _Static:
-    if kr.out.ndim != 4:
-        raise ValueError(f"cpu capture: output array of a {kr.mode} capture must be 4-d, got {kr.out.shape}")
+    want = 5 if kr.mode == "topk" else 4
+    if kr.out.ndim != want:
+        raise ValueError(f"cpu capture: output array of a {kr.mode} capture must be {want}-d, got {kr.out.shape}")
+    if kr.mode == "topk" and not 1 <= kr.topk == kr.out.shape[4]:
+        raise ValueError(f"cpu capture: topk {kr.topk} does not match the output array {kr.out.shape}")
     st = _strides(kr.out)
     row = np.zeros(len(REQ_FIELDS), dtype=np.int64)
     row[_F["heads_cnt"]] = len(kr.heads)
@@ -152,6 +158,9 @@ def _static_of(kr: KernelRequest, num_layers: int) -> _Static:
     row[_F["out_ptr"]] = kr.out.ctypes.data
     if kr.mode == "rows":  # (L, H, T, W)
         row[_F["s_slot"]], row[_F["s_head"]], row[_F["s_row"]] = st[0], st[1], st[2]
+    elif kr.mode == "topk":  # (2, L, H, T, k)
+        row[_F["s_stat"]], row[_F["s_slot"]], row[_F["s_head"]], row[_F["s_row"]] = st[0], st[1], st[2], st[3]
+        row[_F["topk"]] = kr.topk
     else:  # (2, L, H, T)
         row[_F["s_stat"]], row[_F["s_slot"]], row[_F["s_head"]] = st[0], st[1], st[2]
     row[_F["hist_len"]], row[_F["sink"]] = kr.history_len, kr.sink
@@ -167,7 +176,8 @@ def _static_of(kr: KernelRequest, num_layers: int) -> _Static:
     return _Static(
         out=kr.out, row=row, layer_slot=layer_slot,
         heads=np.asarray(kr.heads, dtype=np.int64).reshape(-1), salient=np.asarray(kr.salient, dtype=np.int64).reshape(-1),
-        n_rows_out=kr.out.shape[2 if kr.mode == "rows" else 3], width=kr.out.shape[3] if kr.mode == "rows" else 0,
+        n_rows_out=kr.out.shape[2 if kr.mode == "rows" else 3],  # top-k: (2, L, H, rows, k)
+        width=kr.out.shape[3] if kr.mode == "rows" else 0,
         scratch_cols=max(1, kr.history_len) if lhm_stats else 0,
     )
 

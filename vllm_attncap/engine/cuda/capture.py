@@ -77,6 +77,8 @@ def step_uses_kernels(plan: StepPlan, step: KernelStep, impl, query: torch.Tenso
             envs.VLLM_ATTNCAP_KERNELS
             # long-history elision (spec n_max) runs on the torch path; the elide_rows kernel is not wired in yet
             and not any(b.rc.spec.n_max is not None for b in plan.batches)
+            # top-k: the torch path (reference.topk_keys after the probabilities)
+            and not any(b.rc.spec.topk is not None for b in plan.batches)
             # under TP/PP a rank captures its share of heads and layers (engine.parallel): the torch path
             and not any(b.rc.sharded for b in plan.batches)
             and query.is_cuda

@@ -61,6 +61,8 @@ __all__ = ["graph_kind", "BufferLayout", "DecodeBuffers", "SlotTable", "GraphRow
 
 def graph_kind(spec: CaptureSpec, num_layers: int) -> str | None:
     """``"stats"`` / ``"rows"`` when a request's decode rows can be captured inside the full graph, else None."""
+    if getattr(spec, "topk", None) is not None:  # top-k runs eagerly, on the torch path (reference.topk_keys)
+        return None
     if spec.mode == "stats":
         return "stats" if spec.reduce == "none" and spec.n_max is None else None
     if spec.reduce == "layer_head_mean":

@@ -31,6 +31,7 @@ __all__ = [
     "history_stats",
     "salient_mask",
     "elide_rows",
+    "topk_keys",
     "PROBS_HEAD_DIMS",
     "DEFAULT_CHUNK_LEN",
     "DecodeCapture",
@@ -376,6 +377,39 @@ def head_mean(
                   n_rows=n, n_heads=h, width=w, out=out.data_ptr(), out_stride_row=out.stride(0),
                   weight=float(weight), accumulate=bool(accumulate))
     return out
+
+
+def topk_keys(
+    probs: torch.Tensor, q_pos: torch.Tensor, k: int, *, sliding_window: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` keys of highest probability of each row (kernels/topk.cu): the CUDA twin of
+    :func:`vllm_attncap.engine.reference.topk_keys`, with the same arguments and result (int32 positions,
+    float32 probabilities, ``(n, h, k)``; ties to the lower position; -1 / 0 padding).
+
+    Written against the reference and compiled for sm_80/sm_90, but not yet run on a GPU (docs/kernels.md): the
+    engine's top-k capture on CUDA uses the torch reference until ``tests/gpu/test_topk_kernel.py`` has passed.
+    """
+    device = _cuda_device("probs", probs)
+    p = _check_rows("probs", probs, device)
+    if probs.dim() != 3:
+        raise ValueError("topk_keys: probs must be (n, h, C)")
+    if not isinstance(k, int) or not 1 <= k <= 1024:
+        raise ValueError(f"topk_keys: k must be an int in 1..1024, got {k!r}")
+    n, h, w = p.shape
+    qp = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    _check_index("q_pos", qp, n, device)
+    positions = torch.full((n, h, k), -1, dtype=torch.int32, device=device)
+    values = torch.zeros((n, h, k), dtype=torch.float32, device=device)
+    if n == 0 or h == 0:
+        return positions, values
+    ext = _kernels()
+    index, stream = _launch_context(device)
+    ext.topk_keys(device=index, stream=stream, in_=p.data_ptr(), in_stride_row=p.stride(0), in_stride_head=p.stride(1),
+                  n_rows=n, n_heads=h, width=w, q_pos=qp.data_ptr(), window=int(sliding_window or -1), k=k,
+                  positions=positions.data_ptr(), pos_stride_row=positions.stride(0),
+                  pos_stride_head=positions.stride(1), probs=values.data_ptr(), prob_stride_row=values.stride(0),
+                  prob_stride_head=values.stride(1))
+    return positions, values
 
 
 def salient_mask(salient: torch.Tensor | Sequence[int], width: int, device: torch.device | str) -> torch.Tensor:
