@@ -165,7 +165,7 @@ def build_step_plan(
         origin = rc.row_origin  # P - 1, or prompt_start - 1 for a top-k capture with prompt rows
         if first_pos > origin + rc.rows_planned:
             # rows before this step's first query were never computed: a prefix-cache hit covered them
-            tracker.fail(rc, (
+            tracker.fail(rc.req_id, (
                 f"attncap spec field 'prompt_start': rows from position {origin + rc.rows_planned + 1} on "
                 f"were asked for, but this engine computed the request from position {first_pos + 1} on (a "
                 f"prefix-cache hit covered the positions before); send the request with "

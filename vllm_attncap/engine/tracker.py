@@ -234,19 +234,6 @@ class CaptureTracker:
         self.active[req_id] = rc
         return rc
 
-    def fail(self, rc: RequestCapture, message: str) -> None:
-        """Refuse a capture that is already running (rows it needs cannot be computed): its record becomes an
-        error naming why, the request itself goes on without capture."""
-        self.active.pop(rc.req_id, None)
-        self.refused.add(rc.req_id)
-        rc.cache.clear()
-        rc.writer.close(status="error")
-        logger.warning("vllm_attncap: capture refused for request %s: %s", rc.req_id, message)
-        try:
-            write_error(rc.writer.key, rc.writer.req_id, message)
-        except OSError as e:
-            logger.error("vllm_attncap: could not record the refusal of request %s: %s", rc.req_id, e)
-
     def finish(self, req_ids) -> None:
         """Close buffers of requests vLLM reports finished or aborted."""
         for rid in req_ids:
