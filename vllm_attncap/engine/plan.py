@@ -163,8 +163,10 @@ def build_step_plan(
         q_len = qsl[i + 1] - qsl[i]
         first_pos = seq_lens[i] - q_len
         origin = rc.row_origin  # P - 1, or prompt_start - 1 for a top-k capture with prompt rows
-        if first_pos > origin + rc.rows_planned:
-            # rows before this step's first query were never computed: a prefix-cache hit covered them
+        if origin < prompt_len - 1 and first_pos > origin + rc.rows_planned:
+            # prompt rows (top-k prompt_start) before this step's first query were never computed: a prefix-cache
+            # hit covered them. Only such requests can miss rows here: vLLM always computes the last prompt token,
+            # and reply rows captured inside full CUDA graphs (graph_step) do not pass through this plan.
             tracker.fail(rc.req_id, (
                 f"attncap spec field 'prompt_start': rows from position {origin + rc.rows_planned + 1} on "
                 f"were asked for, but this engine computed the request from position {first_pos + 1} on (a "
