@@ -145,7 +145,7 @@ def test_two_ppo_updates_with_captured_rewards(tiny_llama):
     trainer = TurnPPOTrainer(
         str(tiny_llama),
         sim,
-        CAGSRConfig(),
+        CAGSRConfig(layers=(-1,)),  # the last layer: the shapes below
         config=PPOConfig(max_new_tokens=8, episodes_per_update=2, learning_rate=1e-3, max_model_len=1024, minibatch_size=4),
     )
     initial = {n: p.detach().clone() for n, p in trainer.unwrapped_policy.named_parameters()}

@@ -92,7 +92,7 @@ def grpo(model_dir: str, out_dir: str) -> dict:
             )
         return [0.0] * len(completion_ids)
 
-    cagsr = cagsr_reward_func(CAGSRConfig(), tokenizer=tok)
+    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)
     trainer = CaptureGRPOTrainer(
         model=model_dir,
         reward_funcs=[cagsr, spy],
@@ -161,7 +161,7 @@ def rloo(model_dir: str, out_dir: str) -> dict:
     )
     trainer = CaptureRLOOTrainer(
         model=model_dir,
-        reward_funcs=[spy, cagsr_reward_func(CAGSRConfig(), tokenizer=tok)],
+        reward_funcs=[spy, cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)],
         args=args,
         train_dataset=_dataset(),
     )

@@ -31,7 +31,7 @@ def main(base_url: str, model_dir: str, out_dir: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cagsr = cagsr_reward_func(CAGSRConfig(), tokenizer=tok)
+    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)
     seen: list[dict] = []
 
     def reward(prompts, completions, completion_ids, **kwargs):

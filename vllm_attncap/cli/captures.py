@@ -8,6 +8,7 @@ model path, the prompt text and, with ``--chat``, the messages and their token s
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ def _layers_for(capture: CapturedAttention, layers: Any) -> Any:
     """The layer choice to aggregate with: a capture averaged over its layers on the device accepts the default
     (last layer) as "all of them", as before."""
     if capture.reduce == "layer_head_mean" and layers != "all":
-        if list(layers) != [-1]:
+        if isinstance(layers, str) or list(layers) != [-1]:
             raise UsageError("this capture was averaged over its layers (reduce=layer_head_mean); choose layers 'all'")
         return "all"
     return layers
@@ -270,6 +271,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     config = CAGSRConfig(**overrides)
     if config.heads != "all" and cap.reduce != "none":
         raise UsageError("this capture was averaged over heads (reduce=head_mean); use --heads all")
+    if layers is None and cap.reduce == "layer_head_mean":
+        config = config.replace(layers="all")  # averaged over its layers on the device: that mean is the choice
+    elif layers is None:
+        # no --layers: the reward's default band when this capture holds it, else every layer it holds (said)
+        try:
+            cap.aggregate(config.layers, config.heads)
+        except ValueError:
+            print(f"attncap score: note: this capture does not hold the reward's default layers {config.layers!r}; "
+                  f"scoring the mean of the layers it holds (choose others with --layers)", file=sys.stderr)
+            config = config.replace(layers="all")
     config = config.replace(layers=_layers_for(cap, config.layers))
     p = cap.prompt_len
     prompt_ids = saved.prompt_token_ids
