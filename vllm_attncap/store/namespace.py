@@ -162,20 +162,28 @@ def private_base(wanted: Path, why: BaseException) -> Path:
                      f"could be made ({last})")
 
 
-def _sweep_private_bases(parent: Path) -> None:
+def _own_dirs(parent: Path, name_re) -> list[tuple[os.DirEntry, os.stat_result]]:
+    """The directories directly under ``parent`` whose name matches ``name_re`` and that this uid owns (links not
+    followed), with their stat; an unreadable ``parent`` or entry is skipped."""
     try:
         entries = list(os.scandir(parent))
     except OSError:
-        return
+        return []
+    found = []
     for entry in entries:
-        if not _PRIVATE_BASE_RE.match(entry.name):
+        if not name_re.match(entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            found.append((entry, st))
+    return found
+
+
+def _sweep_private_bases(parent: Path) -> None:
+    for entry, st in _own_dirs(parent, _PRIVATE_BASE_RE):
         sweep_dead(entry.path)
         if time.time() - st.st_mtime > _ORPHAN_GRACE_S:
             try:
@@ -223,20 +231,8 @@ def _unlink(path: Path) -> int:
 
 def sweep_dead(base: Path | str) -> int:
     """Remove the namespaces under ``base`` whose owner process is gone; returns how many."""
-    base, n = Path(base), 0
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return 0
-    for entry in entries:
-        if not _NS_RE.match(entry.name):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            continue
+    n = 0
+    for entry, st in _own_dirs(Path(base), _NS_RE):
         alive = _owner_alive(Path(entry.path))
         if alive or (alive is None and time.time() - st.st_mtime < _ORPHAN_GRACE_S):
             continue
