@@ -25,3 +25,23 @@ def test_setup_builds_cpu_kernel(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'capture_layer'" in out.stdout and "'num_threads'" in out.stdout
+
+
+def test_unbuilt_kernel_is_said_once_and_the_torch_path_is_used(monkeypatch, caplog):
+    """A source tree without the compiled kernel captures on the torch path, and says so once (not per step)."""
+    import logging
+
+    from vllm_attncap.engine.cpu import capture as cpu_capture
+    from vllm_attncap.engine.cpu import kernels as cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_ext", None)
+    monkeypatch.setattr(cpu_capture, "_warned_unbuilt", False)
+    monkeypatch.delenv("VLLM_ATTNCAP_CPU_KERNEL", raising=False)
+    with caplog.at_level(logging.WARNING, logger="vllm_attncap"):
+        assert [cpu_capture.kernel_enabled() for _ in range(3)] == [False] * 3
+    said = [r.getMessage() for r in caplog.records if "CPU capture kernel" in r.getMessage()]
+    assert len(said) == 1 and "torch path" in said[0] and "build_ext --inplace" in said[0]
+    monkeypatch.setenv("VLLM_ATTNCAP_CPU_KERNEL", "0")  # switched off: no kernel wanted, nothing said
+    caplog.clear()
+    monkeypatch.setattr(cpu_capture, "_warned_unbuilt", False)
+    assert cpu_capture.kernel_enabled() is False and not caplog.records

@@ -14,6 +14,7 @@ Without the compiled kernel, or with ``VLLM_ATTNCAP_CPU_KERNEL=0``, every reques
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +29,25 @@ from . import kernels as cpu_kernels
 __all__ = ["CpuRequestCache", "CpuStep", "capture_layer", "kernel_enabled", "prepare_step"]
 
 
+_warned_unbuilt = False
+
+
 def kernel_enabled() -> bool:
-    """Whether the CPU kernel is built and not switched off (``VLLM_ATTNCAP_CPU_KERNEL=0``)."""
-    return cpu_kernels.available() and envs.VLLM_ATTNCAP_CPU_KERNEL
+    """Whether the CPU kernel is built and not switched off (``VLLM_ATTNCAP_CPU_KERNEL=0``). A kernel that is asked
+    for but not built is said once per process, on the ``vllm_attncap`` logger: capture then runs on the slower
+    torch path (same results)."""
+    global _warned_unbuilt
+    if not envs.VLLM_ATTNCAP_CPU_KERNEL:
+        return False
+    if cpu_kernels.available():
+        return True
+    if not _warned_unbuilt:
+        _warned_unbuilt = True
+        logging.getLogger("vllm_attncap").warning(
+            "vllm_attncap: the CPU capture kernel (vllm_attncap.engine.cpu._cpu_kernels) is not built: capturing on "
+            "the torch path (same results, slower; docs/performance.md). Install with a C++ compiler, or run "
+            "`python setup.py build_ext --inplace` in a source tree; VLLM_ATTNCAP_CPU_KERNEL=0 silences this.")
+    return False
 
 
 @dataclass
