@@ -85,12 +85,11 @@ def write_probs(b: RowBatch, layer_index: int, probs: torch.Tensor, *, sliding_w
     if spec.reduce == "layer_head_mean":
         contrib = probs / n_layers
         if spec.mode == "stats":
-            acc = b.scratch.get("acc")
             hist = contrib[..., : rc.resolved.history_len]
-            b.scratch["acc"] = hist.clone() if acc is None else acc + hist
+            b.layer_sum = hist.clone() if b.layer_sum is None else b.layer_sum + hist
             if layer_index != rc.last_layer:
                 return
-            probs = b.scratch.pop("acc")
+            probs, b.layer_sum = b.layer_sum, None
         else:
             # the first selected layer assigns, the others add (a recomputed row is rewritten, not double counted)
             block = contrib.permute(1, 0, 2).cpu().numpy()  # (1, n, C)
@@ -143,9 +142,9 @@ def capture_layer(
         if layer_index not in b.rc.layer_slot:
             continue
         heads, _ = _device_cache(b, query.device)
-        tok = b.scratch.get("token_index")
+        tok = b.device_token_index
         if tok is None or tok.device != query.device:
-            tok = b.scratch["token_index"] = b.token_index.to(query.device)
+            tok = b.device_token_index = b.token_index.to(query.device)
         probs = attention_probs(
             query[tok],
             keys_of(b),

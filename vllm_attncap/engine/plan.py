@@ -18,7 +18,7 @@ the runner's row reordering are all handled the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +38,11 @@ class RowBatch:
     rows: list[int]  # row index s of each captured query
     ctx_len: int  # keys 0..ctx_len-1 are needed (= max(q_pos) + 1)
     block_table_row: torch.Tensor
-    scratch: dict[str, Any] = field(default_factory=dict)
     batch_row: int = -1  # this request's row in the step's batch (block table, seq_lens)
+    #: ``token_index`` on the device of the queries (set by the first layer that captures this step)
+    device_token_index: torch.Tensor | None = None
+    #: stats of ``layer_head_mean``: the sum over the layers captured so far this step of the head-mean history rows
+    layer_sum: torch.Tensor | None = None
 
 
 @dataclass
