@@ -11,7 +11,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from engine_utils import free_engine  # noqa: E402

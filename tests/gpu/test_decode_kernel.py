@@ -181,7 +181,6 @@ def test_decode_kernel_in_a_cuda_graph_replays_new_steps(kernels):
 def test_decode_cycle_never_syncs_the_host(kernels, tmp_path, monkeypatch):
     """begin_step (pinned upload), the kernels, end_step (side-stream copy into the ring) and the next step's drain
     under sync-debug 'error': any host synchronisation raises."""
-    from types import SimpleNamespace
 
     from vllm_attncap.engine.cuda.kernels import DecodeCapture, preload
     from vllm_attncap.engine.cuda.pinned import CudaRingOps, Uploader

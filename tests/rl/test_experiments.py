@@ -4,7 +4,6 @@ sampling defaults (the training grid itself: tests/rl/test_training_grid.py)."""
 from __future__ import annotations
 
 import itertools
-import json
 import types
 import warnings
 

@@ -67,7 +67,7 @@ def _case(seed, key_dtype, num_heads, num_kv, d, opts, kinds, *, bs=16, num_laye
                 src = row[0] * bs + 2
                 for p in (5, 7, 11, 40, 41):
                     slots[row[p // bs] * bs + p % bs] = slots[src]
-    krs, reqs, tok = [], [], 0
+    krs, tok = [], 0
     for i, reduce in enumerate(kinds):
         k = int(rng.choice([1, 3, 8, 64, 200]))
         prompt = int(rng.integers(2, 100))

@@ -33,7 +33,6 @@ from vllm_attncap.engine.cuda.decode_reference import (
     F_FLAGS,
     F_HISTORY,
     F_SINK,
-    F_SLOT,
     FLAG_SALIENT,
     FLAG_STATS,
     ROW_FIELDS,
