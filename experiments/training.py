@@ -64,11 +64,13 @@ SOURCES = ("chitchat", "tech_support")
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         heldout_chitchat=24, heldout_tech=8, turns_per_episode=2, eval_max_new_tokens=32, max_prompt_tokens=256,
+        recall_items=30,
         steps=16, batch_size=8, num_generations=4, max_new_tokens=24, learning_rate=1e-4, temperature=0.8,
         checkpoints=(8,), seeds=(0, 1, 2),
     ),
     "quick": dict(
         heldout_chitchat=2, heldout_tech=1, turns_per_episode=1, eval_max_new_tokens=8, max_prompt_tokens=256,
+        recall_items=3,
         steps=2, batch_size=4, num_generations=2, max_new_tokens=8, learning_rate=1e-4, temperature=0.8,
         checkpoints=(1,), seeds=(0,),
     ),
@@ -304,21 +306,29 @@ def evaluate_checkpoint(ctx: Context, llm: Any, step: int, policy: Any = None) -
         if was_training:
             policy.train()
     return {"step": step, "rows": rows, "corpus_bleu": result["summary"]["corpus_bleu"], "reward_config": result["config"],
-            "recall": recall_task_result(), "seconds": time.perf_counter() - t0}
+            "recall": recall_task_result(ctx, llm), "seconds": time.perf_counter() - t0}
 
 
-#: where the hypothesis task (a reply that needs a fact stated in an earlier turn, exact-match recall) is looked for
-RECALL_TASK_MODULE = "cagsr_reward.integrations.recall_task"
+#: the hypothesis task's episodes of the training grid's evaluation are drawn with this seed (the validity protocol
+#: draws its own with seed 0)
+RECALL_SEED = 1
 
 
-def recall_task_result() -> dict[str, Any]:
-    """Recall on the hypothesis task, when this checkout has its generator (:data:`RECALL_TASK_MODULE`); otherwise a
-    record saying why it was not measured."""
-    import importlib.util
+def recall_task_result(ctx: Context, llm: Any) -> dict[str, Any]:
+    """Exact-match recall on the hypothesis task (``cagsr_reward.integrations.recall_task``: the last user turn asks
+    for a fact stated in the first), greedy replies of the policy served by ``llm``; one row per episode."""
+    from vllm import SamplingParams
 
-    if importlib.util.find_spec(RECALL_TASK_MODULE) is None:
-        return {"skipped": f"the hypothesis-task generator ({RECALL_TASK_MODULE}) is not in this checkout"}
-    return {"skipped": f"{RECALL_TASK_MODULE} exists but is not wired into the training grid yet"}
+    from cagsr_reward.integrations.recall_task import recall_correct, recall_episodes
+
+    episodes = recall_episodes(ctx.s["recall_items"], seed=RECALL_SEED)
+    tok = ctx.tokenizer()
+    sp = SamplingParams(temperature=0.0, max_tokens=ctx.s["eval_max_new_tokens"])
+    outs = llm.generate([{"prompt_token_ids": prompt_ids(tok, ep.messages)} for ep in episodes], sp, use_tqdm=False)
+    rows = [{"episode_id": ep.episode_id, "kind": ep.kind, "fact": ep.fact, "reply": o.outputs[0].text,
+             "correct": float(recall_correct(o.outputs[0].text, ep.fact))} for ep, o in zip(episodes, outs)]
+    return {"n": len(rows), "rate": float(np.mean([r["correct"] for r in rows])) if rows else float("nan"),
+            "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------

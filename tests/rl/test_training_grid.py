@@ -160,6 +160,15 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     for row in pc["checkpoints"][-1]["rows"]:
         assert 0.0 <= row["ngram_overlap"] <= 1.0 and (row["kl_to_start"] is None or row["kl_to_start"] >= -1e-6)
     assert all(r["kl_to_start"] == 0.0 for r in base["checkpoints"][0]["rows"])
+    from cagsr_reward.integrations.recall_task import recall_correct, recall_episodes
+
+    episodes = recall_episodes(3, seed=training.RECALL_SEED)
+    for c in (*base["checkpoints"], *pc["checkpoints"]):  # the hypothesis task at every checkpoint, the same episodes
+        rec = c["recall"]
+        assert [r["episode_id"] for r in rec["rows"]] == [e.episode_id for e in episodes] and rec["n"] == 3
+        assert [r["correct"] for r in rec["rows"]] == [float(recall_correct(r["reply"], e.fact))
+                                                       for r, e in zip(rec["rows"], episodes)]
+        assert rec["rate"] == pytest.approx(sum(r["correct"] for r in rec["rows"]) / 3)
     from cagsr_reward.config import CAGSRConfig
 
     assert all(c["reward_config"] == CAGSRConfig().to_dict() for u in (base, pc) for c in u["checkpoints"])
@@ -181,3 +190,19 @@ def test_installed_packages_never_import_the_harness():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
                 assert not any(n == "experiments" or n.startswith("experiments.") for n in names), path
+
+
+def test_report_reads_recall_per_episode_at_each_step():
+    """The report's recall column: one value per hypothesis-task episode, per seed, at the asked step."""
+    def unit(correct_at_8, correct_at_16):
+        def cp(step, correct):
+            return {"step": step, "rows": [], "recall": {"rows": [
+                {"episode_id": f"e{i}", "correct": float(c)} for i, c in enumerate(correct)]}}
+        return {"checkpoints": [cp(8, correct_at_8), cp(16, correct_at_16)]}
+
+    arm = [unit([0, 0, 1], [1, 1, 1]), unit([0, 1, 1], [0, 1, 1])]
+    assert report._seeds(arm, "recall", 8) == [{"e0": 0.0, "e1": 0.0, "e2": 1.0}, {"e0": 0.0, "e1": 1.0, "e2": 1.0}]
+    assert report._seeds(arm, "recall") == [{"e0": 1.0, "e1": 1.0, "e2": 1.0}, {"e0": 0.0, "e1": 1.0, "e2": 1.0}]
+    est, lo, hi = report.two_level_bootstrap(report._seeds(arm, "recall"))
+    assert est == pytest.approx(5 / 6) and lo <= est <= hi
+    assert report._seeds([{"checkpoints": [{"step": 0, "rows": []}]}], "recall") == [{}]  # a unit without the task
