@@ -67,10 +67,10 @@ _TABLE = [
             "cap on the bytes of captures held in the store; the server refuses new captures past it (HTTP 503) "
             "and the writer evicts the oldest finished ones"),
     # the server (serving/)
-    Setting("VLLM_ATTNCAP_INLINE_MAX_BYTES", "int", 0,
+    Setting("VLLM_ATTNCAP_INLINE_MAX_BYTES", "int", 1024**2,
             "server: a capture whose arrays hold at most this many bytes rides in the response's per-choice attncap "
-            "field (base64 .npy) and is deleted from the store; larger ones stay under their key (0, the default: "
-            "never inline, every capture stays for GET /v1/attncap/{key}; 1048576 is a good limit)"),
+            "field (base64 .npy) and is deleted from the store; larger ones stay under their key for "
+            "GET /v1/attncap/{key} (0: never inline, every capture stays under its key)"),
     # the bundled model (default_model.py)
     Setting("VLLM_ATTNCAP_CACHE", "path", None,
             "where the bundled SmolLM2 model is converted to and cached (default ~/.cache/vllm-attncap)"),

@@ -19,7 +19,7 @@ requests = pytest.importorskip("requests")
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "serving"))
 sys.path.insert(0, str(TESTS / "engine"))
-from test_server import _start_server, _stop_server  # noqa: E402
+from server_utils import start_server, stop  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def test_grpo_trains_on_rewards_from_server_captures(tmp_path):
     from tiny_model import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "model", num_layers=3, heads=4, kv_heads=2, head_dim=32)
-    srv = _start_server(tmp_path, model, tmp_path / "store", ("--enable-scale-out",),
+    srv = start_server(tmp_path, model, tmp_path / "store", ("--enable-scale-out",),
                         VLLM_ATTNCAP_INLINE_MAX_BYTES=str(1 << 20))
     try:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
@@ -39,7 +39,7 @@ def test_grpo_trains_on_rewards_from_server_captures(tmp_path):
         res = json.loads((tmp_path / "result.json").read_text())
         records = requests.get(f"{srv['base']}/v1/attncap", timeout=30).json()
     finally:
-        _stop_server(srv["proc"], srv["log_file"])
+        stop(srv["proc"], srv["log_file"])
     assert res["global_step"] == 2
     assert len(res["seen"]) == 2  # one reward call per step
     for call in res["seen"]:

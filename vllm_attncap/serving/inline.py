@@ -4,10 +4,9 @@ A non-streaming response of ``/v1/completions``, ``/v1/chat/completions`` or the
 ``/inference/v1/generate`` (vLLM's ``ServingTokens``, served with ``--enable-scale-out``) gets, on each choice whose
 request asked for a capture, a field ``attncap``:
 
-* when inline delivery is on (``VLLM_ATTNCAP_INLINE_MAX_BYTES`` > 0, :func:`inline_max_bytes`; the default 0 keeps
-  every capture under its key, so clients that fetch by key keep working) and the capture's arrays hold at most
-  that many bytes, the capture itself: its record (``key``, ``mode``, ``reduce``, ``layers``,
-  ``heads``, ``prompt_len``, ``num_tokens``, ``prompt_start`` for top-k) and ``arrays``, each
+* when the capture's arrays hold at most ``VLLM_ATTNCAP_INLINE_MAX_BYTES`` bytes (:func:`inline_max_bytes`; default
+  1 MiB; 0 turns inline delivery off, so that every capture stays under its key), the capture itself: its record
+  (``key``, ``mode``, ``reduce``, ``layers``, ``heads``, ``prompt_len``, ``num_tokens``, ``prompt_start`` for top-k) and ``arrays``, each
   ``{"shape": [...], "dtype": "int32" | "float32", "npy": <base64 of the .npy file>}``: ``attention`` (rows mode),
   ``coverage`` and ``entropy`` (stats mode), ``topk_positions`` and ``topk_probs`` (top-k mode). The capture is
   then deleted from the store, as a ``GET /v1/attncap/{key}`` would;
