@@ -68,3 +68,26 @@ def ns(tmp_path):
     yield store
     S.set_current_store(None)
     store.remove()
+
+
+@pytest.fixture(scope="session")
+def scale_out_server(tmp_path_factory):
+    """One real loopback server for the modules that only talk to it over HTTP (tests/serving/test_server_inline.py,
+    tests/rl/test_trl_server_rollout.py): a tiny random Llama (3 layers, 4 heads, float32), ``--enable-scale-out``
+    (the token endpoint), inline delivery up to ``server_utils.SCALE_OUT_INLINE_LIMIT`` bytes. Started by the first
+    test that asks for it (~40 s), stopped at the end of the session; each test leaves its store empty."""
+    pytest.importorskip("vllm")
+    from server_utils import SCALE_OUT_INLINE_LIMIT, start_server, stop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
+    from tiny_model import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("scale-out-server")
+    model = make_tiny_llama(root / "model", num_layers=3, heads=4, kv_heads=2, head_dim=32)
+    srv = start_server(root, model, root / "store", ("--enable-scale-out",),
+                       VLLM_ATTNCAP_INLINE_MAX_BYTES=str(SCALE_OUT_INLINE_LIMIT))
+    srv["root"], srv["model_dir"] = root, model
+    try:
+        yield srv
+    finally:
+        stop(srv["proc"], srv["log_file"])

@@ -20,8 +20,11 @@ import pytest
 import requests
 
 STARTUP_TIMEOUT_S = 300
+#: the inline limit of the shared ``scale_out_server`` (tests/conftest.py): top-k and small rows inline, bigger rows
+#: captures by key
+SCALE_OUT_INLINE_LIMIT = 20_000
 
-__all__ = ["STARTUP_TIMEOUT_S", "free_port", "launch", "server_command", "start_server", "stop", "stop_gracefully"]
+__all__ = ["SCALE_OUT_INLINE_LIMIT", "STARTUP_TIMEOUT_S", "free_port", "launch", "server_command", "start_server", "stop", "stop_gracefully"]
 
 
 def free_port() -> int:

@@ -16,30 +16,19 @@ import pytest
 pytest.importorskip("trl")
 requests = pytest.importorskip("requests")
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS / "serving"))
-sys.path.insert(0, str(TESTS / "engine"))
-from server_utils import start_server, stop  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
-def test_grpo_trains_on_rewards_from_server_captures(tmp_path):
-    from tiny_model import make_tiny_llama
-
-    model = make_tiny_llama(tmp_path / "model", num_layers=3, heads=4, kv_heads=2, head_dim=32)
-    srv = start_server(tmp_path, model, tmp_path / "store", ("--enable-scale-out",),
-                        VLLM_ATTNCAP_INLINE_MAX_BYTES=str(1 << 20))
-    try:
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_server_run.py")), srv["base"],
-                               str(model), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=1200)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-        res = json.loads((tmp_path / "result.json").read_text())
-        records = requests.get(f"{srv['base']}/v1/attncap", timeout=30).json()
-    finally:
-        stop(srv["proc"], srv["log_file"])
+def test_grpo_trains_on_rewards_from_server_captures(scale_out_server, tmp_path):
+    srv = scale_out_server  # the session's loopback server (tests/conftest.py): tiny Llama, token endpoint, inline
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_server_run.py")), srv["base"],
+                           str(srv["model_dir"]), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    records = requests.get(f"{srv['base']}/v1/attncap", timeout=30).json()
     assert res["global_step"] == 2
     assert len(res["seen"]) == 2  # one reward call per step
     for call in res["seen"]:

@@ -1,10 +1,10 @@
 """Captures delivered inline (vllm_attncap/serving/inline.py) by a real server process on the loopback: the per-choice
 ``attncap`` field on completions and chat (the real OpenAI client) and on the token-in/token-out endpoint
 ``/inference/v1/generate`` (plain HTTP); the field decodes with numpy to the arrays ``generate_with_attentions`` gives
-for the same request (computed first, offline, in a subprocess: one engine at a time); a capture over the inline
+for the same request (computed offline, in a subprocess); a capture over the inline
 limit comes as a handle and is fetched by key; bad ``topk`` / ``prompt_start`` are a 400 naming the field.
 
-One module-scoped server (starts take ~80 s on a shared 2-core machine).
+The server is the session's shared ``scale_out_server`` (tests/conftest.py; the TRL server-mode test uses it too).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/serving: the server helpers
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared top-k check
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # the tiny model
-from server_utils import start_server, stop  # noqa: E402
+from server_utils import SCALE_OUT_INLINE_LIMIT  # noqa: E402
 from topk_check import assert_topk_matches  # noqa: E402
 
 from vllm_attncap.serving.inline import decode_array  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
-INLINE_LIMIT = 20_000
+INLINE_LIMIT = SCALE_OUT_INLINE_LIMIT
 PROMPT = "Alice lives in Paris. Where does Alice live?"
 TOPK_SPEC = {"layers": [-1], "reduce": "head_mean", "topk": 4}
 TOKEN_SPEC = {"layers": [0, -1], "topk": 3, "prompt_start": 2}
@@ -56,12 +56,11 @@ OFFLINE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    pytest.importorskip("vllm")
-    from tiny_model import make_tiny_llama
-
+def setup(scale_out_server, tmp_path_factory):
+    """The shared server (tests/conftest.py) and what ``generate_with_attentions`` gives offline on its model."""
+    srv = scale_out_server
     root = tmp_path_factory.mktemp("attncap-inline")
-    model = make_tiny_llama(root / "model", num_layers=3, heads=4, kv_heads=2, head_dim=32)
+    model = srv["model_dir"]
     script = root / "offline.py"
     script.write_text(OFFLINE)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -72,12 +71,8 @@ def setup(tmp_path_factory):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     expected = dict(np.load(root / "expected.npz"))
-    srv = start_server(root, model, root / "store", ("--enable-scale-out",),
-                        VLLM_ATTNCAP_INLINE_MAX_BYTES=str(INLINE_LIMIT))
-    try:
-        yield srv, expected
-    finally:
-        stop(srv["proc"], srv["log_file"])
+    yield srv, expected
+    assert requests.get(f"{srv['base']}/v1/attncap", timeout=30).json()["records"] == 0  # every capture delivered
 
 
 def _client(srv):
