@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,6 +20,31 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     engine_guard.mark(items)
+    strays = sorted({i.nodeid.split("::")[0] for i in items if "scale_out_server" in i.fixturenames}
+                    - SCALE_OUT_MODULES)
+    if strays:  # the xdist scheduler below must know every module that shares the server
+        raise pytest.UsageError(f"tests/conftest.py: add {strays} to SCALE_OUT_MODULES (they use scale_out_server)")
+
+
+#: the modules that use the session's ``scale_out_server``: under pytest-xdist they run on one worker
+SCALE_OUT_MODULES = frozenset({"tests/serving/test_server_inline.py", "tests/rl/test_trl_server_rollout.py"})
+
+if importlib.util.find_spec("xdist") is not None:
+
+    def pytest_xdist_make_scheduler(config, log):
+        """``make test`` runs ``-n 2 --dist loadfile``: a module's tests run on one worker (a module-scoped engine
+        or server starts once), and the modules of :data:`SCALE_OUT_MODULES` share one worker (the session's server
+        starts once). pytest-xdist's own ``loadgroup`` does not group under pytest 9 (its node-id suffix is lost)."""
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ModuleScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return "scale_out_server" if module in SCALE_OUT_MODULES else module
+
+        return ModuleScheduling(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -25,7 +25,7 @@ import pytest
 
 # fixtures that start an engine (in this process, in a subprocess or behind a server): a test using one is marked
 ENGINE_FIXTURES = frozenset({
-    "make_llm", "llm", "stock_llm", "server", "tiny", "eager_engine", "tiny_gpu_model",
+    "make_llm", "llm", "stock_llm", "server", "scale_out_server", "tiny", "eager_engine", "tiny_gpu_model",
 })
 
 forbidden: str | None = None  # node id of the running test when it may not start an engine

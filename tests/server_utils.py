@@ -24,7 +24,8 @@ STARTUP_TIMEOUT_S = 300
 #: captures by key
 SCALE_OUT_INLINE_LIMIT = 20_000
 
-__all__ = ["SCALE_OUT_INLINE_LIMIT", "STARTUP_TIMEOUT_S", "free_port", "launch", "server_command", "start_server", "stop", "stop_gracefully"]
+__all__ = ["SCALE_OUT_INLINE_LIMIT", "STARTUP_TIMEOUT_S", "free_port", "launch", "server_command", "start_server",
+           "stop", "stop_gracefully"]
 
 
 def free_port() -> int:
