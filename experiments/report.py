@@ -175,6 +175,29 @@ def _pending_reason(arm: str) -> str:
     return "pending"
 
 
+def _budget_probes(folder: Path, base: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The positive-control runs of earlier budgets (``budget-probes/*.json``): how the budget above was chosen."""
+    probes = sorted(Path(folder, "budget-probes").glob("*.json"))
+    if not probes:
+        return []
+    L = ["### How the budget was chosen (positive-control probes, seed 0)", "",
+         "The budget was changed (steps, batch, learning rate) until the positive control's own metric rose; each "
+         "probe is a unit JSON in `experiments/results/training/budget-probes/`. Only the n-gram arm was used to "
+         "choose it.", "",
+         "| budget (steps × completions, learning rate) | held-out n-gram overlap − untrained | KL to start | "
+         "reply words | wall time |", "|---|---|---|---|---|"]
+    for p in probes:
+        u = json.loads(p.read_text())
+        b = u.get("budget", {})
+        t = two_level_bootstrap(_seeds([u], "ngram_overlap"), _seeds(base, "ngram_overlap")) if base else None
+        kl = two_level_bootstrap(_seeds([u], "kl_to_start"))[0]
+        words = two_level_bootstrap(_seeds([u], "reply_words"))[0]
+        L.append(f"| {b.get('steps')} × {b.get('batch_size')}, {b.get('learning_rate', float('nan')):g} | "
+                 f"{_ci(t) if t else 'no untrained unit'} | {_fmt(kl, 4)} | {_fmt(words, 1)} | "
+                 f"{u.get('wall_seconds', 0):.0f} s |")
+    return L + [""]
+
+
 def render(folder: Path = RESULTS) -> str:
     """The generated section (markers included) from the unit JSONs under ``folder``."""
     units = load_units(folder)
@@ -187,6 +210,7 @@ def render(folder: Path = RESULTS) -> str:
     L += ["**Budget of every trained unit:** GRPO (TRL 1.16, colocated capturing vLLM engine, float32, `top_p=1.0`, "
           f"β = 0) on SmolLM2-135M-Instruct, {s['steps']} steps of {s['batch_size']} completions "
           f"({s['batch_size'] // s['num_generations']} prompts × {s['num_generations']} generations, "
+          f"gradients accumulated over micro-batches of {s['micro_batch']}, "
           f"≤ {s['max_new_tokens']} new tokens, temperature {s['temperature']}), learning rate {s['learning_rate']:g}; "
           f"held-out evaluation at steps {', '.join(str(c) for c in s['checkpoints'])} and {s['steps']}: "
           f"{s['heldout_chitchat']} chitchat + {s['heldout_tech']} tech_support dialogues, {s['turns_per_episode']} "
@@ -215,7 +239,9 @@ def render(folder: Path = RESULTS) -> str:
             L.append(f"- {a} − {b}: pending ({len(ua)} / {len(ub)} unit(s) done).")
             continue
         found = []
-        for k, title, d in METRICS[:-1]:
+        for k, title, d in METRICS:
+            if k == "kl_to_start":
+                continue
             if k == "reward" and not _same_reward_config(ua, ub):
                 continue
             t = two_level_bootstrap(_seeds(ua, k), _seeds(ub, k))
@@ -227,6 +253,7 @@ def render(folder: Path = RESULTS) -> str:
         L.append("- Until the positive control passes with every seed, a difference that is not established says "
                  "nothing about a reward: this budget may be too small for any reward to show a gain.")
     L.append("")
+    L += _budget_probes(folder, base)
 
     # -- held-out metrics at the end ---------------------------------------------------------------------------------
     L += ["### Held-out replies at the end of training", "",

@@ -65,13 +65,13 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         heldout_chitchat=24, heldout_tech=8, turns_per_episode=2, eval_max_new_tokens=32, max_prompt_tokens=256,
         recall_items=30,
-        steps=16, batch_size=8, num_generations=4, max_new_tokens=24, learning_rate=1e-4, temperature=0.8,
-        checkpoints=(8,), seeds=(0, 1, 2),
+        steps=16, batch_size=32, micro_batch=8, num_generations=4, max_new_tokens=24, learning_rate=2e-5,
+        temperature=0.8, checkpoints=(8,), seeds=(0, 1, 2),
     ),
     "quick": dict(
         heldout_chitchat=2, heldout_tech=1, turns_per_episode=1, eval_max_new_tokens=8, max_prompt_tokens=256,
         recall_items=3,
-        steps=2, batch_size=4, num_generations=2, max_new_tokens=8, learning_rate=1e-4, temperature=0.8,
+        steps=2, batch_size=4, micro_batch=2, num_generations=2, max_new_tokens=8, learning_rate=1e-4, temperature=0.8,
         checkpoints=(1,), seeds=(0,),
     ),
 }
@@ -462,8 +462,11 @@ def train_arm(ctx: Context, arm: Arm, seed: int) -> dict[str, Any]:
         max_new_tokens=s["max_new_tokens"], learning_rate=s["learning_rate"], temperature=s["temperature"],
         top_p=1.0, max_model_len=ctx.max_model_len, device="cpu", dtype="float32", seed=seed,
     )
+    # one optimizer step = batch_size completions generated together, its loss and gradients taken micro_batch at a
+    # time (gradient accumulation: the same update, a quarter of the activation memory at 32 / 8)
     args = grpo_args(Run(f"{arm.name}_s{seed}", run_dir, ctx.model, flags, time.perf_counter()),
-                     reward_weights=weights)
+                     reward_weights=weights, per_device_train_batch_size=s["micro_batch"],
+                     gradient_accumulation_steps=s["batch_size"] // s["micro_batch"])
     data = _dialogue_prompts(ctx, s["steps"])
     trainer = CaptureGRPOTrainer(model=ctx.model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_dict(data),
                                  vllm_engine_kwargs={"dtype": "float32", "seed": seed})

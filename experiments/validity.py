@@ -1,6 +1,6 @@
 """Reward validity without training: does a score prefer the real reply to wrong ones, on items it was not tuned on?
 
-    python -m experiments.validity [--quick] [--report-only] [--phase capture|select|confirm|all]
+    python -m experiments.validity [--quick] [--report-only] [--phase capture|select|confirm|features|all]
 
 Protocol (docs/experiments.md, "Reward validity"):
 
@@ -626,6 +626,72 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     return out
 
 
+#: layer groups of the feature probe (model layer ids, half-open), SmolLM2-135M's 30 layers
+FEATURE_BANDS = {"all": (0, 30), "early": (0, 8), "middle": (8, 22), "last 8": (22, 30)}
+FEATURES = ("coverage", "coverage / non-sink history mass", "max on a salient token", "non-sink history mass")
+
+
+def attention_features(att: np.ndarray, prompt_len: int, salient: Sequence[int], sink: int = 1) -> dict[str, float]:
+    """Plain statistics of one continuation's attention (``att``: the cached per-layer head means, ``(layers, T,
+    context)``), per layer group of :data:`FEATURE_BANDS`, averaged over the T reply tokens: the mass on the salient
+    history tokens (coverage), that mass over the history mass outside the first ``sink`` positions, the largest
+    weight on a single salient token, and the non-sink history mass itself.
+
+    Example:
+        >>> att = np.zeros((30, 1, 4)); att[:, 0, :] = [0.5, 0.3, 0.1, 0.1]
+        >>> f = attention_features(att, 3, [1])
+        >>> round(f["all: coverage"], 3), round(f["all: coverage / non-sink history mass"], 3)
+        (0.3, 0.75)
+    """
+    hist = att[:, :, :prompt_len].astype(np.float64)
+    sal = np.array([s for s in salient if 0 <= s < prompt_len], dtype=np.int64)
+    out: dict[str, float] = {}
+    for band, (lo, hi) in FEATURE_BANDS.items():
+        h = hist[lo:hi]
+        mass = h[:, :, sink:].sum(-1)
+        cov = h[:, :, sal].sum(-1) if sal.size else np.zeros(h.shape[:2])
+        peak = h[:, :, sal].max(-1) if sal.size else np.zeros(h.shape[:2])
+        values = (cov, cov / np.maximum(mass, 1e-12), peak, mass)
+        out.update({f"{band}: {name}": float(v.mean()) for name, v in zip(FEATURES, values)})
+    return out
+
+
+def run_features(size: str, cache: Path, results: Path) -> dict[str, Any]:
+    """Does any plain attention statistic separate the real reply from the negatives? Selection split only (the
+    split every choice is made on), the sources of :data:`SELECT_SOURCES`, the content salient set of the default
+    reward; paired AUROC with a 95% interval over dialogues. Written to ``features.json``; nothing is chosen here."""
+    from cagsr_reward.config import CAGSRConfig
+
+    tok = _tokenizer()
+    items = [it for it in scored_items("selection", size, tok) if it.source in SELECT_SOURCES]
+    scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
+    fn = scorer.reward(CAGSRConfig(), "default")
+    per_item: dict[str, dict[str, dict[str, float]]] = {}
+    for it in items:
+        arrays = load_cached(it, cache)
+        salient = [int(s) for s in fn.encode(it.messages).salient]
+        per_item[it.item_id] = {kind: attention_features(arrays[f"att_{kind}"], len(arrays["prompt_ids"]), salient)
+                                for kind in it.continuations}
+    names = list(next(iter(per_item.values()))["real"])
+    rows = []
+    for source in SELECT_SOURCES:
+        its = [it for it in items if it.source == source]
+        clusters = [it.cluster for it in its]
+        for versus in NEGATIVES:
+            if not its or versus not in its[0].continuations:
+                continue
+            for name in names:
+                real = [per_item[it.item_id]["real"][name] for it in its]
+                neg = [per_item[it.item_id][versus][name] for it in its]
+                seed = zlib.crc32(f"features:{source}:{versus}:{name}".encode())
+                est, lo, hi = V.paired_auroc_ci(real, neg, clusters, num_samples=2000, seed=seed)
+                rows.append({"source": source, "versus": versus, "feature": name, "n": len(its),
+                             "auroc": est, "low": lo, "high": hi})
+    out = {"split": "selection", "size": size, "num_items": len(items), "bands": FEATURE_BANDS, "rows": rows}
+    _write(results / "features.json", _round(out))
+    return out
+
+
 def capture_cost(items: Sequence[Item], layers: Sequence[int], repeats: int = 3) -> dict[str, Any]:
     """CPU seconds of one teacher-forced reply with HFAttentionSource: no capture (plain forward), the last layer,
     the chosen band and all layers; per item the median of `repeats`, interleaved so machine load hits all alike."""
@@ -729,8 +795,33 @@ def _criteria(summary: Sequence[Mapping[str, Any]], source: str) -> list[tuple[s
     return out
 
 
-def render(selection: Mapping[str, Any], confirm: Mapping[str, Any]) -> str:
-    """The generated part of docs/experiments.md (between the markers), from the two JSONs alone."""
+def render_features(features: Mapping[str, Any]) -> list[str]:
+    """The feature probe's table (``features.json``): one row per attention statistic, one column per comparison."""
+    rows = features["rows"]
+    cols = [(s, v) for s in SELECT_SOURCES for v in NEGATIVES if any(r["source"] == s and r["versus"] == v
+                                                                       for r in rows)]
+    n = {s: next(r["n"] for r in rows if r["source"] == s) for s, _ in cols}
+    lines = ["### What plain attention statistics carry (selection split, nothing chosen)", "",
+             f"`python -m experiments.validity --phase features` ({features['num_items']} selection items): paired "
+             "AUROC of the real reply against each negative for statistics of the cached head-mean attention, per "
+             "layer group (" + ", ".join(f"{k} = layers {lo}-{hi - 1}" for k, (lo, hi) in features["bands"].items())
+             + "), averaged over the reply tokens; salient = the default reward's content tokens; 95% interval over "
+             "dialogues. A statistic that separates real from other replies here would be a candidate for the reward; "
+             "the confirm split was not used.", "",
+             "| statistic | " + " | ".join(f"{s} vs {v} (n={n[s]})" for s, v in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name in dict.fromkeys(r["feature"] for r in rows):
+        cells = []
+        for s, v in cols:
+            r = next(r for r in rows if r["source"] == s and r["versus"] == v and r["feature"] == name)
+            cells.append(f"{_f(r['auroc'])} [{_f(r['low'])}, {_f(r['high'])}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
+           features: Mapping[str, Any] | None = None) -> str:
+    """The generated part of docs/experiments.md (between the markers), from the JSONs alone."""
     cfg = confirm["config"]
     lines = [BEGIN, "", "### Confirm split (no choice was made on these items)", ""]
     counts: dict[str, int] = {}
@@ -800,6 +891,8 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any]) -> str:
                      f"forward {_f(med['plain'], 3)} s; last layer {_f(med['last'], 3)} s "
                      f"(×{_f(ratio['last'])}); the band {_f(med['band'], 3)} s (×{_f(ratio['band'])}); all 30 layers "
                      f"{_f(med['all'], 3)} s (×{_f(ratio['all'])}).")
+    if features is not None:
+        lines += [""] + render_features(features)
     lines += ["", END]
     return "\n".join(lines)
 
@@ -807,12 +900,14 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any]) -> str:
 def report(results: Path, doc: Path = DOC) -> int:
     selection = json.loads((results / "selection.json").read_text())
     confirm = json.loads((results / "confirm.json").read_text())
+    features_path = results / "features.json"
+    features = json.loads(features_path.read_text()) if features_path.exists() else None
     text = doc.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{doc}: the markers {BEGIN!r} / {END!r} are missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    doc.write_text(head + render(selection, confirm) + tail)
+    doc.write_text(head + render(selection, confirm, features) + tail)
     print(f"wrote the validity section of {doc}")
     return 0
 
@@ -824,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.validity", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few items per source (smoke test)")
     ap.add_argument("--report-only", action="store_true", help="regenerate docs/experiments.md from the JSONs")
-    ap.add_argument("--phase", default="all", choices=("capture", "select", "confirm", "all"))
+    ap.add_argument("--phase", default="all", choices=("capture", "select", "confirm", "features", "all"))
     ap.add_argument("--split", default="both", choices=("selection", "confirm", "both"),
                     help="capture phase: which split to capture")
     ap.add_argument("--cache", default=None, help=f"per-item arrays (default {CACHE.relative_to(ROOT)})")
@@ -841,6 +936,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_select(size, cache, results)
     if args.phase in ("confirm", "all"):
         run_confirm(size, cache, results)
+    if args.phase in ("features", "all"):
+        run_features(size, cache, results)
     return 0
 
 

@@ -29,7 +29,7 @@ def test_doc_section_is_generated_from_the_committed_jsons():
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert text.count(E.BEGIN) == 1 and text.count(E.END) == 1
     section = E.BEGIN + text.split(E.BEGIN, 1)[1].split(E.END, 1)[0] + E.END
-    assert section == E.render(_load("selection.json"), _load("confirm.json")), (
+    assert section == E.render(_load("selection.json"), _load("confirm.json"), _load("features.json")), (
         "docs/experiments.md is out of date: run python -m experiments.validity --report-only"
     )
 
@@ -62,3 +62,19 @@ def test_the_shipped_defaults_are_the_ones_chosen_on_the_selection_split():
     selection = _load("selection.json")
     assert CAGSRConfig.from_dict(selection["chosen"]) == CAGSRConfig()
     assert _load("confirm.json")["config"] == selection["chosen"]
+
+
+def test_attention_features_by_hand():
+    """Each statistic of the feature probe on a hand-made attention array (two layer groups differ)."""
+    att = np.zeros((30, 2, 5))
+    att[:, :, :] = [0.4, 0.2, 0.2, 0.1, 0.1]  # history = positions 0..3, sink = position 0
+    att[22:, 1, :] = [0.1, 0.6, 0.1, 0.1, 0.1]  # last 8 layers, second reply token: more on the salient position 1
+    f = E.attention_features(att, 4, [1, 3, 9])  # 9 is outside the history: ignored
+    assert f["early: coverage"] == pytest.approx(0.3)
+    assert f["early: non-sink history mass"] == pytest.approx(0.5)
+    assert f["early: coverage / non-sink history mass"] == pytest.approx(0.6)
+    assert f["early: max on a salient token"] == pytest.approx(0.2)
+    assert f["last 8: coverage"] == pytest.approx((0.3 + 0.7) / 2)
+    assert f["last 8: max on a salient token"] == pytest.approx((0.2 + 0.6) / 2)
+    assert f["all: coverage"] == pytest.approx((22 * 0.3 + 8 * 0.5) / 30)
+    assert E.attention_features(att, 4, [])["all: coverage"] == 0.0
