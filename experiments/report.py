@@ -181,18 +181,20 @@ def _budget_probes(folder: Path, base: Sequence[Mapping[str, Any]]) -> list[str]
     if not probes:
         return []
     L = ["### How the budget was chosen (positive-control probes, seed 0)", "",
-         "The budget was changed (steps, batch, learning rate) until the positive control's own metric rose; each "
-         "probe is a unit JSON in `experiments/results/training/budget-probes/`. Only the n-gram arm was used to "
-         "choose it.", "",
-         "| budget (steps × completions, learning rate) | held-out n-gram overlap − untrained | KL to start | "
-         "reply words | wall time |", "|---|---|---|---|---|"]
+         "The budgets tried for the positive control, in order, each a unit JSON in "
+         "`experiments/results/training/budget-probes/`; the budget above is the next one. Only the n-gram arm is "
+         "used to choose the budget, and only its own metric decides.", "",
+         "| steps × completions (prompts × generations), learning rate | held-out n-gram overlap − untrained | "
+         "KL to start | reply words | wall time |", "|---|---|---|---|---|"]
     for p in probes:
         u = json.loads(p.read_text())
         b = u.get("budget", {})
         t = two_level_bootstrap(_seeds([u], "ngram_overlap"), _seeds(base, "ngram_overlap")) if base else None
         kl = two_level_bootstrap(_seeds([u], "kl_to_start"))[0]
         words = two_level_bootstrap(_seeds([u], "reply_words"))[0]
-        L.append(f"| {b.get('steps')} × {b.get('batch_size')}, {b.get('learning_rate', float('nan')):g} | "
+        gens = b.get("num_generations", 1)
+        L.append(f"| {b.get('steps')} × {b.get('batch_size')} ({b.get('batch_size', 0) // gens} × {gens}), "
+                 f"{b.get('learning_rate', float('nan')):g} | "
                  f"{_ci(t) if t else 'no untrained unit'} | {_fmt(kl, 4)} | {_fmt(words, 1)} | "
                  f"{u.get('wall_seconds', 0):.0f} s |")
     return L + [""]
