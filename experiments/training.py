@@ -65,8 +65,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         heldout_chitchat=24, heldout_tech=8, turns_per_episode=2, eval_max_new_tokens=32, max_prompt_tokens=256,
         recall_items=30,
-        steps=16, batch_size=32, micro_batch=8, num_generations=8, max_new_tokens=24, learning_rate=2e-5,
-        temperature=0.8, checkpoints=(8,), seeds=(0, 1, 2),
+        steps=32, batch_size=32, micro_batch=8, num_generations=4, max_new_tokens=24, learning_rate=2e-5,
+        temperature=0.8, checkpoints=(8, 16, 24), seeds=(0, 1, 2),
     ),
     "quick": dict(
         heldout_chitchat=2, heldout_tech=1, turns_per_episode=1, eval_max_new_tokens=8, max_prompt_tokens=256,
