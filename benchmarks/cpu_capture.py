@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import machine_state  # noqa: E402  (benchmarks/_machine.py, beside this script)
 from _turns import timed_turn  # noqa: E402  (benchmarks/_turns.py, beside this script)
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: engines run in this one
@@ -139,23 +140,6 @@ def bench_hf(model: str, cells, repeats: int) -> dict:
     del m
     gc.collect()
     return res
-
-
-def machine_state() -> dict:
-    """``lscpu``'s model name and flags, and the load average: the machines differ (AVX-512 or not) and may be
-    shared, so every run records both."""
-    import subprocess
-
-    info = {"loadavg_1_5_15": list(os.getloadavg())}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return info
-    for line in out.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("Model name", "Flags", "CPU(s)"):
-            info[name.strip()] = value.strip()
-    return info
 
 
 def table(cells, res: dict) -> list[str]:

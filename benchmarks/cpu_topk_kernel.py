@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import machine_state  # noqa: E402  (benchmarks/_machine.py, beside this script)
 from vllm_attncap.engine.cpu import kernels as cpu_kernels  # noqa: E402
 
 H, HKV, D, BS = 9, 3, 64, 16
@@ -70,19 +70,6 @@ def _out_bytes(mode: str, ctx: int, k: int) -> int:
     kind, reduce = _spec(mode, k)
     h_out = 1 if reduce == "head_mean" else H
     return {"rows": 4 * h_out * ctx, "topk": 8 * h_out * k, "stats": 8 * H}[kind]
-
-
-def machine_state() -> dict:
-    info = {"loadavg_1_5_15": list(os.getloadavg()), "cpus": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return info
-    for line in out.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("Model name", "Flags"):
-            info[name.strip()] = value.strip()
-    return info
 
 
 def main(argv=None) -> int:
