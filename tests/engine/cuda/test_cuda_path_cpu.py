@@ -42,6 +42,7 @@ from vllm_attncap.engine.reference import attention_probs, gather_paged_keys, hi
 from vllm_attncap.engine.cuda.graph_buffers import BufferLayout, GraphRow, fill_row_table
 from vllm_attncap.engine.cuda.kv_layout import HEAD_MAJOR, KV_FIRST, key_cache_view, layout_of, probe_layout
 from vllm_attncap.engine.cuda.result_ring import ResultRing
+from decode_online_state import add_key, combine  # noqa: E402  (beside this file: the kernel's online state)
 from store_utils import private_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -144,29 +145,6 @@ def test_emulated_decode_cycle_rows_written(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- 2. empty history blocks
 
 
-def _add_key(st, x, sal):
-    m, s, v, c = st
-    if x > m:
-        if s > 0:
-            d = m - x
-            a = math.exp(d)
-            v, s, c = a * (v + d * s), s * a, c * a
-        m = x
-    e = math.exp(x - m)
-    return (m, s + e, v + e * (x - m), c + (e if sal else 0.0))
-
-
-def _combine(a, b):
-    if a[1] <= 0:
-        return b
-    if b[1] <= 0:
-        return a
-    m = max(a[0], b[0])
-    ea, eb = math.exp(a[0] - m), math.exp(b[0] - m)
-    return (m, ea * a[1] + eb * b[1], ea * (a[2] + (a[0] - m) * a[1]) + eb * (b[2] + (b[0] - m) * b[1]),
-            ea * a[3] + eb * b[3])
-
-
 def _emulated_pass1_stats(q, kc, bt_row, pos, row, sal_mask, *, scale, window, splits):
     """decode_pass1_kernel's statistics for one batch row, ported line by line from kernels/decode_capture.cu
     (block bounds, splits of 4 warps, the combine, the final write with kFlagSalient); returns (H, 2)."""
@@ -188,11 +166,11 @@ def _emulated_pass1_stats(q, kc, bt_row, pos, row, sal_mask, *, scale, window, s
                 k = kc[int(bt_row[j // bs]), j % bs, h // G]
                 x = float((q[h].double() * k.double()).sum()) * scale
                 w = (j - j0) % 4
-                warps[w] = _add_key(warps[w], x, bool(sal_mask[j]) if j < len(sal_mask) else False)
+                warps[w] = add_key(warps[w], x, bool(sal_mask[j]) if j < len(sal_mask) else False)
             part = (-math.inf, 0.0, 0.0, 0.0)
             for w in warps:
-                part = _combine(part, w)
-            tot = _combine(tot, part)
+                part = combine(part, w)
+            tot = combine(tot, part)
         any_salient = bool(flags & FLAG_SALIENT)
         if tot[1] > 0:
             out[h] = (tot[3] / tot[1] if any_salient else 0.0, math.log(tot[1]) - tot[2] / tot[1])

@@ -33,6 +33,7 @@ from vllm_attncap.engine.cuda.graph_buffers import BufferLayout, DecodeBuffers, 
 from vllm_attncap.engine.cuda.graph_dispatch import StepGraphPolicy, force_non_uniform, wrap_dispatch
 from vllm_attncap.engine.cuda.result_ring import ResultRing
 from vllm_attncap.spec import CaptureSpec
+from decode_online_state import add_key, combine  # noqa: E402  (beside this file: the kernel's online state)
 from store_utils import private_store  # noqa: E402
 
 # --------------------------------------------------------------------------- reference vs a naive loop
@@ -507,29 +508,6 @@ def test_mrv2_hooks_decide_the_step_before_dispatch(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- the kernel's online-state algebra
 
 
-def _add_key(st, x, salient):  # line by line kernels/decode_capture.cu add_key
-    m, s, v, c = st
-    if x > m:
-        if s > 0:
-            d = m - x
-            a = math.exp(d)
-            v, s, c = a * (v + d * s), s * a, c * a
-        m = x
-    e = math.exp(x - m)
-    return (m, s + e, v + e * (x - m), c + (e if salient else 0.0))
-
-
-def _combine(a, b):  # kernels/decode_capture.cu combine
-    if a[1] <= 0:
-        return b
-    if b[1] <= 0:
-        return a
-    m = max(a[0], b[0])
-    ea, eb = math.exp(a[0] - m), math.exp(b[0] - m)
-    return (m, ea * a[1] + eb * b[1], ea * (a[2] + (a[0] - m) * a[1]) + eb * (b[2] + (b[0] - m) * b[1]),
-            ea * a[3] + eb * b[3])
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_online_statistics_algebra_equals_the_direct_formula(seed):
     """The fused kernel's statistics algorithm (online (max, S, V, C) per warp, combined across warps and splits in
@@ -549,15 +527,15 @@ def test_online_statistics_algebra_equals_the_direct_formula(seed):
         warps = [empty] * 4
         for j in range(s0, min(n, s0 + per)):
             w = (j - s0) % 4
-            warps[w] = _add_key(warps[w], x[j], sal[j])
+            warps[w] = add_key(warps[w], x[j], sal[j])
         tot = empty
         for w in warps:
-            tot = _combine(tot, w)
+            tot = combine(tot, w)
         parts.append(tot)
     rng.shuffle(parts)
     tot = empty
     for p in parts:
-        tot = _combine(tot, p)
+        tot = combine(tot, p)
     ent = math.log(tot[1]) - tot[2] / tot[1]
     cov = tot[3] / tot[1]
     probs = torch.softmax(torch.tensor(x), dim=0)[None]
