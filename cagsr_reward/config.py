@@ -128,7 +128,7 @@ def resolve_sink(sink: SinkSpec, *, first_token_id: int | None = None, bos_token
 @dataclasses.dataclass(frozen=True)
 class CAGSRConfig:
     r"""
-    Hyper-parameters of the turn reward $R_t = \alpha C_t + \beta F_t - \gamma\,\mathrm{rep}_t$ and of the episode
+    Hyper-parameters of the turn reward $R_t = \alpha C_t + \beta F_t - \gamma\,\mathrm{rep}_t + \eta G_t$ and of the episode
     returns built from it (method.md). All fields are validated on construction; a bad value raises `ValueError`
     naming the field and what it accepts.
 
@@ -138,6 +138,11 @@ class CAGSRConfig:
             tied at the chosen span; the tie went to 0, docs/method.md §6); `paper()` keeps 0.1.
         gamma (`float`, defaults to `0.5`): weight of the repetition penalty (0.5 and 1.0 tried on the selection
             split; 0.5 kept).
+        eta (`float`, defaults to `0.5`): weight of grounding $G$, the reply's mean per-token pointwise mutual
+            information with its history, $\frac1T\sum_s [\log p(y_s \mid \text{history}, y_{<s}) - \log p(y_s \mid
+            \text{nothing}, y_{<s})]$, under the scoring model (ours, not the papers'; chosen on the selection split
+            among 0, 0.05, 0.1, 0.2, 0.5, 1, docs/method.md §6). With ``eta > 0`` every scoring call needs both
+            log-probability vectors; `CAGSRConfig.attention_only()` and `paper()` set it to 0.
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
         h0 (`float`, defaults to `1.64`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value).
         kappa (`float`, defaults to `0.65`): floor increase per turn, nats (MTC §5.2). Both calibrated on observed
@@ -199,6 +204,7 @@ class CAGSRConfig:
     alpha: float = 1.0
     beta: float = 0.0
     gamma: float = 0.5
+    eta: float = 0.0
     ngram: int = 3
     h0: float = 1.64
     kappa: float = 0.65
@@ -235,15 +241,26 @@ class CAGSRConfig:
             ((-1,), 1.0)
         """
         base = dict(
-            alpha=1.0, beta=0.1, gamma=0.5, ngram=3, h0=0.5, kappa=0.25, layers=(-1,), salient_roles=None,
+            alpha=1.0, beta=0.1, gamma=0.5, eta=0.0, ngram=3, h0=0.5, kappa=0.25, layers=(-1,), salient_roles=None,
             columns="all", repetition="paper", cot_episode="sum", cot_answer="rest", cot_floor="block",
             block_focus="summed",
         )
         base.update(changes)
         return cls(**base)
 
+    @classmethod
+    def attention_only(cls, **changes: Any) -> CAGSRConfig:
+        """The defaults without the grounding term (``eta=0``): a reward computed from the attention and the token
+        ids alone, for a caller that has no log-probabilities. Keyword arguments override fields.
+
+        Example:
+            >>> CAGSRConfig.attention_only().eta, CAGSRConfig().eta
+            (0.0, 0.0)
+        """
+        return cls(**{"eta": 0.0, **changes})
+
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "h0", "kappa"):
+        for name in ("alpha", "beta", "gamma", "eta", "h0", "kappa"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")

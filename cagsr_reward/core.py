@@ -26,6 +26,7 @@ __all__ = [
     "coverage",
     "entropy_floor",
     "focus",
+    "grounding",
     "history_repetition",
     "renormalise",
     "repetition",
@@ -470,6 +471,47 @@ def history_repetition(response_ids: Any, history_ids: Any, n: int = 3) -> float
     ids = _check_ids(response_ids, "response_ids")
     history = _check_ids(history_ids, "history_ids")
     return float(_history_repetition(ids, history, n))
+
+
+def grounding(logprobs: Any, prior_logprobs: Any) -> float:
+    r"""
+    Grounding of a reply in its history: its mean per-token pointwise mutual information with the history under
+    the scoring model (docs/method.md §2),
+
+    $$
+    G = \frac{1}{T} \sum_{s=1}^{T} \left[\log p(y_s \mid h, y_{<s}) - \log p(y_s \mid \varnothing, y_{<s})\right],
+    $$
+
+    where $h$ is the history (the chat prompt) and $\varnothing$ an empty conversation (only the assistant header of
+    the chat template). $G > 0$: the history makes the reply more likely than it is on its own; a reply that would
+    fit any conversation scores near 0, one that fits another conversation below 0.
+
+    Args:
+        logprobs (sequence of `float`):
+            $\log p(y_s \mid h, y_{<s})$, one per reply token, finite, ``<= 0`` up to rounding.
+        prior_logprobs (sequence of `float`):
+            $\log p(y_s \mid \varnothing, y_{<s})$, same length.
+
+    Returns:
+        `float`: $G$, in nats per token.
+
+    Example:
+    ```python
+    >>> grounding([-1.0, -0.5], [-3.0, -0.5])  # the history makes the first token e^2 times more likely
+    1.0
+
+    ```
+    """
+    lp = _check_vector(logprobs, "logprobs")
+    lp0 = _check_vector(prior_logprobs, "prior_logprobs")
+    if lp.size == 0:
+        raise ValueError("logprobs: expected at least one reply token")
+    if lp0.shape != lp.shape:
+        raise ValueError(f"prior_logprobs: length {lp0.size} != length of logprobs {lp.size}")
+    for name, v in (("logprobs", lp), ("prior_logprobs", lp0)):
+        if (v > 1e-3).any():
+            raise ValueError(f"{name}: expected log-probabilities (<= 0), got {float(v.max())}")
+    return float(np.mean(lp - lp0))
 
 
 def entropy_floor(turn_index: int, h0: float, kappa: float) -> float:

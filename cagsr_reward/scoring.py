@@ -31,6 +31,7 @@ from .core import (
     _repetition_after,
     _self_repetition,
     entropy_floor,
+    grounding,
     returns,
 )
 
@@ -52,7 +53,7 @@ class TurnScore:
     """The reward of one turn and its parts.
 
     Attributes:
-        reward (`float`): $R_t = \\alpha C + \\beta F - \\gamma\\,\\mathrm{rep}$.
+        reward (`float`): $R_t = \\alpha C + \\beta F - \\gamma\\,\\mathrm{rep} + \\eta G$.
         coverage (`float`): $C$, in [0, 1].
         focus (`float`): $F$, the negative mean (floored) entropy, <= 0.
         repetition (`float`): the repetition penalty used (history repetition in multi/cot mode, self repetition in
@@ -67,6 +68,9 @@ class TurnScore:
         self_repetition (`float`): repeated n-grams of the turn itself (n = `ngram`), 0 when not used.
         copy_repetition (`float`): the turn's n-grams found in the history (n = `copy_ngram`, or `ngram` under
             ``repetition="paper"``), 0 when not used. `repetition` is their sum.
+        grounding (`float` or `None`): $G$, the mean per-token PMI of the turn with its history (`core.grounding`);
+            `None` when no log-probabilities were given (then ``eta`` is 0).
+        eta (`float`): the grounding weight used.
     """
 
     reward: float
@@ -84,13 +88,17 @@ class TurnScore:
     gamma: float = 0.5
     self_repetition: float = 0.0
     copy_repetition: float = 0.0
+    grounding: float | None = None
+    eta: float = 0.0
 
     def components(self) -> dict[str, float]:
-        """Weighted contributions ``{"coverage": αC, "focus": βF, "repetition": -γ·rep}``; they sum to `reward`."""
+        """Weighted contributions ``{"coverage": αC, "focus": βF, "repetition": -γ·rep, "grounding": ηG}``; they sum
+        to `reward` (``grounding`` is 0 when no log-probabilities were given)."""
         return {
             "coverage": self.alpha * self.coverage,
             "focus": self.beta * self.focus,
             "repetition": -self.gamma * self.repetition,
+            "grounding": self.eta * (self.grounding or 0.0),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -143,17 +151,20 @@ def score_turn(
     content_columns: Any = None,
     pooled_focus: bool = False,
     generated_before: Any = None,
+    logprobs: Any = None,
+    prior_logprobs: Any = None,
 ) -> TurnScore:
     r"""
     Score one turn from its raw history block (method.md "One turn's reward"):
 
     $$
-    R_t = \alpha\, C_t + \beta\, F_t - \gamma\, \mathrm{rep}_t,
+    R_t = \alpha\, C_t + \beta\, F_t - \gamma\, \mathrm{rep}_t + \eta\, G_t,
     $$
 
     with $C_t$ = `core.coverage`, $F_t$ = `core.focus` (floor $H_0 + \kappa t$ when `config.entropy_floor`),
     $\mathrm{rep}_t$ = `core.history_repetition` in ``"multi"``/``"cot"`` mode and `core.repetition` in ``"single"``
-    mode. When the history is longer than `config.n_max` the block first goes through `aggregate.elide`.
+    mode, $G_t$ = `core.grounding` of `logprobs` and `prior_logprobs` (required when ``config.eta > 0``). When the
+    history is longer than `config.n_max` the block first goes through `aggregate.elide`.
 
     Args:
         block (`np.ndarray` of shape `(T, P)`, or `CapturedAttention`):
@@ -193,6 +204,12 @@ def score_turn(
             ``repetition="self_and_copy"`` the self repetition then counts n-grams that repeat anything generated so
             far (a loop across blocks costs), and the copy term looks only at the part of `history_ids` before
             them (the prompt).
+        logprobs (sequence of `float` or `None`, *optional*, defaults to `None`):
+            $\log p(y_s \mid \text{history}, y_{<s})$ of the turn's T tokens under the scoring model. Required, with
+            `prior_logprobs`, when ``config.eta > 0``; with ``eta == 0`` the grounding is still computed (and
+            logged) when both are given.
+        prior_logprobs (sequence of `float` or `None`, *optional*, defaults to `None`):
+            $\log p(y_s \mid \varnothing, y_{<s})$ of the same tokens after an empty conversation.
 
     Returns:
         `TurnScore`.
@@ -202,14 +219,14 @@ def score_turn(
     >>> import numpy as np
     >>> from cagsr_reward.config import CAGSRConfig
     >>> block = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
-    >>> cfg = CAGSRConfig.paper(ngram=1, h0=0.0, kappa=0.0)  # history repetition, unigrams
+    >>> cfg = CAGSRConfig.paper(ngram=1, h0=0.0, kappa=0.0)  # history repetition, unigrams, no grounding
     >>> ts = score_turn(block, [1], cfg, sink=0, response_ids=[4, 5], history_ids=[4, 5, 6])
     >>> round(ts.coverage, 4), round(ts.focus, 4), ts.repetition  # entropies 1.0297 and 0.8979
     (0.45, -0.9638, 1.0)
     >>> round(ts.reward, 4)  # 0.45 + 0.1 * (-0.9638) - 0.5 * 1.0
     -0.1464
     >>> {k: round(v, 4) for k, v in ts.components().items()}
-    {'coverage': 0.45, 'focus': -0.0964, 'repetition': -0.5}
+    {'coverage': 0.45, 'focus': -0.0964, 'repetition': -0.5, 'grounding': 0.0}
 
     ```
     """
@@ -286,7 +303,20 @@ def score_turn(
                 self_rep = _repetition_after(ids, before, config.ngram)
                 copy_rep = _history_repetition(ids, hist[: hist.size - before.size], config.copy_ngram)
                 rep = self_rep + copy_rep
-    reward = config.alpha * cov + config.beta * foc - config.gamma * rep
+    ground = None
+    if logprobs is not None or prior_logprobs is not None:
+        if logprobs is None or prior_logprobs is None:
+            raise ValueError("logprobs, prior_logprobs: give both or neither")
+        ground = grounding(logprobs, prior_logprobs)
+        if np.asarray(logprobs).size != num_rows:
+            raise ValueError(f"logprobs: length {np.asarray(logprobs).size} != number of attention rows {num_rows}")
+    elif config.eta > 0:
+        raise ValueError(
+            f"logprobs, prior_logprobs: required when eta > 0 (eta={config.eta}): the grounding term needs log p(reply | "
+            "history) and log p(reply | empty conversation) per token; pass both, or use "
+            "CAGSRConfig.attention_only() (eta=0)"
+        )
+    reward = config.alpha * cov + config.beta * foc - config.gamma * rep + config.eta * (ground or 0.0)
     return TurnScore(
         reward=float(reward),
         coverage=float(cov),
@@ -303,6 +333,8 @@ def score_turn(
         gamma=config.gamma,
         self_repetition=float(self_rep),
         copy_repetition=float(copy_rep),
+        grounding=ground,
+        eta=config.eta,
     )
 
 
@@ -323,6 +355,8 @@ class TurnInput:
             "no history coverage" ablation).
         sink (`int` or `None`): sink columns; `None` = `config.sink`.
         content_columns (sequence of `int` or `None`): the history's content positions (see `score_turn`).
+        logprobs, prior_logprobs (sequence of `float` or `None`): the turn's token log-probabilities after its
+            history and after an empty conversation (see `score_turn`; required when ``eta > 0``).
     """
 
     block: Any
@@ -332,6 +366,8 @@ class TurnInput:
     user_span: tuple[int, int] | None = None
     sink: int | None = None
     content_columns: Any = None
+    logprobs: Any = None
+    prior_logprobs: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +421,7 @@ def score_dialogue(
     ```python
     >>> import numpy as np
     >>> from cagsr_reward.config import CAGSRConfig
-    >>> cfg = CAGSRConfig(beta=0.0, gamma=0.0)  # coverage only, to keep the numbers simple
+    >>> cfg = CAGSRConfig(beta=0.0, gamma=0.0, eta=0.0)  # coverage only, to keep the numbers simple
     >>> t0 = TurnInput(np.array([[0.5, 0.5]]), [0])
     >>> t1 = TurnInput(np.array([[0.2, 0.2, 0.6]]), [2])
     >>> score = score_dialogue([t0, t1], cfg)
@@ -414,6 +450,8 @@ def score_dialogue(
                 user_span=turn.user_span,
                 bos_token_id=bos_token_id,
                 content_columns=turn.content_columns,
+                logprobs=turn.logprobs,
+                prior_logprobs=turn.prior_logprobs,
             )
         )
     rewards = np.array([s.reward for s in scores], dtype=np.float64)
@@ -477,6 +515,8 @@ def score_cot(
     bos_token_id: int | None = None,
     content_columns: Any = None,
     turn_index: int = 0,
+    logprobs: Any = None,
+    prior_logprobs: Any = None,
 ) -> CoTScore:
     r"""
     Score a chain of thought as an artificial dialogue (MTC §5.3, method.md "Episodes"). The generated tokens
@@ -519,6 +559,9 @@ def score_cot(
         turn_index (`int`, *optional*, defaults to `0`):
             The dialogue turn of this chain of thought: the entropy floor's index under ``config.cot_floor="turn"``
             (``"block"`` indexes it by block, as the 0.2 reading did).
+        logprobs, prior_logprobs (sequence of `float` or `None`, *optional*, defaults to `None`):
+            Log-probabilities of the T generated tokens after the prompt and after an empty conversation (see
+            `score_turn`); each turn's grounding uses its span of them. Required when ``config.eta > 0``.
 
     Config fields used: `cot_block`, `final_answer_weight`, `uniform_turn_weights`, `cot_answer` (``"sentence"``:
     the answer is the first marker's sentence and any tokens after it are scored as further blocks; ``"rest"``:
@@ -583,6 +626,14 @@ def score_cot(
         raise ValueError(f"answer_span: empty span {answer_span!r}")
     if not _is_int(turn_index) or turn_index < 0:
         raise ValueError(f"turn_index: expected an int >= 0, got {turn_index!r}")
+    lp = lp0 = None
+    if logprobs is not None or prior_logprobs is not None:
+        if logprobs is None or prior_logprobs is None:
+            raise ValueError("logprobs, prior_logprobs: give both or neither")
+        lp, lp0 = np.asarray(logprobs, dtype=np.float64), np.asarray(prior_logprobs, dtype=np.float64)
+        for name, v in (("logprobs", lp), ("prior_logprobs", lp0)):
+            if v.shape != (num_rows,):
+                raise ValueError(f"{name}: expected one value per generated token ({num_rows}), got shape {v.shape}")
 
     k = config.cot_block
     spans = [(b, min(b + k, start)) for b in range(0, start, k)] + [(start, end)]
@@ -612,6 +663,8 @@ def score_cot(
                 content_columns=None if content is None else content[content < hist],
                 pooled_focus=config.block_focus == "summed",
                 generated_before=ids[:s0],
+                logprobs=None if lp is None else lp[s0:s1],
+                prior_logprobs=None if lp0 is None else lp0[s0:s1],
             )
         )
     rewards = np.array([s.reward for s in scores], dtype=np.float64)

@@ -28,7 +28,7 @@ __all__ = ["CAGSRRewardFunction", "cagsr_reward_func", "ATTENTION_KWARG"]
 #: Dataset/rollout column that carries captured attention (one entry per completion), e.g. from the vLLM plugin.
 ATTENTION_KWARG = "attncap_attention"
 
-_COMPONENTS = ("coverage", "focus", "repetition", "reward")
+_COMPONENTS = ("coverage", "focus", "repetition", "grounding", "reward")
 
 
 def _prompt_key(prompt: Any) -> str:
@@ -145,8 +145,11 @@ class CAGSRRewardFunction:
     def _decoded_tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 
-    def score(self, enc: PromptEncoding, prompt: Any, completion: list[int], a2d: np.ndarray) -> Any:
-        """Score one completion from its aggregated attention ``(T, P+T-1)``: a ``TurnScore`` or a ``CoTScore``."""
+    def score(self, enc: PromptEncoding, prompt: Any, completion: list[int], a2d: np.ndarray, *,
+              logprobs: Any = None, prior_logprobs: Any = None) -> Any:
+        """Score one completion from its aggregated attention ``(T, P+T-1)`` (and, for the grounding term, its
+        tokens' log-probabilities after the prompt and after an empty conversation): a ``TurnScore`` or a
+        ``CoTScore``."""
         cfg = self.config
         P = len(enc.input_ids)
         content = enc.content_positions(cfg.salient_roles) if cfg.columns == "content" else None
@@ -170,6 +173,8 @@ class CAGSRRewardFunction:
                 sink=enc.sink,
                 content_columns=content,
                 turn_index=_turn_index(prompt),
+                logprobs=logprobs,
+                prior_logprobs=prior_logprobs,
             )
         user_span = None
         if not cfg.history_coverage:
@@ -186,6 +191,8 @@ class CAGSRRewardFunction:
             sink=enc.sink,
             user_span=user_span,
             content_columns=content,
+            logprobs=logprobs,
+            prior_logprobs=prior_logprobs,
         )
 
     # -- TRL entry point ----------------------------------------------------------------------------------------
@@ -263,19 +270,25 @@ class CAGSRRewardFunction:
 
 
 def _components(result: Any) -> dict[str, float]:
-    """Coverage/focus/repetition/reward of a TurnScore, or of a CoTScore (its blocks' means; reward = total)."""
+    """Coverage/focus/repetition/grounding/reward of a TurnScore, or of a CoTScore (its blocks' means; reward =
+    total). Grounding is NaN when no log-probabilities were given."""
+    def g(b: Any) -> float:
+        return math.nan if b.grounding is None else float(b.grounding)
+
     if hasattr(result, "blocks"):
         blocks = result.blocks
         return {
             "coverage": float(np.mean([b.coverage for b in blocks])),
             "focus": float(np.mean([b.focus for b in blocks])),
             "repetition": float(np.mean([b.repetition for b in blocks])),
+            "grounding": float(np.mean([g(b) for b in blocks])),
             "reward": float(result.total),
         }
     return {
         "coverage": float(result.coverage),
         "focus": float(result.focus),
         "repetition": float(result.repetition),
+        "grounding": g(result),
         "reward": float(result.reward),
     }
 

@@ -64,7 +64,8 @@ def test_score_turn_hand():
     assert sum(ts.components().values()) == pytest.approx(ts.reward)
     d = ts.as_dict()
     assert d["reward"] == ts.reward and d["coverage"] == ts.coverage and set(ts.components()) == {
-        "coverage", "focus", "repetition"}
+        "coverage", "focus", "repetition", "grounding"}
+    assert ts.grounding is None and ts.components()["grounding"] == 0.0  # no log-probabilities given
 
 
 def test_score_turn_floor_grows_with_the_turn_index():

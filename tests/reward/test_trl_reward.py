@@ -279,7 +279,8 @@ def test_logging_hooks_receive_the_components(model, tokenizer, selector):
         prompts, [""] * 3, completions, trainer_state=None,
         log_metric=lambda k, v: metrics.__setitem__(k, v), log_extra=lambda k, v: extras.__setitem__(k, v),
     )
-    assert set(metrics) == {"attn/coverage", "attn/focus", "attn/repetition", "attn/reward"}
+    assert set(metrics) == {"attn/coverage", "attn/focus", "attn/repetition", "attn/grounding", "attn/reward"}
+    assert np.isnan(metrics["attn/grounding"])  # no log-probabilities: grounding not computed
     assert set(extras) == set(metrics)
     scores = reward.last_scores
     for part in ("coverage", "focus", "repetition"):
