@@ -5,7 +5,9 @@
 Protocol (docs/experiments.md, "Reward validity"):
 
 1. **Items.** Four sources, each split by dialogue into a *selection* split and a *confirm* split
-   (``zlib.crc32`` of the dialogue id): ``chitchat`` (a recorded conversation cut at a user turn that has history,
+   (``zlib.crc32`` of the dialogue id); the confirm split's dialogues after the ones built for its first use form
+   a second confirm split, ``confirm2`` (``FRESH_OF``), on which the current default (grounding term included) is
+   confirmed: ``chitchat`` (a recorded conversation cut at a user turn that has history,
    the other speaker's recorded reply), ``tech_support`` (the fixed corpus episodes of
    ``cagsr_reward.integrations.user_sim``: every reference reply answers its turn), ``recall`` (the synthetic task of
    ``cagsr_reward.integrations.recall_task``: the reply needs a fact from the first turn) and ``cot`` (a CHAMP
@@ -21,11 +23,12 @@ Protocol (docs/experiments.md, "Reward validity"):
    The first item is checked against ``cagsr_reward.sources.hf.HFAttentionSource``.
 4. **Selection** (phase ``select``, selection split only, its dialogue and recall items: ``SELECT_SOURCES``): the
    layer band, then the repetition weight, copy span and focus weight (``BANDS``, ``GAMMAS``, ``COPY_NGRAMS``,
-   ``BETAS``), then the entropy floor (``calibrate_entropy_floor``) are chosen in ``run_select`` and written to
+   ``BETAS``, starting from ``SEARCH_START``), then the grounding weight (``ETAS``), then the entropy floor (``calibrate_entropy_floor``) are chosen in ``run_select`` and written to
    ``experiments/results/validity/selection.json`` with the CPU cost of capturing the band.
-5. **Confirm** (phase ``confirm``): every score is computed once on the confirm split (a declared prefix of each
-   source's items, ``SCORED``) and written to
-   ``experiments/results/validity/confirm.json``; nothing is chosen there.
+5. **Confirm** (phase ``confirm``, ``--split confirm2`` by default): every score is computed once on a confirm
+   split (a declared prefix of each source's items, ``SCORED``) and written to
+   ``experiments/results/validity/<split>.json``; nothing is chosen there. ``confirm.json`` is the first confirm
+   split, scored with the attention-only default before the grounding term existed, and is kept as it was.
 6. **Report** (``--report-only``): the validity section of docs/experiments.md is regenerated from the committed
    JSONs, between ``<!-- BEGIN validity (generated) -->`` and ``<!-- END validity (generated) -->``.
 
@@ -62,18 +65,26 @@ SIZES = {
     "full": {
         "selection": {"chitchat": 16, "tech_support": 8, "recall": 9, "cot": 8},
         "confirm": {"chitchat": 40, "tech_support": 24, "recall": 21, "cot": 12},
+        # sized before any of its items was scored, to what capture on the idle machine allowed (~1.5 s per item)
+        "confirm2": {"chitchat": 80, "tech_support": 24, "recall": 40, "cot": 24},
     },
     "quick": {
         "selection": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
         "confirm": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
+        "confirm2": {"chitchat": 2, "tech_support": 2, "recall": 2, "cot": 2},
     },
 }
+#: The second confirm split is made of confirm-split dialogues that come after every item built for the first one
+#: (its first ``SIZES[size]["confirm"][source]`` items of each source): dialogues no result had touched when the
+#: grounding weight was chosen. The first confirm split had been looked at twice by then.
+FRESH_OF = {"confirm2": "confirm"}
 # Items scored per (split, source): a prefix of each source's built list (SIZES fixes the lists, and so which
 # dialogue's reply is each item's "other"). The confirm split is scored on fewer items than were built because
 # capture on the shared 2-core machine ran at ~50 s per item (docs/experiments.md says so).
 SCORED = {
     "full": {"selection": SIZES["full"]["selection"],
-             "confirm": {"chitchat": 32, "tech_support": 16, "recall": 15, "cot": 8}},
+             "confirm": {"chitchat": 32, "tech_support": 16, "recall": 15, "cot": 8},
+             "confirm2": SIZES["full"]["confirm2"]},
     "quick": SIZES["quick"],
 }
 REPLY_TOKENS = {"chitchat": 32, "tech_support": 32, "recall": 32, "cot": 48}
@@ -224,7 +235,14 @@ def build_items(split: str, size: str, tok: Any) -> list[Item]:
 def _build_items(split: str, size: str, tok: Any) -> list[Item]:
     items: list[Item] = []
     for source in SOURCES:
-        got = _BUILDERS[source](split, SIZES[size][split][source], tok)
+        if split in FRESH_OF:  # the dialogues of the parent split after the ones built for it
+            parent = FRESH_OF[split]
+            skip = SIZES[size][parent][source]
+            got = _BUILDERS[source](parent, skip + SIZES[size][split][source], tok)[skip:]
+            for it in got:
+                it.split = split
+        else:
+            got = _BUILDERS[source](split, SIZES[size][split][source], tok)
         cap = REPLY_TOKENS[source]
         real = [tok.encode(it.real_text, add_special_tokens=False)[:cap] for it in got]
         texts = [it.real_text for it in got]
@@ -378,6 +396,7 @@ def load_cached(item: Item, cache: Path) -> dict[str, np.ndarray]:
 # scoring from the cache (numpy + the reward SDK; the tokenizer only for chat templates)
 # ----------------------------------------------------------------------------------------------------------------
 NEGATIVES = ("other", "shuffled", "wrong")
+COMPONENTS = ("coverage", "focus", "neg_repetition", "grounding")
 PROBES = ("loop", "pad", "answer_first")
 BASELINES = ("pmi", "loglik", "self_certainty", "length", "random")
 NUM_LAYERS = 30
@@ -431,7 +450,9 @@ class Scorer:
         bkey = (kind, fn.config.layers)
         if bkey not in band_cache:
             band_cache[bkey] = _band(arrays[f"att_{kind}"], fn.config.layers)
-        return fn.score(enc, item.messages, ids, band_cache[bkey])
+        # the grounding term's log-probabilities: after the history and after an empty conversation
+        return fn.score(enc, item.messages, ids, band_cache[bkey], logprobs=arrays[f"logp_{kind}"],
+                        prior_logprobs=arrays[f"logp0_{kind}"])
 
 
 def baseline_scores(item: Item, arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, float]:
@@ -450,7 +471,7 @@ def _components(result: Any) -> dict[str, float]:
 
     out = comps(result)
     return {"reward": out["reward"], "coverage": out["coverage"], "focus": out["focus"],
-            "neg_repetition": -out["repetition"]}
+            "neg_repetition": -out["repetition"], "grounding": out["grounding"]}
 
 
 def score_items(items: Sequence[Item], cache: Path, scorer: Scorer, configs: Mapping[str, Any],
@@ -469,7 +490,7 @@ def score_items(items: Sequence[Item], cache: Path, scorer: Scorer, configs: Map
                 parts = _components(scorer.cagsr(f, it, arrays, kind, bands))
                 row[name] = parts["reward"]
                 if name in components:
-                    for c in ("coverage", "focus", "neg_repetition"):
+                    for c in COMPONENTS:
                         row[f"{name}.{c}"] = parts[c]
             per_kind[kind] = row
         out[it.item_id] = per_kind
@@ -522,6 +543,10 @@ BANDS = (1, 4, 8, 16, 30)
 GAMMAS = (0.5, 1.0)
 COPY_NGRAMS = (6, 8)
 BETAS = (0.0, 0.1)
+#: the settings the search starts from (the 0.2 weights, floor and copy span; no grounding)
+SEARCH_START = {"beta": 0.1, "copy_ngram": 6, "h0": 0.5, "kappa": 0.25, "eta": 0.0}
+#: the grounding weight, chosen last (after the attention terms, which were chosen with eta = 0)
+ETAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 FLOOR_QUANTILE = 0.1
 SELECT_SOURCES = ("chitchat", "tech_support", "recall")
 
@@ -573,7 +598,9 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     items = [it for it in scored_items("selection", size, tok) if it.source in SELECT_SOURCES]
     scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
     n_samples = 200 if size == "quick" else 500  # the grid's intervals are not used; point estimates decide
-    base = CAGSRConfig()
+    # the starting values of the search, fixed here (not the current defaults, which are its result): the band is
+    # chosen at these, and the attention terms without the grounding term (as before the term existed)
+    base = CAGSRConfig(**SEARCH_START)
     grid: list[dict[str, Any]] = []
 
     def evaluate(tag: str, cfg: Any) -> dict[str, Any]:
@@ -598,7 +625,11 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     ok = [c for c in cands if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or cands
     best = max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))
     chosen = CAGSRConfig.from_dict(best["config"])
-    # 3. the entropy floor: H0 + kappa t through the FLOOR_QUANTILE-quantile of the real replies' mean row
+    # 3. the grounding weight eta, the same criteria (the smallest eta among equals: max keeps the first)
+    etas = [evaluate(f"eta{eta}", chosen.replace(eta=eta)) for eta in ETAS]
+    ok = [c for c in etas if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or etas
+    chosen = CAGSRConfig.from_dict(max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))["config"])
+    # 4. the entropy floor: H0 + kappa t through the FLOOR_QUANTILE-quantile of the real replies' mean row
     #    entropies per dialogue turn (cot items are turn 0)
     fn = scorer.reward(chosen.replace(entropy_floor=False), "floor")
     ent, turns = [], []
@@ -613,12 +644,16 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     chosen = chosen.replace(h0=round(h0, 2), kappa=round(kappa, 2))
     final = score_items(items, cache, scorer, {"default": chosen, "paper": CAGSRConfig.paper()},
                         components=("default",))
-    summary = summarise(items, final, ["default", "paper", *BASELINES, "default.coverage", "default.focus",
-                                       "default.neg_repetition"], num_samples=n_samples)
+    summary = summarise(items, final, ["default", "paper", *BASELINES, *(f"default.{c}" for c in COMPONENTS)],
+                        num_samples=n_samples)
     out = {"split": "selection", "size": size, "num_items": len(items), "band_layers": layers,
            "chosen": chosen.to_dict(), "floor": {"h0": h0, "kappa": kappa, "quantile": FLOOR_QUANTILE,
                                                  "num_entropies": len(ent)},
            "grid": grid, "summary": summary, "capture_cost": None}
+    previous = results / "selection.json"
+    if os.environ.get("VALIDITY_SKIP_COST") == "1" and previous.exists():
+        # the band did not change: keep the cost measured by the earlier run rather than re-time on a busy machine
+        out["capture_cost"] = json.loads(previous.read_text()).get("capture_cost")
     _write(results / "selection.json", _round(out))
     if size == "full" and os.environ.get("VALIDITY_SKIP_COST") != "1":
         out["capture_cost"] = capture_cost(items[:3], layers, repeats=2)
@@ -727,24 +762,29 @@ def capture_cost(items: Sequence[Item], layers: Sequence[int], repeats: int = 3)
             "note": "CPU time (process_time) on the shared 2-core machine; HF eager, float32"}
 
 
-def run_confirm(size: str, cache: Path, results: Path) -> dict[str, Any]:
-    """Every score on the confirm split, once, with the configuration chosen on the selection split."""
+def run_confirm(size: str, cache: Path, results: Path, split: str = "confirm2") -> dict[str, Any]:
+    """Every score on a confirm split, once, with the configuration chosen on the selection split; written to
+    ``<split>.json``. ``confirm.json`` (the first confirm split, scored with the attention-only default before the
+    grounding term existed) is kept as it was; the current default is confirmed on ``confirm2``."""
     from cagsr_reward.config import CAGSRConfig
 
     sel = json.loads((results / "selection.json").read_text())
     chosen = CAGSRConfig.from_dict(sel["chosen"])
     tok = _tokenizer()
-    items = scored_items("confirm", size, tok)
-    scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
-    configs = {"default": chosen, "paper": CAGSRConfig.paper(), "default_last_layer": chosen.replace(layers=(-1,))}
+    items = scored_items(split, size, tok)
+    known = build_items("selection", size, tok) + build_items("confirm", size, tok)
+    # the IDF's documents leave out every dialogue scored here
+    scorer = Scorer(tok, known + (build_items(split, size, tok) if split in FRESH_OF else []))
+    configs = {"default": chosen, "default_attention": chosen.replace(eta=0.0), "paper": CAGSRConfig.paper(),
+               "default_last_layer": chosen.replace(layers=(-1,))}
     scores = score_items(items, cache, scorer, configs, components=("default",))
-    names = ["default", "paper", "default_last_layer", *BASELINES, "default.coverage", "default.focus",
-             "default.neg_repetition"]
+    names = ["default", "default_attention", "paper", "default_last_layer", *BASELINES,
+             *(f"default.{c}" for c in COMPONENTS)]
     summary = summarise(items, scores, names, num_samples=200 if size == "quick" else 2000)
-    out = {"split": "confirm", "size": size, "num_items": len(items), "config": chosen.to_dict(),
+    out = {"split": split, "size": size, "num_items": len(items), "config": chosen.to_dict(),
            "items": [{"item_id": it.item_id, "source": it.source, "cluster": it.cluster} for it in items],
            "scores": scores, "summary": summary}
-    _write(results / "confirm.json", _round(out))
+    _write(results / f"{split}.json", _round(out))
     return out
 
 
@@ -756,7 +796,10 @@ SCORE_LABELS = {
     "pmi": "PMI (per token)", "loglik": "mean log-likelihood", "self_certainty": "self-certainty (INTUITOR)",
     "length": "reply length", "random": "random score", "default.coverage": "default: coverage",
     "default.focus": "default: focus", "default.neg_repetition": "default: −repetition",
+    "default.grounding": "default: grounding (PMI, unweighted)",
 }
+SCORE_LABELS = {**dict(list(SCORE_LABELS.items())[:1]), "default_attention": "default without grounding (η = 0)",
+                **dict(list(SCORE_LABELS.items())[1:])}
 CRITERIA = "AUROC vs other ≥ 0.75 with lower bound ≥ 0.65; vs shuffled ≥ 0.80; real > loop in ≥ 95% of items; " \
     "padding does not raise it on average (mean Δ ≤ 0); CoT answer-first does not raise it (mean Δ ≤ 0)"
 
@@ -819,11 +862,10 @@ def render_features(features: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
-           features: Mapping[str, Any] | None = None) -> str:
-    """The generated part of docs/experiments.md (between the markers), from the JSONs alone."""
+def render_confirm(confirm: Mapping[str, Any], title: str) -> list[str]:
+    """One confirm split's tables (per source, every score) and the done-criteria table."""
     cfg = confirm["config"]
-    lines = [BEGIN, "", "### Confirm split (no choice was made on these items)", ""]
+    lines = [title, ""]
     counts: dict[str, int] = {}
     clusters: dict[str, set] = {}
     for it in confirm["items"]:
@@ -832,7 +874,7 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
     lines.append("Items: " + ", ".join(f"{s} {counts[s]} ({len(clusters[s])} dialogues)" for s in SOURCES
                                         if s in counts) + ". Default configuration (chosen on the selection split): "
                  f"layers `{cfg['layers']}`, γ = {cfg['gamma']}, copy n = {cfg['copy_ngram']}, β = {cfg['beta']}, "
-                 f"H0 = {cfg['h0']}, κ = {cfg['kappa']}. Paired AUROC of the real reply against each negative, 95% "
+                 f"η = {cfg.get('eta', 0.0)}, H0 = {cfg['h0']}, κ = {cfg['kappa']}. Paired AUROC of the real reply against each negative, 95% "
                  "interval from 2,000 bootstrap resamples of dialogues; for probes, the share of items where the "
                  "real reply scores higher and the mean (probe − real) with its interval.")
     lines.append("")
@@ -861,7 +903,20 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
     for source in SOURCES:
         for text, ok in _criteria(summary, source):
             lines.append(f"| {source} | {text} | {'yes' if ok else '**no**'} |")
-    lines += ["", "### Selection split (every choice was made here)", ""]
+    return lines + [""]
+
+
+def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
+           features: Mapping[str, Any] | None = None, confirm2: Mapping[str, Any] | None = None) -> str:
+    """The generated part of docs/experiments.md (between the markers), from the JSONs alone."""
+    lines = [BEGIN, ""]
+    if confirm2 is not None:
+        lines += render_confirm(confirm2, "### Second confirm split (fresh dialogues; the current default, η included)")
+        lines += render_confirm(confirm, "### First confirm split (the attention-only default, before the grounding "
+                                         "term; seen before η was chosen)")
+    else:
+        lines += render_confirm(confirm, "### Confirm split (no choice was made on these items)")
+    lines += ["### Selection split (every choice was made here)", ""]
     lines.append(f"{selection['num_items']} items ({', '.join(SELECT_SOURCES)}). Each candidate was scored on all of "
                  "them; criteria: mean paired AUROC over (source, negative), the worst loop win rate and the worst "
                  "padding mean Δ. Band (last k layers, other settings at their starting values):")
@@ -871,13 +926,23 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
               "|---|" + "---|" * len(bands),
               "| mean AUROC | " + " | ".join(_f(g["mean_auroc"]) for g in bands) + " |",
               "| worst loop win rate | " + " | ".join(_f(g["loop_wins_min"]) for g in bands) + " |", ""]
-    rest = [g for g in selection["grid"] if not g["name"].startswith("band")]
+    rest = [g for g in selection["grid"] if g["name"].startswith("g")]
     ok = [g for g in rest if g["loop_wins_min"] >= 0.95 and g["pad_diff_max"] <= 0]
     lines.append(f"Repetition weight γ ∈ {list(GAMMAS)}, copy span n ∈ {list(COPY_NGRAMS)}, focus weight β ∈ "
                  f"{list(BETAS)}: {len(rest)} candidates, {len(ok)} with every loop win rate ≥ 0.95 and no padding "
                  f"gain; chosen: γ = {selection['chosen']['gamma']}, n = {selection['chosen']['copy_ngram']}, "
                  f"β = {selection['chosen']['beta']} (best mean AUROC "
                  f"{_f(max(ok or rest, key=lambda g: (g['mean_auroc'], g['min_auroc']))['mean_auroc'])}).")
+    etas = [g for g in selection["grid"] if g["name"].startswith("eta")]
+    if etas:
+        lines += ["", "Grounding weight η (the attention terms fixed as chosen above, η = 0 while they were chosen):", "",
+                  "| η | " + " | ".join(g["name"][3:] for g in etas) + " |", "|---|" + "---|" * len(etas),
+                  "| mean AUROC | " + " | ".join(_f(g["mean_auroc"]) for g in etas) + " |",
+                  "| worst AUROC | " + " | ".join(_f(g["min_auroc"]) for g in etas) + " |",
+                  "| worst loop win rate | " + " | ".join(_f(g["loop_wins_min"]) for g in etas) + " |",
+                  "| worst padding mean Δ | " + " | ".join(_f(g["pad_diff_max"], 3) for g in etas) + " |", "",
+                  f"Chosen: η = {selection['chosen'].get('eta', 0.0)} (best mean AUROC among candidates with every loop "
+                  "win rate ≥ 0.95 and no padding gain; the smaller η among equals).", ""]
     fl = selection["floor"]
     lines.append(f"Entropy floor: the {fl['quantile']:.0%} quantile of the real replies' mean row entropies per "
                  f"dialogue turn ({fl['num_entropies']} replies), fitted as H0 + κ·t: H0 = {_f(fl['h0'], 3)}, "
@@ -900,6 +965,8 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
 def report(results: Path, doc: Path = DOC) -> int:
     selection = json.loads((results / "selection.json").read_text())
     confirm = json.loads((results / "confirm.json").read_text())
+    confirm2_path = results / "confirm2.json"
+    confirm2 = json.loads(confirm2_path.read_text()) if confirm2_path.exists() else None
     features_path = results / "features.json"
     features = json.loads(features_path.read_text()) if features_path.exists() else None
     text = doc.read_text()
@@ -907,7 +974,7 @@ def report(results: Path, doc: Path = DOC) -> int:
         raise SystemExit(f"{doc}: the markers {BEGIN!r} / {END!r} are missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    doc.write_text(head + render(selection, confirm, features) + tail)
+    doc.write_text(head + render(selection, confirm, features, confirm2) + tail)
     print(f"wrote the validity section of {doc}")
     return 0
 
@@ -920,8 +987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few items per source (smoke test)")
     ap.add_argument("--report-only", action="store_true", help="regenerate docs/experiments.md from the JSONs")
     ap.add_argument("--phase", default="all", choices=("capture", "select", "confirm", "features", "all"))
-    ap.add_argument("--split", default="both", choices=("selection", "confirm", "both"),
-                    help="capture phase: which split to capture")
+    ap.add_argument("--split", default=None, choices=("selection", "confirm", "confirm2"),
+                    help="capture: the split to capture (default: selection and confirm2); confirm: the split to "
+                         "score (default: confirm2)")
     ap.add_argument("--cache", default=None, help=f"per-item arrays (default {CACHE.relative_to(ROOT)})")
     ap.add_argument("--results", default=None, help=f"result JSONs (default {RESULTS.relative_to(ROOT)})")
     args = ap.parse_args(argv)
@@ -931,11 +999,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:  # always the committed results unless --results names others
         return report(Path(args.results) if args.results else RESULTS)
     if args.phase in ("capture", "all"):
-        run_capture(size, cache, ("selection", "confirm") if args.split == "both" else (args.split,))
+        run_capture(size, cache, ("selection", "confirm2") if args.split is None else (args.split,))
     if args.phase in ("select", "all"):
         run_select(size, cache, results)
     if args.phase in ("confirm", "all"):
-        run_confirm(size, cache, results)
+        run_confirm(size, cache, results, args.split or "confirm2")
     if args.phase in ("features", "all"):
         run_features(size, cache, results)
     return 0
