@@ -98,3 +98,19 @@ def test_attention_features_by_hand():
     assert f["last 8: max on a salient token"] == pytest.approx((0.2 + 0.6) / 2)
     assert f["all: coverage"] == pytest.approx((22 * 0.3 + 8 * 0.5) / 30)
     assert E.attention_features(att, 4, [])["all: coverage"] == 0.0
+
+
+@pytest.mark.slow  # reads the corpora: ~20 s idle, ~45 s on a loaded machine
+def test_the_second_confirm_split_takes_the_dialogues_after_the_first():
+    """confirm2 = the confirm-split dialogues that come after every item built for the first confirm split: built
+    from the corpora here (quick sizes), disjoint from it, and the parent builder's next items in order."""
+    tok = E._tokenizer()
+    first = E._build_items("confirm", "quick", tok)
+    second = E._build_items("confirm2", "quick", tok)
+    assert second and {it.split for it in second} == {"confirm2"}
+    assert all(E.split_of(it.cluster) == "confirm" for it in second)
+    assert not {it.cluster for it in first} & {it.cluster for it in second}
+    for source in E.SOURCES:
+        n1, n2 = E.SIZES["quick"]["confirm"][source], E.SIZES["quick"]["confirm2"][source]
+        parent = [it.item_id for it in E._BUILDERS[source]("confirm", n1 + n2, tok)]
+        assert [it.item_id for it in second if it.source == source] == parent[n1:]
