@@ -302,8 +302,12 @@ class HFLikelihood(_HFModel):
         dtype (*optional*): dtype of a model loaded from a path (as for :class:`HFAttentionSource`); ``None`` means
             float32.
         chunk_size (`int | None`, defaults to 256): positions per forward (``None``: one forward).
+        cache_size (`int`, defaults to 0): keep the results of the last ``cache_size`` distinct calls and answer a
+            repeated call from them (two reward functions scoring the same completions with one frozen model compute
+            them once). Only for a model whose weights do not change: a cached value is never recomputed.
 
-    Pickling keeps the path (a live model's ``name_or_path``), never the weights, as :class:`HFAttentionSource` does.
+    Pickling keeps the path (a live model's ``name_or_path``), never the weights, as :class:`HFAttentionSource` does
+    (and not the cache).
 
     Example:
         >>> lik = HFLikelihood("path/to/model")  # doctest: +SKIP
@@ -319,11 +323,37 @@ class HFLikelihood(_HFModel):
         device: str = "cpu",
         dtype: Any = None,
         chunk_size: int | None = 256,
+        cache_size: int = 0,
     ):
         self._init_model(model_or_path, tokenizer, device, dtype, chunk_size)
+        if not _is_int(cache_size) or cache_size < 0:
+            raise ValueError(f"cache_size: expected an int >= 0, got {cache_size!r}")
+        self.cache_size = int(cache_size)
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def logprobs(self, prompt_ids: Any, completion_ids: Any) -> np.ndarray:
+        if not self.cache_size:
+            return super().logprobs(prompt_ids, completion_ids)
+        prompt, completion = _check_pair(prompt_ids, completion_ids)
+        key = (tuple(prompt), tuple(completion))
+        hit = self._cache.pop(key, None)
+        if hit is None:
+            hit = _teacher_forced_logprobs(self.model, prompt, completion, self.chunk_size)
+            hit.setflags(write=False)
+            while len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))  # the least recently used
+        self._cache[key] = hit
+        return hit
+
+    logprobs.__doc__ = _HFModel.logprobs.__doc__
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_cache"] = {}
+        return state
 
     def __repr__(self) -> str:
-        return f"HFLikelihood({self._path!r}, chunk_size={self.chunk_size})"
+        return f"HFLikelihood({self._path!r}, chunk_size={self.chunk_size}, cache_size={self.cache_size})"
 
 
 class HFAttentionSource(_HFModel):

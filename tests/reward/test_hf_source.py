@@ -274,6 +274,29 @@ def test_likelihood_errors_and_pickling(tmp_path, model):
     np.testing.assert_allclose(pickle.loads(blob).logprobs(prompt, completion), expected, rtol=0, atol=1e-9)
 
 
+def test_likelihood_cache_answers_repeated_calls(model):
+    rng = np.random.default_rng(35)
+    pairs = [(rng.integers(0, VOCAB, size=5).tolist(), rng.integers(0, VOCAB, size=4).tolist()) for _ in range(3)]
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, out: calls.append(1))
+    try:
+        lik = HFLikelihood(model, cache_size=2)
+        first = [lik.logprobs(p, c) for p, c in pairs[:2]]
+        n = len(calls)
+        again = [lik.logprobs(p, c) for p, c in pairs[:2]]  # both cached: no forward
+        assert len(calls) == n and all(a is b for a, b in zip(first, again))
+        lik.logprobs(*pairs[2])  # evicts the least recently used (pairs[0])
+        n = len(calls)
+        lik.logprobs(*pairs[1])
+        assert len(calls) == n
+        np.testing.assert_allclose(lik.logprobs(*pairs[0]), reference_logprobs(model, *pairs[0]), rtol=0, atol=1e-5)
+        assert len(calls) > n
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="cache_size"):
+        HFLikelihood(model, cache_size=-1)
+
+
 def test_import_does_not_load_torch():
     code = "import sys, cagsr_reward.sources.hf, cagsr_reward.sources; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
