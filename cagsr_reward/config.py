@@ -128,8 +128,8 @@ def resolve_sink(sink: SinkSpec, *, first_token_id: int | None = None, bos_token
 @dataclasses.dataclass(frozen=True)
 class CAGSRConfig:
     r"""
-    Hyper-parameters of the turn reward $R_t = \alpha C_t + \beta F_t - \gamma\,\mathrm{rep}_t + \eta G_t$ and of the episode
-    returns built from it (method.md). All fields are validated on construction; a bad value raises `ValueError`
+    Hyper-parameters of the turn reward $R_t = \alpha C_t + \beta F_t - \gamma\,\mathrm{rep}_t + \eta G_t$ and of the
+    episode returns built from it (method.md). All fields are validated on construction; a bad value raises `ValueError`
     naming the field and what it accepts.
 
     Args:
@@ -142,7 +142,9 @@ class CAGSRConfig:
             information with its history, $\frac1T\sum_s [\log p(y_s \mid \text{history}, y_{<s}) - \log p(y_s \mid
             \text{nothing}, y_{<s})]$, under the scoring model (ours, not the papers'; chosen on the selection split
             among 0, 0.05, 0.1, 0.2, 0.5, 1, docs/method.md §6). With ``eta > 0`` every scoring call needs both
-            log-probability vectors; `CAGSRConfig.attention_only()` and `paper()` set it to 0.
+            log-probability vectors (``score_turn(..., logprobs=, prior_logprobs=)``; the TRL reward computes them
+            with ``likelihood=HFLikelihood(model)`` or a source's ``logprobs``, or reads its ``attncap_logprobs`` /
+            ``attncap_prior_logprobs`` columns); `CAGSRConfig.attention_only()` and `paper()` set it to 0.
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
         h0 (`float`, defaults to `1.64`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value).
         kappa (`float`, defaults to `0.65`): floor increase per turn, nats (MTC §5.2). Both calibrated on observed
@@ -204,7 +206,7 @@ class CAGSRConfig:
     alpha: float = 1.0
     beta: float = 0.0
     gamma: float = 0.5
-    eta: float = 0.0
+    eta: float = 0.5
     ngram: int = 3
     h0: float = 1.64
     kappa: float = 0.65
@@ -255,7 +257,7 @@ class CAGSRConfig:
 
         Example:
             >>> CAGSRConfig.attention_only().eta, CAGSRConfig().eta
-            (0.0, 0.0)
+            (0.0, 0.5)
         """
         return cls(**{"eta": 0.0, **changes})
 

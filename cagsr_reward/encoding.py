@@ -22,6 +22,7 @@ __all__ = [
     "PromptEncoding",
     "completion_salient",
     "encode_prompt",
+    "prior_prompt_ids",
     "salient_positions",
     "salient_positions_for_messages",
 ]
@@ -277,6 +278,73 @@ def encode_prompt(
         tools=tools,
         template_kwargs=chat_template_kwargs or {},
     )
+
+
+def prior_prompt_ids(
+    tokenizer: Any,
+    prompt: str | Sequence[Mapping[str, Any]],
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    tools: list[Any] | None = None,
+) -> list[int]:
+    r"""The token ids of an *empty conversation* for `prompt`: the context of $\log p(y_s \mid \varnothing, y_{<s})$,
+    the prior log-probabilities of the grounding term (`cagsr_reward.core.grounding`).
+
+    For a chat prompt (a list of messages) it is what the chat template adds for the generation prompt: the ids of
+    ``apply_chat_template(messages, add_generation_prompt=True)`` that follow those of
+    ``add_generation_prompt=False`` (e.g. ``<|im_start|>assistant\n``), tokenized as :func:`encode_prompt` tokenizes
+    chat prompts (the rendered string through ``tokenizer(..., add_special_tokens=False)``). For a string prompt it is
+    ``[tokenizer.bos_token_id]``, or ``[tokenizer.eos_token_id]`` when the tokenizer has no BOS token.
+
+    Args:
+        tokenizer: the policy's tokenizer (with a chat template for chat prompts).
+        prompt (`str | list[dict]`): the prompt, as given to :func:`encode_prompt`.
+        chat_template_kwargs (`dict`, *optional*): extra template variables (as for :func:`encode_prompt`).
+        tools (`list`, *optional*): as for :func:`encode_prompt`.
+
+    Returns:
+        `list[int]`: at least one token id.
+
+    Raises:
+        ValueError: when the result would be empty (a chat template that adds nothing for the generation prompt, a
+            tokenizer without BOS and EOS tokens), or when the two renderings do not share their beginning.
+
+    Example:
+        >>> prior_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        [1, 520, 9531, 198]
+    """
+    if isinstance(prompt, str):
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(tokenizer, name, None)
+            if token is not None:
+                return [int(token)]
+        raise ValueError(
+            "prompt: a string prompt's empty conversation is the tokenizer's BOS (else EOS) token, and this "
+            f"tokenizer ({type(tokenizer).__name__}) has neither"
+        )
+    if not isinstance(prompt, Sequence) or not prompt or not all(isinstance(m, Mapping) for m in prompt):
+        raise ValueError("prompt: expected a string or a non-empty list of {'role': ..., 'content': ...} dicts")
+    kwargs = dict(chat_template_kwargs or {})
+    kwargs.update(chat_template=None, tools=tools)
+    with_header = render_chat(tokenizer, list(prompt), add_generation_prompt=True, **kwargs)
+    without = render_chat(tokenizer, list(prompt), add_generation_prompt=False, **kwargs)
+    full = list(tokenizer(with_header, add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(without, add_special_tokens=False)["input_ids"])
+    if full[: len(head)] == head:
+        out = full[len(head) :]
+    elif with_header.startswith(without):  # the boundary merged two tokens: tokenize the added text alone
+        out = list(tokenizer(with_header[len(without) :], add_special_tokens=False)["input_ids"])
+    else:
+        raise ValueError(
+            "prompt: the chat template's rendering with add_generation_prompt=True does not start with the one "
+            "without it, so the generation prompt (the empty conversation of the grounding term) cannot be cut out"
+        )
+    if not out:
+        raise ValueError(
+            "prompt: the chat template adds no tokens for the generation prompt (add_generation_prompt=True renders "
+            "the same ids), so there is no empty-conversation context for the grounding term's prior"
+        )
+    return [int(t) for t in out]
 
 
 def completion_salient(tokens: Sequence[str], selector: SalientSelector, *, offset: int = 0) -> np.ndarray:

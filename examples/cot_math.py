@@ -5,7 +5,8 @@ The policy reasons briefly and ends with "The answer is ...". TRL's colocated vL
 ``attention_backend="attncap"``) captures each completion's attention while generating it; the reward cuts the
 reasoning into blocks of 5 tokens, scores each block as a turn whose history is the problem plus every earlier
 generated token, treats the final-answer span as the last turn with weight ``final_answer_weight`` (2.0), and sums
-(``score_cot``). By default the advantages are per block (``--no-block-advantages`` gives GRPO's one advantage per
+(``score_cot``). Each block's grounding term is scored by the starting policy, frozen (``HFLikelihood``), in training
+and in the held-out metrics alike. By default the advantages are per block (``--no-block-advantages`` gives GRPO's one advantage per
 completion): every token of block b gets (G_b - group mean of G at block b) / group std of the total.
 
 The reward is self-supervised: answers are never used for training. Accuracy (exact match of the extracted
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     from cagsr_reward.idf import IDFModel
     from cagsr_reward.integrations.cot import cot_dataset_rows, cot_reward_func, load_champ, split_problems
     from cagsr_reward.salient import SalientSelector
+    from cagsr_reward.sources import HFLikelihood
     from vllm_attncap.rl.evaluation import evaluate_cot
     from vllm_attncap.rl.runs import config_from_flags, grpo_args, reward_history, start_run, write_json
     from vllm_attncap.rl.trainers import CaptureGRPOTrainer
@@ -74,7 +76,9 @@ def main(argv=None) -> int:
     config = config_from_flags(args, mode="cot")
     eval_config = CAGSRConfig(mode="cot")
     tokenizer = AutoTokenizer.from_pretrained(run.model)
-    reward = cot_reward_func(config, tokenizer=tokenizer, selector=selector)
+    # the grounding term's scoring model: the starting policy, frozen (loaded on first use)
+    scorer = HFLikelihood(run.model, tokenizer, device=args.device, dtype=args.dtype)
+    reward = cot_reward_func(config, tokenizer=tokenizer, selector=selector, likelihood=scorer)
     trainer = CaptureGRPOTrainer(
         model=run.model,
         reward_funcs=[reward],
@@ -88,14 +92,14 @@ def main(argv=None) -> int:
 
     def evaluate(tag: str) -> dict:
         t0 = time.perf_counter()
-        result = evaluate_cot(llm, held_out, eval_config, selector=selector, sampling_params=eval_sp)
+        result = evaluate_cot(llm, held_out, eval_config, selector=selector, sampling_params=eval_sp, likelihood=scorer)
         write_json(run.dir / f"eval_{tag}.json", result)
         s = result["summary"]
         run.log(
             f"held-out {tag}: accuracy={s['accuracy']:.3f} answered={s['answered']:.3f} "
             f"rouge_l={s['rouge_l']:.4f} token_f1={s['token_f1']:.4f} reward={s['reward']:.4f} "
             f"coverage={s['coverage']:.4f} focus={s['focus']:.4f} repetition={s['repetition']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)"
+            f"grounding={s['grounding']:.4f} ({time.perf_counter() - t0:.0f} s)"
         )
         return result
 

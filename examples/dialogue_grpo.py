@@ -5,8 +5,11 @@ Each training prompt is a real dialogue history (chitchat-dataset / chatterbot t
 simulator) cut at a user turn, with the recorded replies as the assistant's earlier turns; the policy writes the next
 assistant turn. TRL generates with its colocated vLLM engine, built by ``CaptureGRPOTrainer`` with
 ``attention_backend="attncap"``; every completion's attention over its history reaches the reward function
-(``attncap_attention``), which scores R_t = alpha*C + beta*F - gamma*rep with the turn index = assistant turns
-already in the history (so the entropy floor rises along the dialogue). No second forward pass.
+(``attncap_attention``), which scores R_t = alpha*C + beta*F - gamma*rep + eta*G with the turn index = assistant
+turns already in the history (so the entropy floor rises along the dialogue). No second forward pass for the
+attention; the grounding G (the reply's mean per-token log-probability ratio with and without its history) is scored
+by the starting policy, frozen (``HFLikelihood``: a yardstick that training does not move), for the training
+reward and the held-out metrics alike.
 
 Before and after training the policy plays held-out episodes with the user simulator (greedy) and the harness
 (vllm_attncap.rl.evaluation) reports reward components under the full (non-ablated) reward and reply/history consistency.
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
     from cagsr_reward.integrations.trl import cagsr_reward_func
     from cagsr_reward.integrations.user_sim import UserSimulator
     from cagsr_reward.salient import SalientSelector
+    from cagsr_reward.sources import HFLikelihood
     from vllm_attncap.rl.evaluation import evaluate_dialogues
     from vllm_attncap.rl.runs import config_from_flags, grpo_args, reward_history, start_run, write_json
     from vllm_attncap.rl.trainers import CaptureGRPOTrainer
@@ -90,7 +94,9 @@ def main(argv=None) -> int:
     selector = SalientSelector(IDFModel.fit([" ".join(e.user_turns) for e in train_sim.episodes]))
     config = config_from_flags(args)
     eval_config = CAGSRConfig()  # held-out metrics always under the full reward, so ablated runs compare
-    reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector)
+    # the grounding term's scoring model: the starting policy, frozen (loaded on first use)
+    scorer = HFLikelihood(run.model, tokenizer, device=args.device, dtype=args.dtype)
+    reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector, likelihood=scorer)
     trainer = CaptureGRPOTrainer(
         model=run.model,
         reward_funcs=[reward],
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = evaluate_dialogues(
             llm, held_out.episodes, eval_config, selector=selector, sampling_params=eval_sp,
-            embedder=embedder, consistency=not args.no_consistency,
+            embedder=embedder, consistency=not args.no_consistency, likelihood=scorer,
         )
         write_json(run.dir / f"eval_{tag}.json", result)
         plot_turn_rewards(result["per_turn_index"], run.dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
 
 
 def _fmt(summary: dict) -> str:
-    keys = ("reward", "coverage", "focus", "repetition", "consistency", "total", "accuracy", "rouge_l")
+    keys = ("reward", "coverage", "focus", "repetition", "grounding", "consistency", "total", "accuracy", "rouge_l")
     return ", ".join(f"{k}={summary[k]:.4f}" for k in keys if isinstance(summary.get(k), float))
 
 

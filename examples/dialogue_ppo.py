@@ -5,7 +5,9 @@ policy loaded into the engine after every update.
 
 Each update plays ``--batch-size`` episodes (3-5 user turns each, from chitchat-dataset / chatterbot tech_support)
 against the policy; every assistant turn is sampled (temperature 0.8, top-p 0.95) and its attention over the
-history captured while it is generated. See cagsr_reward/integrations/ppo.py for the algorithm.
+history captured while it is generated. The turn reward's grounding term is scored by the starting policy, frozen
+(``HFLikelihood``), in training and in the held-out metrics alike. See cagsr_reward/integrations/ppo.py for the
+algorithm.
 
     python examples/dialogue_ppo.py                        # bundled SmolLM2-135M-Instruct, CPU, a few minutes
     python examples/dialogue_ppo.py --steps 500 --batch-size 16 --device cuda --eval-episodes 64
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     from cagsr_reward.integrations.ppo import PPOConfig
     from cagsr_reward.integrations.user_sim import UserSimulator
     from cagsr_reward.salient import SalientSelector
+    from cagsr_reward.sources import HFLikelihood
     from vllm_attncap.rl.evaluation import evaluate_dialogues
     from vllm_attncap.rl.ppo import TurnPPOTrainer
     from vllm_attncap.rl.runs import config_from_flags, start_run, write_json
@@ -84,7 +87,9 @@ def main(argv=None) -> int:
         max_model_len=args.max_model_len,
         seed=args.seed,
     )
-    trainer = TurnPPOTrainer(run.model, train_sim, config, selector=selector, config=ppo_config)
+    # the grounding term's scoring model: the starting policy, frozen (loaded on first use)
+    scorer = HFLikelihood(run.model, device=args.device, dtype=args.dtype)
+    trainer = TurnPPOTrainer(run.model, train_sim, config, selector=selector, config=ppo_config, likelihood=scorer)
     embedder = None if args.no_consistency else SentenceEmbedder()
     eval_sp = SamplingParams(temperature=0.0, max_tokens=args.eval_max_new_tokens)
 
@@ -92,14 +97,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result = evaluate_dialogues(
             trainer.llm, held_out.episodes, eval_config, selector=selector, sampling_params=eval_sp,
-            embedder=embedder, consistency=not args.no_consistency,
+            embedder=embedder, consistency=not args.no_consistency, likelihood=scorer,
         )
         write_json(run.dir / f"eval_{tag}.json", result)
         plot_turn_rewards(result["per_turn_index"], run.dir / f"turn_rewards_{tag}.png", title=f"held-out, {tag} training")
         s = result["summary"]
         run.log(
             f"held-out {tag}: reward={s['reward']:.4f} coverage={s['coverage']:.4f} "
-            f"focus={s['focus']:.4f} repetition={s['repetition']:.4f} consistency={s['consistency']:.4f} "
+            f"focus={s['focus']:.4f} repetition={s['repetition']:.4f} grounding={s['grounding']:.4f} "
+            f"consistency={s['consistency']:.4f} "
             f"({time.perf_counter() - t0:.0f} s)"
         )
         return result
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
                         vl=f"{stats['value_loss']:.3f}")
         tqdm.write(
             "[dialogue-ppo] update {step}: reward={reward:.4f} coverage={coverage:.4f} focus={focus:.4f} "
-            "repetition={repetition:.4f} G0={return_0:.4f} policy_loss={policy_loss:.4f} value_loss={value_loss:.4f} "
+            "repetition={repetition:.4f} grounding={grounding:.4f} G0={return_0:.4f} policy_loss={policy_loss:.4f} "
+            "value_loss={value_loss:.4f} "
             "clip={clip_fraction:.3f} kl={approx_kl:.4f}".format(**stats)
         )
 
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
     after = evaluate("after")  # the engine already holds the final policy (synced after every update)
 
     plot_reward_components(
-        [{k: h[k] for k in ("step", "reward", "coverage", "focus", "repetition", "policy_loss", "value_loss")} for h in history],
+        [{k: h[k] for k in ("step", "reward", "coverage", "focus", "repetition", "grounding", "policy_loss", "value_loss")}
+         for h in history],
         out=run.dir / "reward_components.png",
         title="dialogue PPO: rollouts per update",
     )

@@ -14,11 +14,17 @@ registry ``{name: Unit}``. The arms (:data:`ARMS`) differ only in the training r
 - ``default`` -- the CAGSR reward with ``CAGSRConfig()``'s defaults, whatever they are in this checkout;
 - ``paper`` -- ``CAGSRConfig.paper()`` (the literal reading of the papers), resolved by name when the unit runs;
   a checkout without it reports the unit as skipped, with the reason, and writes no JSON;
-- ``single`` -- single-turn CAGSR (coverage of the current user turn, self repetition, no floor);
+- ``single`` -- single-turn CAGSR (coverage of the current user turn, self repetition, no floor, no grounding);
 - ``random`` -- a seeded random reward with the mean and standard deviation of the default reward on the untrained
   policy's held-out replies (read from the ``untrained`` unit);
 - ``self_certainty`` -- a non-attention internal reward (INTUITOR): the mean over reply tokens of
   KL(U || pi_theta(. | history, y_<s)), computed with the policy being trained.
+
+The grounding term of the CAGSR reward (``eta > 0``: the ``default`` arm and the ``monitor_default`` monitor; the
+``paper`` and ``single`` arms keep ``eta = 0`` through their configs) is scored by the starting policy, frozen
+(:meth:`Context.scorer`: ``HFLikelihood(ctx.reference(), tokenizer)``, the KL reference), beside the attention
+captured while generating: in training and in every held-out evaluation alike, so every arm is measured with one
+yardstick.
 
 Every unit evaluates the same held-out replies (fixed data seed 0, greedy) at checkpoints during training and at
 the end: the metrics of :func:`vllm_attncap.rl.evaluation.evaluate_replies` (BLEU, n-gram overlap, embedding
@@ -93,6 +99,7 @@ class Context:
         self._dialogue = None
         self._tokenizer = None
         self._reference = None
+        self._scorer = None
         self._embedder = None
         self.max_model_len = 2048
         try:  # a small test model may have a shorter context
@@ -137,6 +144,15 @@ class Context:
 
             self._reference = AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32).eval()
         return self._reference
+
+    def scorer(self):
+        """The grounding term's scoring model: :meth:`reference` (the starting policy, frozen) as an ``HFLikelihood``
+        with a cache (the trained reward and the monitor score the same completions)."""
+        if self._scorer is None:
+            from cagsr_reward.sources import HFLikelihood
+
+            self._scorer = HFLikelihood(self.reference(), self.tokenizer(), cache_size=4096)
+        return self._scorer
 
     def embedder(self):
         if self._embedder is None:
@@ -251,7 +267,7 @@ class SelfCertaintyReward:
 # ----------------------------------------------------------------------------------------------------------------
 #: per held-out reply, what a unit JSON keeps (the report's statistics are recomputed from these)
 ROW_KEYS = ("item_id", "episode_id", "source", "reply", "bleu", "ngram_overlap", "embed_sim", "consistency", "reward",
-            "coverage", "reply_words", "reply_tokens")
+            "coverage", "grounding", "reply_words", "reply_tokens")
 
 
 def reply_kl(policy: Any, reference: Any, tokenizer: Any, messages: Any, reply: str) -> float | None:
@@ -291,7 +307,7 @@ def evaluate_checkpoint(ctx: Context, llm: Any, step: int, policy: Any = None) -
     t0 = time.perf_counter()
     sp = SamplingParams(temperature=0.0, max_tokens=ctx.s["eval_max_new_tokens"])
     result = evaluate_replies(llm, items, config, selector=selector, sampling_params=sp, spec=spec,
-                              embedder=ctx.embedder(), seed=DATA_SEED)
+                              embedder=ctx.embedder(), seed=DATA_SEED, likelihood=ctx.scorer())
     rows = [{k: r.get(k) for k in ROW_KEYS} for r in result["rows"]]
     by_id = {it.item_id: it for it in items}
     if policy is None:
@@ -347,7 +363,10 @@ def _cagsr(config: Callable[[], CAGSRConfig], name: str):
         from cagsr_reward.integrations.trl import cagsr_reward_func
 
         cfg = config()
-        return cagsr_reward_func(cfg, tokenizer=ctx.tokenizer(), selector=ctx.dialogue()[2], name=name), cfg.to_dict()
+        likelihood = ctx.scorer() if cfg.eta > 0 else None  # eta = 0 (paper, single): no log-probabilities needed
+        reward = cagsr_reward_func(cfg, tokenizer=ctx.tokenizer(), selector=ctx.dialogue()[2], name=name,
+                                   likelihood=likelihood)
+        return reward, cfg.to_dict()
 
     return build
 
@@ -361,7 +380,11 @@ def default_reward_scale(ctx: Context) -> tuple[float, float]:
     path = ctx.out / "untrained.json"
     if not path.exists():
         raise UnitSkipped("the random arm takes its scale from the 'untrained' unit, which has not run")
-    rows = json.loads(path.read_text())["checkpoints"][-1]["rows"]
+    checkpoint = json.loads(path.read_text())["checkpoints"][-1]
+    if checkpoint.get("reward_config") != json.loads(json.dumps(CAGSRConfig().to_dict())):
+        raise UnitSkipped("the 'untrained' unit scored its replies with another reward config than CAGSRConfig()'s "
+                          "defaults; delete untrained.json and rerun it first")
+    rows = checkpoint["rows"]
     vals = np.array([r["reward"] for r in rows if r.get("reward") is not None], np.float64)
     return float(vals.mean()), float(vals.std())
 
@@ -390,8 +413,8 @@ ARMS: dict[str, Arm] = {
         Arm("ngram", "positive control: n-gram overlap with the gold reply", _ngram),
         Arm("default", "CAGSR, CAGSRConfig() defaults", _cagsr(CAGSRConfig, "cagsr")),
         Arm("paper", "CAGSR, CAGSRConfig.paper() preset", _cagsr(paper_config, "cagsr")),
-        Arm("single", "single-turn CAGSR", _cagsr(
-            lambda: CAGSRConfig(mode="single", history_coverage=False, entropy_floor=False), "cagsr")),
+        Arm("single", "single-turn CAGSR", _cagsr(  # the papers' single-turn reward: attention only (eta = 0)
+            lambda: CAGSRConfig.attention_only(mode="single", history_coverage=False, entropy_floor=False), "cagsr")),
         Arm("random", "random, matched to the default reward's mean and std", _random),
         Arm("self_certainty", "self-certainty (INTUITOR), no attention", _self_certainty),
     )
@@ -450,7 +473,7 @@ def train_arm(ctx: Context, arm: Arm, seed: int) -> dict[str, Any]:
     s = ctx.s
     reward, described = arm.build(ctx, seed)
     monitors = [cagsr_reward_func(CAGSRConfig(), tokenizer=ctx.tokenizer(), selector=ctx.dialogue()[2],
-                                  name="monitor_default")]
+                                  name="monitor_default", likelihood=ctx.scorer())]
     if arm.name != "ngram":
         monitors.append(ngram_reward_func())
         monitors[-1].__name__ = "monitor_ngram"

@@ -21,7 +21,10 @@ from cagsr_reward.attention import CapturedAttention
 from .spec import CaptureSpec, resolve_spec
 from .store import CaptureRecord, discard_capture, read_capture  # a TP/PP engine's per-rank parts combined
 
-__all__ = ["CapturedOutput", "generate_with_attentions", "collect", "engine_model_shape", "check_engine"]
+__all__ = [
+    "CapturedOutput", "EngineLikelihood", "generate_with_attentions", "collect", "engine_model_shape", "check_engine",
+    "token_logprobs",
+]
 
 
 @dataclass
@@ -292,3 +295,82 @@ def generate_with_attentions(
             except LookupError as e:
                 results[i] = CapturedOutput(out, cs, error=ValueError(str(e)), _prompt_len=len(out.prompt_token_ids))
     return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token log-probabilities (the grounding term of the CAGSR reward)
+# ----------------------------------------------------------------------------------------------------------------
+def token_logprobs(
+    llm, contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, use_tqdm: bool = False
+) -> list[np.ndarray]:
+    r"""Teacher-forced $\log p(y_s \mid x, y_{<s})$ of each completion $y$ after its context $x$, under the engine's
+    model: one request per pair, ``context + completion`` as the prompt with ``prompt_logprobs=0`` and one greedy
+    token (no capture; vLLM does not read the prefix cache for such a request, so every position is computed).
+
+    These are the inputs of the CAGSR grounding term (`cagsr_reward.core.grounding`): call it once with the chat
+    prompts' ids and once with the empty conversations (`cagsr_reward.encoding.prior_prompt_ids`).
+
+    Args:
+        llm: a ``vllm.LLM`` (any attention backend; a ``CapturingLLM`` is unwrapped).
+        contexts: one non-empty list of token ids per pair.
+        completions: one list of token ids per pair (an empty one gives an empty array, no request).
+        use_tqdm: show vLLM's progress bar.
+
+    Returns:
+        `list[np.ndarray]`: float64 ``(T_i,)`` per pair, in order.
+
+    Raises:
+        ValueError: on an empty context, a length mismatch, or an engine whose ``logprobs_mode`` returns logits.
+
+    Example:
+        >>> token_logprobs(llm, [[1, 520, 9531, 198]], [[19556, 17]])  # doctest: +SKIP
+        [array([-3.1, -0.4])]
+    """
+    from vllm import SamplingParams
+
+    llm = getattr(llm, "wrapped_llm", llm)
+    if len(contexts) != len(completions):
+        raise ValueError(f"contexts: {len(contexts)} entries for {len(completions)} completions")
+    mode = str(getattr(_engine(llm).vllm_config.model_config, "logprobs_mode", "raw_logprobs"))
+    if mode.endswith("logits"):
+        raise ValueError(f"token_logprobs: the engine's logprobs_mode={mode!r} returns logits; use a *_logprobs mode")
+    pairs = [([int(t) for t in c], [int(t) for t in y]) for c, y in zip(contexts, completions)]
+    for i, (c, _) in enumerate(pairs):
+        if not c:
+            raise ValueError(f"contexts[{i}]: expected at least one token")
+    todo = [i for i, (_, y) in enumerate(pairs) if y]
+    out = [np.zeros(0, np.float64) for _ in pairs]
+    if not todo:
+        return out
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    results = llm.generate([{"prompt_token_ids": pairs[i][0] + pairs[i][1]} for i in todo], sp, use_tqdm=use_tqdm)
+    for i, res in zip(todo, results):
+        c, y = pairs[i]
+        table = res.prompt_logprobs  # position 0 has none; position k: {token id: Logprob} with the prompt's token
+        out[i] = np.array([table[len(c) + s][t].logprob for s, t in enumerate(y)], dtype=np.float64)
+    return out
+
+
+class EngineLikelihood:
+    """The grounding term's scoring model served by a vLLM engine: ``logprobs(prompt_ids, completion_ids)`` (the
+    :class:`cagsr_reward.sources.Likelihood` protocol) through :func:`token_logprobs`, and ``logprobs_many`` for a
+    batch in one ``generate``.
+
+    Example:
+        >>> lik = EngineLikelihood(llm)  # doctest: +SKIP
+        >>> reward = cagsr_reward_func(tokenizer=llm.get_tokenizer(), likelihood=lik)  # doctest: +SKIP
+    """
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> np.ndarray:
+        if not len(completion_ids):
+            raise ValueError("completion_ids: expected at least one token")
+        return token_logprobs(self.llm, [prompt_ids], [completion_ids])[0]
+
+    def logprobs_many(self, contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        return token_logprobs(self.llm, contexts, completions)
+
+    def __getstate__(self):
+        raise TypeError("EngineLikelihood holds a live vLLM engine and cannot be pickled")

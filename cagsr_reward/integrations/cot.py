@@ -7,7 +7,11 @@
 - Reward: :func:`cot_reward_func` is the TRL reward function in ``mode="cot"``: the reasoning is cut into blocks of
   ``config.cot_block`` (= 5) tokens, each block a turn whose history is the prompt plus every earlier generated
   token, and the final answer span is the last turn, weighted ``config.final_answer_weight`` (> 1) unless the
-  uniform-weights ablation is on; the reward is the weighted total :func:`cagsr_reward.scoring.score_cot`.
+  uniform-weights ablation is on; the reward is the weighted total :func:`cagsr_reward.scoring.score_cot`. Each
+  block's grounding (``eta > 0``, the default) uses its span of the generated tokens' log-probabilities after the
+  prompt and after the empty conversation: pass ``likelihood=`` (e.g. ``cagsr_reward.sources.HFLikelihood``), a
+  ``source`` with ``logprobs``, or the ``attncap_logprobs`` columns, as for
+  :func:`~cagsr_reward.integrations.trl.cagsr_reward_func`.
 - Accuracy: :func:`extract_answer` takes the text after the last answer marker, :func:`answer_matches` compares it
   with the reference by exact match after normalisation (:func:`normalize_answer`; numbers compare numerically),
   accepting any of the reference's stated equivalent forms (``"C(10, 5), or equivalently 252"``).
@@ -138,7 +142,15 @@ def cot_reward_func(
     name: str = "cagsr_cot",
     **kwargs: Any,
 ):
-    """The CAGSR CoT reward as a TRL reward function (``config.mode`` forced to ``"cot"``; see the module docstring)."""
+    """The CAGSR CoT reward as a TRL reward function (``config.mode`` forced to ``"cot"``; see the module docstring).
+    ``kwargs`` go to :func:`~cagsr_reward.integrations.trl.cagsr_reward_func`: ``source``, ``likelihood`` (the grounding
+    term's scoring model, needed with the default ``eta > 0`` unless the source has ``logprobs`` or the batch carries
+    the ``attncap_logprobs`` columns), ``chat_template_kwargs``, ``tools``.
+
+    Example:
+        >>> from cagsr_reward.sources import HFLikelihood
+        >>> reward = cot_reward_func(tokenizer=tok, likelihood=HFLikelihood("path/to/policy"))  # doctest: +SKIP
+    """
     from .trl import cagsr_reward_func
 
     config = (config or CAGSRConfig()).replace(mode="cot")

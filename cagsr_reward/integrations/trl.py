@@ -18,15 +18,21 @@ import numpy as np
 
 from ..attention import as_captured_attention
 from ..config import CAGSRConfig, resolve_layers
-from ..encoding import PromptEncoding, completion_salient, encode_prompt
+from ..encoding import PromptEncoding, completion_salient, encode_prompt, prior_prompt_ids
 from ..salient import SalientSelector
 from ..scoring import score_cot, score_turn
 from ..sources import capture_from_source
 
-__all__ = ["CAGSRRewardFunction", "cagsr_reward_func", "ATTENTION_KWARG"]
+__all__ = ["CAGSRRewardFunction", "cagsr_reward_func", "ATTENTION_KWARG", "LOGPROBS_KWARG", "PRIOR_LOGPROBS_KWARG"]
 
 #: Dataset/rollout column that carries captured attention (one entry per completion), e.g. from the vLLM plugin.
 ATTENTION_KWARG = "attncap_attention"
+#: Dataset/rollout column with each completion's token log-probabilities after its prompt, log p(y_s | x, y_<s),
+#: under the scoring model (one 1-D sequence of T floats per completion): the grounding term's first input.
+LOGPROBS_KWARG = "attncap_logprobs"
+#: Dataset/rollout column with each completion's token log-probabilities after the empty conversation
+#: (`cagsr_reward.encoding.prior_prompt_ids`), under the same scoring model: the grounding term's second input.
+PRIOR_LOGPROBS_KWARG = "attncap_prior_logprobs"
 
 _COMPONENTS = ("coverage", "focus", "repetition", "grounding", "reward")
 
@@ -54,7 +60,7 @@ class CAGSRRewardFunction:
 
     Attributes:
         __name__ (`str`): the name TRL logs under (``rewards/<name>/mean``).
-        config (`CAGSRConfig`), source, tokenizer, selector (`SalientSelector`): as given to the factory.
+        config (`CAGSRConfig`), source, likelihood, tokenizer, selector (`SalientSelector`): as given to the factory.
         last_scores (`list`): the :class:`~cagsr_reward.scoring.TurnScore` /
             :class:`~cagsr_reward.scoring.CoTScore` (or ``None``) of each completion of the latest call.
     """
@@ -69,9 +75,11 @@ class CAGSRRewardFunction:
         name: str,
         chat_template_kwargs: Mapping[str, Any] | None,
         tools: list[Any] | None,
+        likelihood: Any = None,
     ):
         self.config = config
         self.source = source
+        self.likelihood = likelihood
         self._tokenizer = tokenizer
         self.selector = selector
         self.__name__ = name
@@ -92,7 +100,27 @@ class CAGSRRewardFunction:
         return self._tokenizer
 
     def __repr__(self) -> str:
-        return f"CAGSRRewardFunction(name={self.__name__!r}, config={self.config!r}, source={self.source!r})"
+        return (
+            f"CAGSRRewardFunction(name={self.__name__!r}, config={self.config!r}, source={self.source!r}, "
+            f"likelihood={self.likelihood!r})"
+        )
+
+    @property
+    def logprob_provider(self) -> Any:
+        """What computes the grounding term's log-probabilities when the columns do not carry them: ``likelihood``,
+        else ``source`` when it has ``logprobs``, else ``None``."""
+        if self.likelihood is not None:
+            return self.likelihood
+        if self.source is not None and callable(getattr(self.source, "logprobs", None)):
+            return self.source
+        return None
+
+    @property
+    def needs_logprob_columns(self) -> bool:
+        """True when ``config.eta > 0`` and nothing but the ``attncap_logprobs`` / ``attncap_prior_logprobs``
+        columns can supply the log-probabilities (a trainer that can compute them adds them; see
+        ``vllm_attncap.rl.trainers``)."""
+        return self.config.eta > 0 and self.logprob_provider is None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -117,6 +145,48 @@ class CAGSRRewardFunction:
             tools=self.tools,
             chat_template_kwargs=self.chat_template_kwargs,
         )
+
+    def prior_prompt_ids(self, prompt: Any) -> list[int]:
+        """The empty conversation of one TRL prompt (`cagsr_reward.encoding.prior_prompt_ids`, rendered like
+        :meth:`encode`): the context of the grounding term's prior log-probabilities."""
+        return prior_prompt_ids(self.tokenizer, prompt, chat_template_kwargs=self.chat_template_kwargs, tools=self.tools)
+
+    def _missing_logprobs(self, what: str) -> ValueError:
+        return ValueError(
+            f"{what}: the grounding term (eta={self.config.eta}) needs each completion's token log-probabilities "
+            "after its prompt and after an empty conversation. Pass likelihood= to cagsr_reward_func (e.g. "
+            "likelihood=HFLikelihood(model) from cagsr_reward.sources, a frozen copy of the starting policy as the "
+            f"scoring model), or a source with .logprobs (HFAttentionSource), or give the columns {LOGPROBS_KWARG} and "
+            f"{PRIOR_LOGPROBS_KWARG} (one 1-D sequence per completion), or use CAGSRConfig.attention_only() (eta=0)"
+        )
+
+    def _logprobs(self, index: int, prompt: Any, enc: PromptEncoding, completion: list[int], columns: tuple,
+                  priors: dict[str, list[int]]) -> tuple[Any, Any]:
+        """``(logprobs, prior_logprobs)`` of one completion: from the columns, else the likelihood / the source,
+        else ``(None, None)`` (then ``eta`` must be 0)."""
+        T = len(completion)
+        entries = [None if col is None else col[index] for col in columns]
+        names = (f"{LOGPROBS_KWARG}[{index}]", f"{PRIOR_LOGPROBS_KWARG}[{index}]")
+        if any(e is not None for e in entries):
+            if any(e is None for e in entries):
+                raise ValueError(f"{names[0]}, {names[1]}: give both columns' entries or neither")
+            out = []
+            for name, entry in zip(names, entries):
+                v = np.asarray(entry, dtype=np.float64)
+                if v.shape != (T,):
+                    raise ValueError(f"{name}: expected a 1-D sequence of {T} log-probabilities (one per completion "
+                                     f"token), got shape {v.shape}")
+                out.append(v)
+            return out[0], out[1]
+        provider = self.logprob_provider
+        if provider is None:
+            if self.config.eta > 0:
+                raise self._missing_logprobs(f"{names[0]}, {names[1]}")
+            return None, None
+        key = _prompt_key(prompt)
+        if key not in priors:
+            priors[key] = self.prior_prompt_ids(prompt)
+        return provider.logprobs(enc.input_ids, completion), provider.logprobs(priors[key], completion)
 
     def _attention(self, index: int, prompt_len: int, completion: list[int], captured: Any, prompt_ids: list[int]):
         """The aggregated attention ``(T, P+T-1)`` of one completion, from its capture or from the source."""
@@ -217,13 +287,16 @@ class CAGSRRewardFunction:
             completion_ids (`list[list[int]]`): the generated token ids.
             trainer_state: TRL's ``TrainerState`` (unused).
             log_metric (`callable`, *optional*): ``log_metric(name, value)``; receives the batch means
-                ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition`` and ``<name>/reward``.
-            log_extra (`callable`, *optional*): ``log_extra(column, values)``; receives the same four names with one
+                ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition``, ``<name>/grounding`` and
+                ``<name>/reward`` (grounding NaN when no log-probabilities were available, which ``eta = 0`` allows).
+            log_extra (`callable`, *optional*): ``log_extra(column, values)``; receives the same five names with one
                 value per completion.
             **kwargs: other dataset columns; ``attncap_attention`` (one
                 :class:`~cagsr_reward.attention.CapturedAttention` per completion; an ``(L, H, T, P+T-1)`` array or a
                 0.1-style dict with ``"attention"``, ``"prompt_len"``, ``"layer_ids"``, ``"num_layers"``, ``"reduce"``
-                is accepted too) is used instead of the source when present.
+                is accepted too) is used instead of the source when present; ``attncap_logprobs`` and
+                ``attncap_prior_logprobs`` (one 1-D sequence of T floats per completion, or ``None`` for a completion
+                whose log-probabilities the likelihood should compute) are used instead of the likelihood.
 
         Returns:
             `list[float | None]`: one reward per completion.
@@ -234,7 +307,14 @@ class CAGSRRewardFunction:
         captured = kwargs.get(ATTENTION_KWARG)
         if captured is not None and len(captured) != n:
             raise ValueError(f"{ATTENTION_KWARG}: expected one entry per completion ({n}), got {len(captured)}")
+        lp_columns = (kwargs.get(LOGPROBS_KWARG), kwargs.get(PRIOR_LOGPROBS_KWARG))
+        for name, col in zip((LOGPROBS_KWARG, PRIOR_LOGPROBS_KWARG), lp_columns):
+            if col is not None and len(col) != n:
+                raise ValueError(f"{name}: expected one entry per completion ({n}), got {len(col)}")
+        if self.needs_logprob_columns and any(col is None for col in lp_columns):
+            raise self._missing_logprobs("likelihood")
         encodings: dict[str, PromptEncoding] = {}
+        priors: dict[str, list[int]] = {}
         rewards: list[float | None] = []
         columns: dict[str, list[float | None]] = {c: [] for c in _COMPONENTS}
         scores: list[Any] = []
@@ -251,7 +331,8 @@ class CAGSRRewardFunction:
                     columns[c].append(None)
                 continue
             a2d = self._attention(i, len(enc.input_ids), completion, captured, enc.input_ids)
-            result = self.score(enc, prompts[i], completion, a2d)
+            lp, lp0 = self._logprobs(i, prompts[i], enc, completion, lp_columns, priors)
+            result = self.score(enc, prompts[i], completion, a2d, logprobs=lp, prior_logprobs=lp0)
             scores.append(result)
             parts = _components(result)
             rewards.append(parts["reward"])
@@ -297,6 +378,7 @@ def cagsr_reward_func(
     config: CAGSRConfig | None = None,
     *,
     source: Any = None,
+    likelihood: Any = None,
     tokenizer: Any = None,
     selector: SalientSelector | None = None,
     name: str = "cagsr",
@@ -309,24 +391,38 @@ def cagsr_reward_func(
 
     .. math::
 
-        R = \alpha\,C + \beta\,F - \gamma\,\mathrm{rep}
+        R = \alpha\,C + \beta\,F - \gamma\,\mathrm{rep} + \eta\,G
 
     where :math:`C` is the attention mass the generated tokens put on the prompt's salient positions, :math:`F` the
-    negative mean (floored) attention entropy over the prompt, and :math:`\mathrm{rep}` the n-gram repetition
-    (against the prompt in ``"multi"``/``"cot"`` mode, within the completion in ``"single"`` mode).
+    negative mean (floored) attention entropy over the prompt, :math:`\mathrm{rep}` the n-gram repetition
+    (against the prompt in ``"multi"``/``"cot"`` mode, within the completion in ``"single"`` mode) and :math:`G` the
+    grounding, the completion's mean per-token log-probability ratio
+    :math:`\frac1T \sum_s [\log p(y_s \mid x, y_{<s}) - \log p(y_s \mid \varnothing, y_{<s})]` under a scoring
+    model (:math:`\varnothing`: the empty conversation, :func:`~cagsr_reward.encoding.prior_prompt_ids`).
 
     Per completion the function (1) tokenizes the prompt exactly as TRL does (``tokenizer(prompt)`` for strings;
     ``apply_chat_template(messages, add_generation_prompt=True)`` for chat prompts), (2) takes the attention from the
     ``attncap_attention`` column when present (captured by the vLLM plugin, or added by a ``rollout_func``), else
     recomputes it with ``source``, (3) averages ``config.layers`` / ``config.heads``, (4) finds the salient prompt
-    positions with ``selector``, (5) calls :func:`~cagsr_reward.scoring.score_turn` (``mode="cot"``:
-    :func:`~cagsr_reward.scoring.score_cot`, reward = its weighted total). In a chat prompt the turn index is the
-    number of assistant messages already in it (so the entropy floor rises along a dialogue).
+    positions with ``selector``, (5) takes the grounding's two log-probability vectors from the
+    ``attncap_logprobs`` / ``attncap_prior_logprobs`` columns when present, else computes them with ``likelihood``
+    (else with ``source`` when it has ``logprobs``), (6) calls :func:`~cagsr_reward.scoring.score_turn`
+    (``mode="cot"``: :func:`~cagsr_reward.scoring.score_cot`, reward = its weighted total). In a chat prompt the turn
+    index is the number of assistant messages already in it (so the entropy floor rises along a dialogue). With
+    ``config.eta == 0`` (``CAGSRConfig.attention_only()``) no log-probabilities are needed; when some are available
+    the grounding is still computed and logged (weight 0).
 
     Args:
         config (`CAGSRConfig`, *optional*): hyper-parameters; defaults to ``CAGSRConfig()``.
         source (*optional*): an attention source (``attention(prompt_ids, completion_ids)``, e.g.
-            :class:`~cagsr_reward.sources.HFAttentionSource`) used when no captured attention is passed.
+            :class:`~cagsr_reward.sources.HFAttentionSource`) used when no captured attention is passed. A source with
+            ``logprobs`` (``HFAttentionSource`` has it) also gives the grounding's log-probabilities when no
+            ``likelihood`` is given.
+        likelihood (*optional*): the scoring model of the grounding term: an object with
+            ``logprobs(prompt_ids, completion_ids) -> (T,)`` (:class:`~cagsr_reward.sources.Likelihood`), e.g.
+            ``HFLikelihood(model)`` (a frozen copy of the starting policy keeps the policy from moving its own
+            yardstick). It must read the policy's token ids. Required when ``config.eta > 0`` unless the source has
+            ``logprobs`` or the log-probability columns come with the batch.
         tokenizer (*optional*): a Hugging Face *fast* tokenizer (offsets are needed); defaults to
             ``source.tokenizer``. It must be the policy's tokenizer (the one TRL tokenizes prompts with).
         selector (`SalientSelector`, *optional*): the salience rules; defaults to ``SalientSelector.content()``
@@ -334,7 +430,8 @@ def cagsr_reward_func(
             to drop the corpus' own frequent words too: ``SalientSelector.content(IDFModel.fit(dataset["prompt"]))``;
             ``SalientSelector(IDFModel.fit(...))`` is the 0.2 high-IDF-quantile rule.
         name (`str`, defaults to ``"cagsr"``): ``__name__`` of the function: TRL logs ``rewards/<name>/mean``; our
-            metrics are ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition``, ``<name>/reward``.
+            metrics are ``<name>/coverage``, ``<name>/focus``, ``<name>/repetition``, ``<name>/grounding``,
+            ``<name>/reward``.
         chat_template_kwargs (`dict`, *optional*): as ``GRPOConfig.chat_template_kwargs`` (pass the same).
         tools (`list`, *optional*): as ``GRPOTrainer(tools=...)`` (pass the same, so prompts render identically).
 
@@ -343,6 +440,10 @@ def cagsr_reward_func(
 
     Raises:
         ValueError: if neither ``tokenizer`` nor a ``source`` with a ``tokenizer`` is given, or ``name`` is empty.
+            At call time: if ``config.eta > 0`` and no log-probabilities can be had (no ``likelihood``, a source
+            without ``logprobs`` or none, and the two columns absent); the message names ``likelihood`` and the
+            alternatives.
+        TypeError: if ``likelihood`` has no ``logprobs`` method.
 
     Example:
         >>> from cagsr_reward import CAGSRConfig
@@ -350,10 +451,14 @@ def cagsr_reward_func(
         >>> from cagsr_reward.sources import HFAttentionSource
         >>> reward = cagsr_reward_func(  # doctest: +SKIP
         ...     CAGSRConfig(mode="single"),
-        ...     source=HFAttentionSource("path/to/policy"),
+        ...     source=HFAttentionSource("path/to/policy"),  # attention and log-probabilities of the policy
         ...     selector=SalientSelector(IDFModel.fit(train_prompts)),
         ... )
         >>> trainer = GRPOTrainer(model="path/to/policy", reward_funcs=[reward], ...)  # doctest: +SKIP
+        >>> from cagsr_reward.sources import HFLikelihood
+        >>> captured = cagsr_reward_func(  # doctest: +SKIP
+        ...     tokenizer=tok, likelihood=HFLikelihood("path/to/policy")  # attention from attncap_attention
+        ... )
     """
     if config is None:
         config = CAGSRConfig()
@@ -361,6 +466,11 @@ def cagsr_reward_func(
         raise TypeError(f"config: expected a CAGSRConfig or None, got {type(config).__name__}")
     if source is not None and not callable(getattr(source, "attention", None)):
         raise TypeError(f"source: expected an object with .attention(prompt_ids, completion_ids), got {source!r}")
+    if likelihood is not None and not callable(getattr(likelihood, "logprobs", None)):
+        raise TypeError(
+            f"likelihood: expected an object with .logprobs(prompt_ids, completion_ids), e.g. "
+            f"cagsr_reward.sources.HFLikelihood(model), got {likelihood!r}"
+        )
     if tokenizer is None and (source is None or not hasattr(source, "tokenizer")):
         raise ValueError("tokenizer: required (the policy's fast tokenizer) unless source provides .tokenizer")
     if selector is None:
@@ -377,4 +487,5 @@ def cagsr_reward_func(
         name=name,
         chat_template_kwargs=chat_template_kwargs,
         tools=tools,
+        likelihood=likelihood,
     )

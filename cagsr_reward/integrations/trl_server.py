@@ -12,10 +12,16 @@ through vLLM's token-in/token-out endpoint ``/inference/v1/generate``. :func:`at
    field (inline base64 ``.npy``), or, for a capture over the server's inline limit, from
    ``GET /v1/attncap/{key}``,
 
-and returns ``{"prompt_ids", "completion_ids", "logprobs", "attncap_attention"}``. TRL forwards the extra
-``attncap_attention`` column (one :class:`~cagsr_reward.attention.CapturedAttention` per completion) to every reward
-function as a keyword argument, where :func:`~cagsr_reward.integrations.trl.cagsr_reward_func` reads it instead of
-recomputing attention.
+4. when the reward grounds its replies (``eta > 0``, the default, and no likelihood of its own), asks the server for
+   the completion's token log-probabilities after its prompt and after the empty conversation
+   (``reward.prior_prompt_ids``): two more requests with ``prompt_logprobs=0`` and one greedy token, so the scoring
+   model is the model the server holds,
+
+and returns ``{"prompt_ids", "completion_ids", "logprobs", "attncap_attention"}`` (plus ``attncap_logprobs`` and
+``attncap_prior_logprobs`` after step 4). TRL forwards the extra columns (``attncap_attention``: one
+:class:`~cagsr_reward.attention.CapturedAttention` per completion) to every reward function as keyword arguments,
+where :func:`~cagsr_reward.integrations.trl.cagsr_reward_func` reads them instead of recomputing attention and
+log-probabilities.
 
 Weights: the server generates with the weights it holds. Pass ``sync_weights`` to push the trainer's weights before
 each step's generation (on GPU, TRL's ``VLLMClient`` over NCCL to a server started with vLLM's weight-transfer
@@ -39,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..attention import CapturedAttention
-from .trl import ATTENTION_KWARG
+from .trl import ATTENTION_KWARG, LOGPROBS_KWARG, PRIOR_LOGPROBS_KWARG
 
 __all__ = ["attncap_server_rollout", "DEFAULT_SPEC", "GENERATE_PATH"]
 
@@ -107,6 +113,27 @@ def _token_logprobs(choice: Mapping[str, Any], n: int) -> list[float]:
     return out + [0.0] * (n - len(out))
 
 
+def _prompt_logprobs(base: str, context: list[int], tokens: list[int], timeout: float, api_key: str | None) -> list[float]:
+    """log p(tokens[s] | context, tokens[:s]) from the server: ``context + tokens`` as the prompt, ``prompt_logprobs=0``
+    (vLLM reads no prefix cache for such a request), one greedy token."""
+    if not tokens:
+        return []
+    body = {"token_ids": list(context) + list(tokens),
+            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}}
+    table = _post(base + GENERATE_PATH, body, timeout, api_key).get("prompt_logprobs")
+    n = len(context)
+    if not table or len(table) != n + len(tokens):
+        raise RuntimeError(f"attncap server {base}: no prompt_logprobs for {n + len(tokens)} tokens in the response")
+    out = []
+    for s, t in enumerate(tokens):
+        entry = table[n + s] or {}
+        item = entry.get(str(t), entry.get(t))
+        if item is None:
+            raise RuntimeError(f"attncap server {base}: prompt_logprobs lack token {t} at position {n + s}")
+        out.append(float(item["logprob"] if isinstance(item, Mapping) else item))
+    return out
+
+
 def attncap_server_rollout(
     base_url: str,
     *,
@@ -118,6 +145,7 @@ def attncap_server_rollout(
     timeout: float = 300.0,
     api_key: str | None = None,
     sync_weights: Callable[[Any], None] | None = None,
+    grounding: bool | None = None,
 ) -> Callable[[list[Any], Any], dict[str, list[Any]]]:
     """Build a TRL ``rollout_func`` that generates with an attncap server and returns its captures.
 
@@ -136,22 +164,32 @@ def attncap_server_rollout(
         sync_weights (`callable`, *optional*): ``sync_weights(trainer)``, called before generating whenever the
             trainer's ``global_step`` changed since the last call (e.g. a push of the policy to the server with TRL's
             ``VLLMClient.update_model_params``; docs/rl.md). Default: none (the server keeps its weights).
+        grounding (`bool`, *optional*): add ``attncap_logprobs`` / ``attncap_prior_logprobs`` (the grounding term's
+            inputs, computed by the server: two more requests per completion). ``None`` (default): when ``reward``
+            needs them (``reward.needs_logprob_columns``: ``eta > 0`` and no likelihood or source of its own).
 
     Returns:
         ``rollout_func(prompts, trainer) -> dict`` with ``prompt_ids``, ``completion_ids``, ``logprobs`` and
-        ``attncap_attention``, one entry per prompt of the (already repeated) batch.
+        ``attncap_attention`` (and the two log-probability columns when grounding), one entry per prompt of the
+        (already repeated) batch.
 
     Raises:
-        ValueError: neither ``reward`` nor ``encode`` is given.
+        ValueError: neither ``reward`` nor ``encode`` is given, or ``grounding=True`` without ``reward`` (its
+            ``prior_prompt_ids`` gives the empty conversation).
     """
     if encode is None:
         if reward is None or not hasattr(reward, "encode"):
             raise ValueError("attncap_server_rollout: give reward=cagsr_reward_func(...) or encode=prompt->ids")
         encode = lambda prompt: list(reward.encode(prompt).input_ids)  # noqa: E731
+    if grounding is None:
+        grounding = bool(getattr(reward, "needs_logprob_columns", False))
+    if grounding and not hasattr(reward, "prior_prompt_ids"):
+        raise ValueError("attncap_server_rollout: grounding=True needs reward=cagsr_reward_func(...) (its "
+                         "prior_prompt_ids gives the empty conversation)")
     spec = dict(DEFAULT_SPEC if spec is None else spec)
     base = base_url.rstrip("/")
 
-    def one(prompt: Any, params: dict[str, Any]) -> tuple[list[int], list[int], list[float], CapturedAttention]:
+    def one(prompt: Any, params: dict[str, Any]) -> tuple:
         ids = [int(t) for t in encode(prompt)]
         body = {"token_ids": ids, "sampling_params": {**params, "logprobs": 0, "extra_args": {"attncap": spec}}}
         out = _post(base + GENERATE_PATH, body, timeout, api_key)
@@ -166,7 +204,12 @@ def attncap_server_rollout(
         if field.get("inline") is False:  # over the inline limit: fetch it by key
             q = urllib.parse.urlencode({"num_tokens": max(1, len(tokens))})
             field = _get(f"{base}/v1/attncap/{urllib.parse.quote(field['key'], safe='')}?{q}", timeout, api_key)
-        return ids, tokens, _token_logprobs(choice, len(tokens)), _captured(field, ids, tokens)
+        result = (ids, tokens, _token_logprobs(choice, len(tokens)), _captured(field, ids, tokens))
+        if grounding:
+            prior = [int(t) for t in reward.prior_prompt_ids(prompt)]
+            result += (_prompt_logprobs(base, ids, tokens, timeout, api_key),
+                       _prompt_logprobs(base, prior, tokens, timeout, api_key))
+        return result
 
     synced_at: list[int] = []
 
@@ -181,11 +224,15 @@ def attncap_server_rollout(
         params.update(sampling or {})
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(prompts)))) as pool:
             results = list(pool.map(lambda p: one(p, params), prompts))
-        return {
+        out = {
             "prompt_ids": [r[0] for r in results],
             "completion_ids": [r[1] for r in results],
             "logprobs": [r[2] for r in results],
             ATTENTION_KWARG: [r[3] for r in results],
         }
+        if grounding:
+            out[LOGPROBS_KWARG] = [r[4] for r in results]
+            out[PRIOR_LOGPROBS_KWARG] = [r[5] for r in results]
+        return out
 
     return rollout_func

@@ -4,6 +4,10 @@ A source is any object with ``attention(prompt_ids, completion_ids) -> np.ndarra
 method.md, float32 ``(L, H, T, P+T-1)`` (see :class:`AttentionSource`). :class:`HFAttentionSource` recomputes it with a
 Hugging Face model; attention captured by the vLLM plugin needs no source.
 
+A *likelihood* is any object with ``logprobs(prompt_ids, completion_ids) -> np.ndarray`` (see :class:`Likelihood`):
+the per-token log-probabilities the grounding term needs. :class:`HFAttentionSource` is one (the same model that
+gives the attention); :class:`HFLikelihood` is one without attention, for a caller whose attention is captured.
+
 Importing this package does not import torch or transformers.
 """
 
@@ -14,9 +18,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..attention import CapturedAttention
-from .hf import REDUCE_MODES, HFAttentionSource
+from .hf import REDUCE_MODES, HFAttentionSource, HFLikelihood
 
-__all__ = ["AttentionSource", "HFAttentionSource", "REDUCE_MODES", "capture_from_source"]
+__all__ = [
+    "AttentionSource", "HFAttentionSource", "HFLikelihood", "Likelihood", "REDUCE_MODES", "capture_from_source",
+]
 
 
 @runtime_checkable
@@ -46,6 +52,26 @@ class AttentionSource(Protocol):
     """
 
     def attention(self, prompt_ids: Any, completion_ids: Any) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Likelihood(Protocol):
+    """What the grounding term needs from a scoring model.
+
+    ``logprobs(prompt_ids, completion_ids)`` returns float ``(T,)``: the teacher-forced $\\log p(y_s \\mid x,
+    y_{<s})$ of each of the ``T = len(completion_ids)`` tokens after the ``prompt_ids`` context. The reward calls it
+    twice per completion: after the chat prompt and after the empty conversation
+    (`cagsr_reward.encoding.prior_prompt_ids`). The model must read the policy's token ids (same tokenizer).
+
+    Example:
+        >>> class Flat:
+        ...     def logprobs(self, prompt_ids, completion_ids):
+        ...         return np.full(len(completion_ids), -np.log(100.0))
+        >>> isinstance(Flat(), Likelihood)
+        True
+    """
+
+    def logprobs(self, prompt_ids: Any, completion_ids: Any) -> np.ndarray: ...
 
 
 def capture_from_source(source: Any, prompt_ids: Any, completion_ids: Any) -> CapturedAttention:

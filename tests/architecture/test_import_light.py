@@ -43,14 +43,14 @@ def test_imports_with_heavy_packages_poisoned():
         assert not heavy, heavy
         # and the API works there
         import numpy as np
-        cfg = cagsr_reward.CAGSRConfig()
-        ts = cagsr_reward.score_turn(np.array([[0.5, 0.5]]), [0], cfg, sink=0)
-        print("ok", round(ts.coverage, 3))
+        cfg = cagsr_reward.CAGSRConfig()  # the default grounds the reply: both log-probability vectors given
+        ts = cagsr_reward.score_turn(np.array([[0.5, 0.5]]), [0], cfg, sink=0, logprobs=[-1.0], prior_logprobs=[-2.0])
+        print("ok", round(ts.coverage, 3), ts.grounding)
         """
     )
     proc = _run(sys.executable, code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok 0.5"
+    assert proc.stdout.strip() == "ok 0.5 1.0"
 
 
 @pytest.mark.slow
@@ -69,7 +69,8 @@ def test_imports_in_a_bare_venv_with_only_numpy(tmp_path):
     assert not names & {"torch", "vllm", "transformers", "trl"}, names
     code = (
         "import cagsr_reward, numpy as np; "
-        "ts = cagsr_reward.score_turn(np.array([[0.25, 0.75]]), [1], cagsr_reward.CAGSRConfig(), sink=0); "
+        "ts = cagsr_reward.score_turn(np.array([[0.25, 0.75]]), [1], cagsr_reward.CAGSRConfig(), sink=0, "
+        "logprobs=[-1.0], prior_logprobs=[-2.0]); "
         "print(cagsr_reward.__version__, ts.coverage)"
     )
     proc = _run(python, code)

@@ -161,6 +161,7 @@ def test_capture_plot_score_round_trip(tiny):
     res = _ok(run_cli("score", out, "--json", "--alpha", 2.0, "--gamma", 0.0, "--mode", "single", env=tiny["env"]))
     report = json.loads(res.stdout)
     assert report["config"]["alpha"] == 2.0 and report["config"]["mode"] == "single"
+    assert report["config"]["eta"] == 0.0  # a saved capture has no log-probabilities: the attention terms only
     turn = report["turns"][0]
     assert turn["num_tokens"] == t and 0.0 <= turn["coverage"] <= 1.0 and turn["focus"] <= 0.0
     assert turn["reward"] == pytest.approx(sum(turn["components"].values()), abs=1e-9)
@@ -218,7 +219,9 @@ def test_demo_writes_heatmaps_and_summary(tiny):
     for t, turn in enumerate(summary["turns"]):
         score = turn["score"]
         assert score["turn_index"] == t and 1 <= turn["num_tokens"] <= 8
-        assert np.isfinite([score["reward"], score["coverage"], score["focus"], score["repetition"]]).all()
+        assert np.isfinite([score["reward"], score["coverage"], score["focus"], score["repetition"],
+                            score["grounding"]]).all()  # the default grounds each reply, with the engine's log-probs
+        assert score["eta"] == summary["config"]["eta"] == 0.5
         assert score["reward"] == pytest.approx(sum(turn["components"].values()), abs=1e-9)
         roles = [s["role"] for s in turn["spans"]]
         assert roles[0] == "system" and roles.count("user") == t + 1 and roles.count("assistant") == t

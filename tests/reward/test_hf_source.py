@@ -1,4 +1,5 @@
-"""HFAttentionSource: recomputed attention equals a hand-written softmax(QK^T) and HF's output_attentions rows."""
+"""HFAttentionSource: recomputed attention equals a hand-written softmax(QK^T) and HF's output_attentions rows;
+its log-probabilities and HFLikelihood's equal a plain log_softmax of one full forward."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
-from cagsr_reward.sources import AttentionSource, HFAttentionSource  # noqa: E402
+from cagsr_reward.sources import AttentionSource, HFAttentionSource, HFLikelihood, Likelihood  # noqa: E402
 from float_tolerance import float_atol  # noqa: E402
 
 # The tiny model's longest reduction is the MLP's (intermediate 256); probabilities pass through 2 layers and
@@ -210,6 +211,90 @@ def test_pickle_reloads_from_path(tmp_path, model):
 def test_live_model_without_path_refuses_to_pickle():
     with pytest.raises(TypeError, match="pickle"):
         pickle.dumps(HFAttentionSource(tiny_llama()))
+
+
+# -- log-probabilities (the grounding term's input) ------------------------------------------------------------------
+
+
+def reference_logprobs(model: LlamaForCausalLM, prompt: list[int], completion: list[int]) -> np.ndarray:
+    """log p(completion[s] | prompt, completion[:s]) from the log_softmax of one full forward, gathered."""
+    P = len(prompt)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0].double(), dim=-1)
+    return np.array([float(logp[P - 1 + s, t]) for s, t in enumerate(completion)])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+@pytest.mark.parametrize("seed", [31, 32])
+def test_logprobs_equal_one_full_forward(model, chunk_size, seed):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, VOCAB, size=int(rng.integers(1, 12))).tolist()
+    completion = rng.integers(0, VOCAB, size=int(rng.integers(1, 10))).tolist()
+    expected = reference_logprobs(model, prompt, completion)
+    for provider in (HFAttentionSource(model, chunk_size=chunk_size), HFLikelihood(model, chunk_size=chunk_size)):
+        got = provider.logprobs(prompt, completion)
+        assert got.shape == (len(completion),) and got.dtype == np.float64
+        assert np.max(np.abs(got - expected)) <= 1e-5
+        assert (got <= 0).all()
+    assert isinstance(HFLikelihood(model), Likelihood) and isinstance(HFAttentionSource(model), Likelihood)
+
+
+def test_logprobs_of_a_training_sdpa_model_leave_it_as_it_was():
+    """Dropout off during the call (eval mode), the model put back in training mode; sdpa needs no switch."""
+    train = tiny_llama(attn_implementation="sdpa")
+    for layer in train.model.layers:  # dropout that would change every value if the call ran in training mode
+        layer.self_attn.attention_dropout = 0.5
+    train.train()
+    rng = np.random.default_rng(33)
+    prompt, completion = rng.integers(0, VOCAB, size=6).tolist(), rng.integers(0, VOCAB, size=5).tolist()
+    got = HFLikelihood(train).logprobs(prompt, completion)
+    assert train.training and train.config._attn_implementation == "sdpa"
+    np.testing.assert_allclose(got, reference_logprobs(tiny_llama().eval(), prompt, completion), rtol=0, atol=1e-5)
+
+
+def test_likelihood_errors_and_pickling(tmp_path, model):
+    with pytest.raises(ValueError, match="completion_ids"):
+        HFLikelihood(model).logprobs([1, 2], [])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        HFLikelihood(model).logprobs([], [3])
+    with pytest.raises(TypeError, match="model_or_path"):
+        HFLikelihood(3.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        HFLikelihood(model, chunk_size=0)
+    with pytest.raises(TypeError, match="HFLikelihood .*pickle"):
+        pickle.dumps(HFLikelihood(tiny_llama()))
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(34)
+    prompt, completion = rng.integers(0, VOCAB, size=4).tolist(), rng.integers(0, VOCAB, size=3).tolist()
+    lik = HFLikelihood(str(tmp_path / "m"), chunk_size=2)
+    expected = lik.logprobs(prompt, completion)
+    np.testing.assert_allclose(expected, reference_logprobs(model, prompt, completion), rtol=0, atol=1e-5)
+    blob = pickle.dumps(lik)
+    assert len(blob) < 10_000
+    np.testing.assert_allclose(pickle.loads(blob).logprobs(prompt, completion), expected, rtol=0, atol=1e-9)
+
+
+def test_likelihood_cache_answers_repeated_calls(model):
+    rng = np.random.default_rng(35)
+    pairs = [(rng.integers(0, VOCAB, size=5).tolist(), rng.integers(0, VOCAB, size=4).tolist()) for _ in range(3)]
+    calls = []
+    handle = model.register_forward_hook(lambda m, a, out: calls.append(1))
+    try:
+        lik = HFLikelihood(model, cache_size=2)
+        first = [lik.logprobs(p, c) for p, c in pairs[:2]]
+        n = len(calls)
+        again = [lik.logprobs(p, c) for p, c in pairs[:2]]  # both cached: no forward
+        assert len(calls) == n and all(a is b for a, b in zip(first, again))
+        lik.logprobs(*pairs[2])  # evicts the least recently used (pairs[0])
+        n = len(calls)
+        lik.logprobs(*pairs[1])
+        assert len(calls) == n
+        np.testing.assert_allclose(lik.logprobs(*pairs[0]), reference_logprobs(model, *pairs[0]), rtol=0, atol=1e-5)
+        assert len(calls) > n
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="cache_size"):
+        HFLikelihood(model, cache_size=-1)
 
 
 def test_import_does_not_load_torch():

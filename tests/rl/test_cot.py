@@ -1,4 +1,4 @@
-"""CoT task helpers: CHAMP loading, answer extraction, exact-match accuracy."""
+"""CoT task helpers: CHAMP loading, answer extraction, exact-match accuracy; the CoT reward function's settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cagsr_reward.integrations.cot import (
     answer_matches,
     cot_dataset_rows,
     cot_messages,
+    cot_reward_func,
     extract_answer,
     load_champ,
     normalize_answer,
@@ -68,3 +69,18 @@ def test_reasoning_text_drops_the_answer_statement():
     assert reasoning_text("no marker here") == "no marker here"
     p = MathProblem("P_x", "q", "a", ("s1.", "s2."), "c")
     assert p.solution == "s1. s2." and cot_messages("q", system=None) == [{"role": "user", "content": "q"}]
+
+
+def test_cot_reward_func_forces_cot_mode_and_passes_the_likelihood():
+    from cagsr_reward import CAGSRConfig
+
+    class Flat:  # a scoring model for the grounding term (only its presence matters here)
+        def logprobs(self, prompt_ids, completion_ids):
+            return [-1.0] * len(completion_ids)
+
+    tokenizer, likelihood = object(), Flat()
+    reward = cot_reward_func(tokenizer=tokenizer, likelihood=likelihood)
+    assert reward.config == CAGSRConfig(mode="cot") and reward.config.eta == 0.5
+    assert reward.likelihood is likelihood and not reward.needs_logprob_columns
+    assert cot_reward_func(tokenizer=tokenizer).needs_logprob_columns  # eta > 0 and nothing to compute them with
+    assert not cot_reward_func(CAGSRConfig.attention_only(), tokenizer=tokenizer).needs_logprob_columns

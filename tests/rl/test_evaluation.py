@@ -111,6 +111,24 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
         assert d["total"] == pytest.approx(sum(t["reward"] for t in d["turns"]))
         assert d["returns"][0] == pytest.approx(d["total"])
         assert all(-1.0 <= t["consistency"] <= 1.0 for t in d["turns"])
+    # the default grounds every reply, with the engine's own log-probabilities ...
+    assert np.isfinite(full["summary"]["grounding"])
+    grounding = [t["grounding"] for d in full["dialogues"] for t in d["turns"]]
+    assert all(g is not None and np.isfinite(g) for g in grounding)
+    # ... equal to those of the same model in Hugging Face (the likelihood argument)
+    from cagsr_reward.sources import HFLikelihood
+
+    hf = evaluate_dialogues(llm, episodes, CAGSRConfig(), sampling_params=sp, consistency=False,
+                            likelihood=HFLikelihood(str(tiny_llama)))
+    assert [d["messages"] for d in hf["dialogues"]] == [d["messages"] for d in full["dialogues"]]
+    assert [t["grounding"] for d in hf["dialogues"] for t in d["turns"]] == pytest.approx(grounding, abs=1e-4)
+    # attention only: no log-probabilities, no grounding; the default's reward is that plus 0.5 * grounding
+    plain = evaluate_dialogues(llm, episodes, CAGSRConfig.attention_only(), sampling_params=sp, consistency=False)
+    plain_turns = [t for d in plain["dialogues"] for t in d["turns"]]
+    assert all(t["grounding"] is None for t in plain_turns)
+    full_turns = [t for d in full["dialogues"] for t in d["turns"]]
+    assert [t["reward"] for t in full_turns] == pytest.approx(
+        [p["reward"] + 0.5 * f["grounding"] for p, f in zip(plain_turns, full_turns)], abs=1e-6)
     ablated = evaluate_dialogues(
         llm, episodes, CAGSRConfig(history_coverage=False), sampling_params=sp, consistency=False
     )
@@ -124,7 +142,7 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
     s = cot["summary"]
     assert s["num_problems"] == 2 and 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["rouge_l"] <= 1.0
     for row in cot["problems"]:
-        assert row["num_blocks"] >= 1 and np.isfinite(row["reward"])
+        assert row["num_blocks"] >= 1 and np.isfinite(row["reward"]) and np.isfinite(row["grounding"])
     json.dumps(cot, default=str)
     free_engine(llm)
 

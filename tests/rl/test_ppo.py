@@ -66,7 +66,7 @@ def test_samples_carry_returns_to_go_of_their_turn():
     class Rollout:
         turns = [Turn([1, 2, 3], [4, 5]), Turn([1, 2, 3, 4, 5, 6], [7])]
 
-    cfg = CAGSRConfig(beta=0.0, gamma=0.0)
+    cfg = CAGSRConfig.attention_only(beta=0.0, gamma=0.0)  # coverage only, to keep the returns simple
     score = score_dialogue(
         [TurnInput(np.array([[0.5, 0.5], [0.5, 0.5]]), [0]), TurnInput(np.array([[0.2, 0.2, 0.6]]), [2])], cfg
     )
@@ -159,8 +159,8 @@ def test_two_ppo_updates_with_captured_rewards(tiny_llama):
             for turn in r.turns:
                 P, T = len(turn.prompt_token_ids), len(turn.captured.token_ids)
                 assert turn.captured.attention.shape == (1, 1, T, P + T - 1)
-        for key in ("policy_loss", "value_loss", "reward", "coverage", "focus", "approx_kl"):
-            assert math.isfinite(stats[key]), key
+        for key in ("policy_loss", "value_loss", "reward", "coverage", "focus", "grounding", "approx_kl"):
+            assert math.isfinite(stats[key]), key  # grounding: eta > 0, the engine's log-probabilities
         assert stats["param_delta"] > 0
         # after the update the engine serves the updated policy
         assert engine_weight_mismatch(trainer.llm, trainer.unwrapped_policy) == 0.0

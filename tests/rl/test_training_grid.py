@@ -130,6 +130,36 @@ def test_ngram_reward_needs_gold_and_scores_overlap():
         f(None, ["x"])
 
 
+def test_random_arm_needs_an_untrained_unit_scored_with_the_current_default(tmp_path):
+    from cagsr_reward.config import CAGSRConfig
+
+    ctx = training.Context(str(tmp_path / "no-model"), "quick", tmp_path)
+    with pytest.raises(training.UnitSkipped, match="has not run"):
+        training.default_reward_scale(ctx)
+    rows = [{"reward": 0.1}, {"reward": 0.3}, {"reward": None}]
+    for config, ok in ((CAGSRConfig.attention_only(), False), (CAGSRConfig(), True)):
+        unit = {"checkpoints": [{"rows": rows, "reward_config": config.to_dict()}]}
+        (tmp_path / "untrained.json").write_text(json.dumps(unit))
+        if ok:
+            assert training.default_reward_scale(ctx) == pytest.approx((0.2, 0.1))
+        else:
+            with pytest.raises(training.UnitSkipped, match="another reward config"):
+                training.default_reward_scale(ctx)
+
+
+def test_cagsr_arms_ground_with_the_frozen_start_only_when_eta_is_positive(tiny_llama, tmp_path):
+    for pkg in ("chitchat_dataset", "chatterbot_corpus"):
+        pytest.importorskip(pkg)
+    ctx = training.Context(str(tiny_llama), "quick", tmp_path)
+    built = {name: training.ARMS[name].build(ctx, 0) for name in ("default", "paper", "single")}
+    reward, described = built["default"]
+    assert described["eta"] == 0.5 and reward.likelihood is ctx.scorer()
+    assert ctx.scorer().model is ctx.reference()  # the starting policy, frozen: the KL reference
+    for name in ("paper", "single"):
+        reward, described = built[name]
+        assert described["eta"] == 0.0 and reward.likelihood is None and not reward.needs_logprob_columns
+
+
 def test_paper_arm_is_resolved_by_name_or_skipped(monkeypatch):
     from cagsr_reward.config import CAGSRConfig
 
@@ -172,6 +202,9 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     from cagsr_reward.config import CAGSRConfig
 
     assert all(c["reward_config"] == CAGSRConfig().to_dict() for u in (base, pc) for c in u["checkpoints"])
+    # the default reward grounds every reply (eta > 0), scored by the frozen starting policy
+    assert all(r["grounding"] is not None and np.isfinite(r["grounding"])
+               for u in (base, pc) for c in u["checkpoints"] for r in c["rows"] if r["reply_tokens"])
     assert pc["wall_seconds"] > pc["train_seconds"] > 0 and pc["budget"]["learning_rate"] == 1e-4
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}

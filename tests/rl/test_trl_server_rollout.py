@@ -1,5 +1,6 @@
 """TRL server mode with captures: GRPO (TRL 1.16, ``rollout_func``) trains two steps on a CAGSR reward read from
-captures that a separate attncap server process made (loopback HTTP, ``/inference/v1/generate``, inline field).
+captures that a separate attncap server process made (loopback HTTP, ``/inference/v1/generate``, inline field),
+with the grounding term's log-probabilities computed by the same server (``prompt_logprobs``).
 Weight sync to the server is out of scope on CPU (docs/rl.md says what the GPU recipe does instead)."""
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def test_grpo_trains_on_rewards_from_server_captures(scale_out_server, tmp_path)
     assert len(res["seen"]) == 2  # one reward call per step
     for call in res["seen"]:
         assert call["has_captures"] and call["all_captured"] and call["tokens_match"]
+        # the CAGSR reward grounds (eta > 0) without a likelihood: the server computed the log-probabilities
+        # (the server runs the float32 checkpoint in bfloat16, vLLM's CPU choice for "auto": errors of ~1e-2, against
+        # a gap of ~0.3 between the two contexts' log-probabilities)
+        assert call["has_logprobs"], call
+        assert max(call["lp_err"], call["prior_err"]) < min(0.03, call["context_gap"] / 3), call
         assert max(call["rows_sum"]) < 1e-4  # real attention rows (each sums to 1)
         assert all(np.isfinite(r) for r in call["rewards"])
     assert len(res["logged_rewards"]) == 2 and all(np.isfinite(res["logged_rewards"]))

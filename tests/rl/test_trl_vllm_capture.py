@@ -1,9 +1,11 @@
-"""TRL GRPO/RLOO with colocated vLLM (CPU) feeding captured attention to the reward functions.
+"""TRL GRPO/RLOO with colocated vLLM (CPU) feeding captured attention (and, for the grounding term, token
+log-probabilities) to the reward functions.
 
 The GRPO run checks, for every completion of both steps, that the reward function received the attention vLLM
 captured while generating it -- right shape, and equal to Hugging Face eager attention of the policy *as it was when
-the batch was generated* (so the step-2 captures prove the weight sync of step 1 reached the engine) -- and that after
-TRL's own weight sync the engine holds exactly the trained policy's weights.
+the batch was generated* (so the step-2 captures prove the weight sync of step 1 reached the engine), that the
+engine's log-probabilities of each completion after its prompt and after the empty conversation equal that policy's,
+and that after TRL's own weight sync the engine holds exactly the trained policy's weights.
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def test_grpo_reward_sees_captured_attention_and_weights_sync(tiny_llama, tmp_pa
     assert res["spec"] == {"layers": [-1], "reduce": "head_mean"}
     batches = [row for row in res["seen"] if "batch" in row]
     rows = [row for row in res["seen"] if "shape" in row]
-    assert batches == [{"batch": 4, "entries": 4}] * 2  # 2 steps, every completion came with its capture
+    # 2 steps, every completion came with its capture and (the CAGSR reward grounds with eta > 0 and has no
+    # likelihood) with the engine's log-probabilities
+    assert res["eta"] > 0
+    assert batches == [{"batch": 4, "entries": 4, "logprob_entries": 4}] * 2
     assert len(rows) == 8
     for row in rows:
         assert row["shape"] == [1, 1, row["T"], row["P"] + row["T"] - 1]
@@ -61,9 +66,11 @@ def test_grpo_reward_sees_captured_attention_and_weights_sync(tiny_llama, tmp_pa
         assert row["layer_ids"] == [2]  # the last of 3 layers
         assert row["token_ids_match"]  # the capture knows the completion it belongs to
         assert row["err_now"] < 1e-4, row  # captured while generating == eager attention of the current policy
+        assert row["lp_err"] < 1e-4 and row["prior_err"] < 1e-4, row  # the engine's log-probs == the policy's
     # step 2 generated after a large update: the engine generated with the updated weights, not the initial ones
     assert max(r["err_initial"] for r in rows[4:]) > 1e-3
     assert len(res["logged_rewards"]) == 2 and all(np.isfinite(res["logged_rewards"]))
+    assert len(res["logged_grounding"]) == 2 and all(np.isfinite(res["logged_grounding"]))
     assert res["stale"] > 0.0  # the last optimizer step changed the policy after the last sync ...
     assert res["synced"] == 0.0  # ... and TRL's sync (with our repack) makes the engine hold exactly its weights
     assert res["logprob_err"] < 1e-4  # and compute with them

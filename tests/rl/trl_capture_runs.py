@@ -23,6 +23,24 @@ def _prompt_ids(tok, messages):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def _prior_ids(tok, messages):
+    """The empty conversation, by hand: what add_generation_prompt=True adds to the rendered chat."""
+    full = _prompt_ids(tok, messages)
+    head = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+               add_special_tokens=False)["input_ids"]
+    assert full[: len(head)] == head
+    return full[len(head):]
+
+
+def _logprobs(model, context, ids):
+    """log p(ids[s] | context, ids[:s]) from one full forward of a Hugging Face model."""
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([list(context) + list(ids)])).logits[0].double(), -1)
+    return np.array([float(logp[len(context) - 1 + s, t]) for s, t in enumerate(ids)])
+
+
 def _grpo_args(out_dir, **kw):
     from trl import GRPOConfig
 
@@ -70,14 +88,21 @@ def grpo(model_dir: str, out_dir: str) -> dict:
     holder: dict = {}
     seen: list[dict] = []
 
-    def spy(prompts, completions, completion_ids, attncap_attention=None, **kwargs):
+    def spy(prompts, completions, completion_ids, attncap_attention=None, attncap_logprobs=None,
+            attncap_prior_logprobs=None, **kwargs):
         # the policy right now is the one the engine generated this batch with (synced at the start of the step)
         reference.load_state_dict(holder["trainer"].model.state_dict())
-        seen.append({"batch": len(completion_ids), "entries": None if attncap_attention is None else len(attncap_attention)})
-        for prompt, ids, entry in zip(prompts, completion_ids, attncap_attention or []):
+        seen.append({"batch": len(completion_ids), "entries": None if attncap_attention is None else len(attncap_attention),
+                     "logprob_entries": None if attncap_logprobs is None else len(attncap_logprobs)})
+        for i, (prompt, ids, entry) in enumerate(zip(prompts, completion_ids, attncap_attention or [])):
             p_ids = _prompt_ids(tok, prompt)
             now = eager_rows(reference, p_ids, ids)[-1].mean(0)
             first = eager_rows(initial, p_ids, ids)[-1].mean(0)
+            # the engine's log-probabilities of the grounding term (the CAGSR reward has eta > 0 and no likelihood):
+            # the current policy's, after the prompt and after the empty conversation
+            lp_err = float(np.abs(np.asarray(attncap_logprobs[i]) - _logprobs(reference, p_ids, ids)).max())
+            prior_err = float(np.abs(np.asarray(attncap_prior_logprobs[i])
+                                     - _logprobs(reference, _prior_ids(tok, prompt), ids)).max())
             seen.append(
                 {
                     "shape": list(entry.attention.shape),
@@ -88,11 +113,13 @@ def grpo(model_dir: str, out_dir: str) -> dict:
                     "token_ids_match": list(entry.token_ids) == [int(t) for t in ids],
                     "err_now": float(np.abs(entry.attention[0, 0] - now).max()),
                     "err_initial": float(np.abs(entry.attention[0, 0] - first).max()),
+                    "lp_err": lp_err,
+                    "prior_err": prior_err,
                 }
             )
         return [0.0] * len(completion_ids)
 
-    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)
+    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)  # eta > 0, no likelihood: the engine's
     trainer = CaptureGRPOTrainer(
         model=model_dir,
         reward_funcs=[cagsr, spy],
@@ -120,6 +147,8 @@ def grpo(model_dir: str, out_dir: str) -> dict:
     logprob_err = max(abs(v.logprob - ref[k].item()) for k, v in lp.items())
     logs = [h for h in trainer.state.log_history if "cagsr/coverage" in h]
     return {
+        "eta": cagsr.config.eta,
+        "logged_grounding": [h["cagsr/grounding"] for h in logs],
         "spec": spec,
         "seen": seen,
         "stale": stale,
@@ -140,10 +169,12 @@ def rloo(model_dir: str, out_dir: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     seen = []
 
-    def spy(prompts, completions, completion_ids, attncap_attention=None, **kwargs):
-        for prompt, ids, entry in zip(prompts, completion_ids, attncap_attention):
+    def spy(prompts, completions, completion_ids, attncap_attention=None, attncap_logprobs=None,
+            attncap_prior_logprobs=None, **kwargs):
+        for i, (prompt, ids, entry) in enumerate(zip(prompts, completion_ids, attncap_attention)):
             P = len(_prompt_ids(tok, prompt))
-            seen.append(list(entry.attention.shape) == [1, 1, len(ids), P + len(ids) - 1])
+            seen.append(list(entry.attention.shape) == [1, 1, len(ids), P + len(ids) - 1]
+                        and len(attncap_logprobs[i]) == len(attncap_prior_logprobs[i]) == len(ids))
         return [float(len(i)) for i in completion_ids]
 
     args = RLOOConfig(

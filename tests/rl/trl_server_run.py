@@ -18,6 +18,15 @@ PROMPTS = [
 ]
 
 
+def _logprobs(model, context, ids):
+    """log p(ids[s] | context, ids[:s]) from one full forward of a Hugging Face model."""
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([list(context) + list(ids)])).logits[0].double(), -1)
+    return np.array([float(logp[len(context) - 1 + s, t]) for s, t in enumerate(ids)])
+
+
 def main(base_url: str, model_dir: str, out_dir: str) -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
@@ -31,7 +40,8 @@ def main(base_url: str, model_dir: str, out_dir: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)
+    server_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # what the server holds (no weight sync)
+    cagsr = cagsr_reward_func(CAGSRConfig(layers=(-1,)), tokenizer=tok)  # eta > 0, no likelihood: the server's
     seen: list[dict] = []
 
     def reward(prompts, completions, completion_ids, **kwargs):
@@ -44,6 +54,19 @@ def main(base_url: str, model_dir: str, out_dir: str) -> None:
             "prompt_lens": [c.prompt_len for c in caps] if caps else [],
             "rows_sum": [float(np.abs(c.attention[..., :].sum(-1) - 1).max()) for c in caps] if caps else [],
         })
+        lps, lp0s = kwargs.get("attncap_logprobs"), kwargs.get("attncap_prior_logprobs")
+        seen[-1]["has_logprobs"] = lps is not None and lp0s is not None and len(lps) == len(lp0s) == len(completion_ids)
+        if seen[-1]["has_logprobs"]:  # the server's log-probabilities after the prompt and after the empty conversation
+            seen[-1]["lp_err"] = max(float(np.abs(np.asarray(lp) - _logprobs(server_model, c.prompt_token_ids, ids)).max())
+                                     for lp, c, ids in zip(lps, caps, completion_ids))
+            seen[-1]["prior_err"] = max(
+                float(np.abs(np.asarray(lp0) - _logprobs(server_model, cagsr.prior_prompt_ids(p), ids)).max())
+                for lp0, p, ids in zip(lp0s, prompts, completion_ids))
+            # how far apart the two contexts put the log-probabilities (what the errors must stay well below)
+            seen[-1]["context_gap"] = min(
+                float(np.abs(_logprobs(server_model, c.prompt_token_ids, ids)
+                             - _logprobs(server_model, cagsr.prior_prompt_ids(p), ids)).mean())
+                for c, p, ids in zip(caps, prompts, completion_ids))
         out = cagsr(prompts, completions, completion_ids, **kwargs)
         seen[-1]["rewards"] = out
         return out

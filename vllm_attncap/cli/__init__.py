@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
             "average the chosen layers/heads, take the history block (the prompt columns), and score it\n"
             "(score_turn; score_cot in cot mode). Salient positions default to the named entities and\n"
             "numbers of the prompt (user messages for --chat captures) plus --keywords, located with the\n"
-            "tokenizer's offsets."
+            "tokenizer's offsets. A saved capture holds no log-probabilities, so the grounding term of the\n"
+            "default reward (eta * G) is left out: CAGSRConfig.attention_only()."
         ),
         epilog="examples:\n  attncap score alice.npz\n  attncap score p.npz --mode single --alpha 2 --keywords printer --json",
     )

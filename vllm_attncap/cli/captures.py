@@ -268,7 +268,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         overrides["heads"] = heads
     if args.sink is not None:
         overrides["sink"] = args.sink if args.sink == "auto" else int_arg(args.sink, "--sink")
-    config = CAGSRConfig(**overrides)
+    # a saved capture holds attention and token ids, no log-probabilities: the attention terms only (eta = 0)
+    config = CAGSRConfig.attention_only(**overrides)
     if config.heads != "all" and cap.reduce != "none":
         raise UsageError("this capture was averaged over heads (reduce=head_mean); use --heads all")
     if layers is None and cap.reduce == "layer_head_mean":

@@ -1,4 +1,8 @@
-"""``attncap demo``: a short customer-support dialogue, every assistant turn captured, scored and drawn."""
+"""``attncap demo``: a short customer-support dialogue, every assistant turn captured, scored and drawn.
+
+The reward is ``CAGSRConfig(mode="multi")``'s, grounding included: each reply's log-probabilities after its history
+and after the empty conversation come from the same engine (:func:`vllm_attncap.api.token_logprobs`, one batched
+prefill after the dialogue)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cagsr_reward import CAGSRConfig, TurnInput, score_dialogue
-from cagsr_reward.encoding import salient_positions_for_messages
+from cagsr_reward.encoding import prior_prompt_ids, salient_positions_for_messages
 from cagsr_reward.idf import IDFModel
 from cagsr_reward.salient import SalientSelector
 
@@ -120,7 +124,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = CAGSRConfig(mode="multi", layers=tuple(layers) if layers != "all" else "all", heads="all")
     selector, salient_rule = _demo_selector(idf_documents)
     records: list[dict[str, Any]] = []
-    turn_inputs = []
     with Steps(2 + args.turns) as steps:
         with steps.step("Starting vLLM (attention_backend='attncap')"):
             llm = start_engine(model, max_model_len=args.max_model_len, seed=args.seed)
@@ -143,12 +146,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 )
                 a = cap.captured.aggregate(config.layers, config.heads)
                 user = turn.user_span
-                turn_inputs.append(
-                    TurnInput(cap.captured, enc_salient, user_span=(user.start, user.end) if user else None)
-                )
                 records.append({"turn": t, "user": user_text, "assistant": turn.text, "attention": a,
-                                "capture": cap, "spans": turn.spans, "salient": enc_salient})
+                                "capture": cap, "spans": turn.spans, "salient": enc_salient, "history": history,
+                                "user_span": (user.start, user.end) if user else None})
         with steps.step("Scoring and drawing heatmaps"):
+            from ..api import token_logprobs
+
+            # the grounding term: each reply after its history and after the empty conversation, same engine
+            replies = [list(rec["capture"].token_ids) for rec in records]
+            contexts = [list(rec["capture"].prompt_token_ids) for rec in records]
+            priors = [prior_prompt_ids(tokenizer, rec["history"]) for rec in records]
+            both = token_logprobs(llm, contexts + priors, replies + replies)
+            turn_inputs = [
+                TurnInput(rec["capture"].captured, rec["salient"], user_span=rec["user_span"], logprobs=lp,
+                          prior_logprobs=lp0)
+                for rec, lp, lp0 in zip(records, both[: len(records)], both[len(records):])
+            ]
             score = score_dialogue(turn_inputs, config, bos_token_id=tokenizer.bos_token_id)
             from ..viz import plot_attention, plot_turn_rewards
 
@@ -167,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rewards_png = out_dir / "rewards.png"
             plot_turn_rewards(
                 [{"turn": r["turn"], "reward": s.reward, "coverage": s.coverage, "focus": s.focus,
-                  "repetition": s.repetition} for r, s in zip(records, score.turns)],
+                  "repetition": s.repetition, "grounding": s.grounding} for r, s in zip(records, score.turns)],
                 out=rewards_png, title="CAGSR reward components per turn",
             )
 
@@ -176,14 +189,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for rec, ts, g in zip(records, score.turns, score.returns):
         cap = rec["capture"]
         rows.append([str(rec["turn"]), short(rec["user"], 38), str(ts.num_tokens), str(cap.prompt_len),
-                     str(len(rec["salient"])), ts.coverage, ts.focus, ts.repetition,
+                     str(len(rec["salient"])), ts.coverage, ts.focus, ts.repetition, ts.grounding,
                      "-" if ts.floor is None else f"{ts.floor:.2f}", ts.reward, float(g)])
     print()
     print_table(
-        f"CAGSR reward per turn ({Path(model).name}, alpha={config.alpha} beta={config.beta} gamma={config.gamma}, "
-        f"mode={config.mode})",
-        ["turn", "user says", "tokens", "history", "salient", "coverage", "focus", "repetition", "floor", "reward", "return"],
-        rows, right=[True, False] + [True] * 9,
+        f"CAGSR reward per turn ({Path(model).name}, alpha={config.alpha} beta={config.beta} gamma={config.gamma} "
+        f"eta={config.eta}, mode={config.mode})",
+        ["turn", "user says", "tokens", "history", "salient", "coverage", "focus", "repetition", "grounding", "floor",
+         "reward", "return"],
+        rows, right=[True, False] + [True] * 10,
     )
     for rec in records:
         print(f"  turn {rec['turn']} reply: {short(rec['assistant'], 110)}")

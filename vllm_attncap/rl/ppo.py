@@ -11,7 +11,10 @@ reward SDK, :mod:`cagsr_reward.integrations.ppo`; this module drives the capturi
   while it is generated.
 - **Returns** -- :func:`~vllm_attncap.rl.evaluation.score_dialogue_rollout` scores each episode with
   :func:`~cagsr_reward.scoring.score_dialogue`: turn rewards R_t and returns-to-go
-  $G_t = \\sum_{k \\ge t} \\delta^{k-t} w_k R_k$.
+  $G_t = \\sum_{k \\ge t} \\delta^{k-t} w_k R_k$. The grounding term (``eta > 0``, the default) takes each reply's
+  log-probabilities after H_t and after the empty conversation from ``likelihood`` (default: the engine, i.e. the
+  policy that generated the batch, one batched prefill per episode; pass e.g. ``HFLikelihood(model_path)`` for a
+  frozen scorer).
 - **Critic** -- :class:`~cagsr_reward.integrations.ppo.ValueHead`: a linear value $V_\\phi(H_t)$ on the policy's
   last-layer hidden state at the last history token. The hidden state is detached, so the critic loss trains the
   head only and never moves the policy.
@@ -64,6 +67,9 @@ class TurnPPOTrainer:
         selector (`SalientSelector`, *optional*): salience rules; default ``SalientSelector()``.
         config (`PPOConfig`, *optional*).
         capture_spec (`dict`, *optional*): default ``{"layers": <reward_config.layers>, "reduce": "head_mean"}``.
+        likelihood (*optional*): the grounding term's scoring model (``logprobs(prompt_ids, completion_ids)``, e.g.
+            ``cagsr_reward.sources.HFLikelihood``); default, when ``reward_config.eta > 0``: the engine
+            (:class:`~vllm_attncap.api.EngineLikelihood`).
 
     Attributes:
         policy, value_head, optimizer, accelerator, llm, tokenizer, history (`list[dict]`: stats per update).
@@ -78,6 +84,7 @@ class TurnPPOTrainer:
         selector: SalientSelector | None = None,
         config: PPOConfig | None = None,
         capture_spec: dict[str, Any] | None = None,
+        likelihood: Any = None,
     ):
         import torch
         from accelerate import Accelerator
@@ -110,6 +117,11 @@ class TurnPPOTrainer:
             "reduce": "head_mean" if self.reward_config.heads == "all" else "none",
         }
         self.llm = capture_llm(self.model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed)
+        if likelihood is None and self.reward_config.eta > 0:
+            from ..api import EngineLikelihood
+
+            likelihood = EngineLikelihood(self.llm)
+        self.likelihood = likelihood
         self.history: list[dict[str, Any]] = []
         self.last_rollouts: list = []
         self._critic_warm = False
@@ -129,7 +141,8 @@ class TurnPPOTrainer:
     def rollout(self, episodes: Sequence[Any]) -> tuple[list, list]:
         """Play ``episodes`` with the engine; returns ``(rollouts, scores)`` (one DialogueScore per rollout)."""
         rollouts = rollout_dialogues(self.llm, episodes, self.sampling_params(), self.capture_spec)
-        scores = [score_dialogue_rollout(r, self.tokenizer, self.selector, self.reward_config) for r in rollouts]
+        scores = [score_dialogue_rollout(r, self.tokenizer, self.selector, self.reward_config, likelihood=self.likelihood)
+                  for r in rollouts]
         return rollouts, scores
 
     @staticmethod
@@ -270,6 +283,8 @@ class TurnPPOTrainer:
             "coverage": float(np.mean([ts.coverage for ts in turn_scores])),
             "focus": float(np.mean([ts.focus for ts in turn_scores])),
             "repetition": float(np.mean([ts.repetition for ts in turn_scores])),
+            "grounding": float(np.mean([ts.grounding for ts in turn_scores]))
+            if all(ts.grounding is not None for ts in turn_scores) else float("nan"),
             "return_0": float(np.mean([s.returns[0] for s in scores])),
             "value": float(np.mean([s.value for s in samples])),
             "advantage_abs": float(np.mean(np.abs(adv))),

@@ -131,6 +131,7 @@ def reward_history(log_history: list[dict[str, Any]], reward_name: str) -> list[
             "coverage": h.get(f"{reward_name}/coverage"),
             "focus": h.get(f"{reward_name}/focus"),
             "repetition": h.get(f"{reward_name}/repetition"),
+            "grounding": h.get(f"{reward_name}/grounding"),
             "loss": h.get("loss"),
         }
         for h in log_history

