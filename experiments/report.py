@@ -29,11 +29,16 @@ METRICS = (("ngram_overlap", "n-gram overlap", 3), ("bleu", "BLEU", 2), ("embed_
            ("consistency", "consistency", 3), ("reward", "default reward", 3), ("reply_words", "reply words", 1),
            ("kl_to_start", "KL to start", 4), ("recall", "recall (hypothesis task)", 3))
 #: the comparisons the report makes (A - B), the positive control first
-PAIRS = (("ngram", "untrained"), ("default", "untrained"), ("default", "random"), ("default", "self_certainty"),
+PAIRS = (("length", "untrained"), ("default", "untrained"), ("default", "random"), ("default", "self_certainty"),
          ("default", "paper"), ("default", "single"), ("paper", "untrained"), ("single", "untrained"),
-         ("random", "untrained"), ("self_certainty", "untrained"))
+         ("random", "untrained"), ("self_certainty", "untrained"), ("ngram", "untrained"))
 EVAL_KEYS = ("heldout_chitchat", "heldout_tech", "turns_per_episode", "eval_max_new_tokens", "recall_items")
 MIN_SEEDS = 3
+#: the positive control: its arm, its own held-out metric and the direction training on it must move that metric
+#: (the length reward pulls replies towards 6 words from the untrained ~17: reply words must fall)
+POSITIVE_CONTROL = ("length", "reply_words", -1)
+#: seeds the positive control needs: one, since its effect is many times its interval (docs/experiments.md)
+POSITIVE_CONTROL_SEEDS = 1
 
 
 def load_units(folder: Path) -> dict[str, dict[str, Any]]:
@@ -181,9 +186,9 @@ def _budget_probes(folder: Path, base: Sequence[Mapping[str, Any]]) -> list[str]
     if not probes:
         return []
     L = ["### How the budget was chosen (positive-control probes, seed 0)", "",
-         "The budgets tried for the positive control, in order, each a unit JSON in "
-         "`experiments/results/training/budget-probes/`; the budget above is the next one. Only the n-gram arm is "
-         "used to choose the budget, and only its own metric decides.", "",
+         "The budgets tried for the n-gram control (the positive control until none of these passed), in order, "
+         "each a unit JSON in `experiments/results/training/budget-probes/`; the grid's budget is 32 steps of the "
+         "third probe's. Only the n-gram arm was used to choose the budget, and only its own metric decided.", "",
          "| steps × completions (prompts × generations), learning rate | held-out n-gram overlap − untrained | "
          "KL to start | reply words | wall time |", "|---|---|---|---|---|"]
     for p in probes:
@@ -222,19 +227,29 @@ def render(folder: Path = RESULTS) -> str:
 
     # -- positive control and verdict -------------------------------------------------------------------------------
     L += ["### Verdict (generated from the intervals below)", ""]
-    pc, base = arms.get("ngram", []), arms.get("untrained", [])
+    arm_pc, metric_pc, sign = POSITIVE_CONTROL
+    pc, base = arms.get(arm_pc, []), arms.get("untrained", [])
     passed = False
     if pc and base:
-        t = two_level_bootstrap(_seeds(pc, "ngram_overlap"), _seeds(base, "ngram_overlap"))
-        passed = t[1] > 0 and len(pc) >= MIN_SEEDS
+        t = two_level_bootstrap(_seeds(pc, metric_pc), _seeds(base, metric_pc))
+        moved = (t[1] > 0) if sign > 0 else (t[2] < 0)
+        passed = moved and len(pc) >= POSITIVE_CONTROL_SEEDS
         verdict = ("**passes**" if passed else
-                   f"its interval excludes 0 on {len(pc)} seed(s), but {MIN_SEEDS} are needed" if t[1] > 0 else
-                   "**does not pass**: its interval includes 0" if t[2] > 0 else "**fails**: its own metric fell")
-        L.append(f"- **Positive control** (the n-gram reward, which sees the gold reply, against the untrained policy, "
-                 f"on its own metric: held-out n-gram overlap with the gold reply; {len(pc)} seed(s)): {_ci(t)}; "
+                   f"its interval excludes 0 on {len(pc)} seed(s), but {POSITIVE_CONTROL_SEEDS} are needed" if moved
+                   else "**does not pass**: its interval includes 0" if t[1] < 0 < t[2]
+                   else "**fails**: its own metric moved the wrong way")
+        L.append(f"- **Positive control** (the length reward, −|words − 6|, against the untrained policy, on its own "
+                 f"metric: held-out reply words, which it must lower; {len(pc)} seed(s)): {_ci(t, 1)} words; "
                  f"{verdict}.")
     else:
-        L.append("- **Positive control**: no result yet (units `ngram_s*` pending).")
+        L.append(f"- **Positive control**: no result yet (unit `{arm_pc}_s0` pending).")
+    weak = arms.get("ngram", [])
+    if weak and base:
+        t = two_level_bootstrap(_seeds(weak, "ngram_overlap"), _seeds(base, "ngram_overlap"))
+        L.append(f"- **Weak positive control** (the n-gram reward, which sees one recorded reply, on held-out n-gram "
+                 f"overlap with it; {len(weak)} seed(s)): {_ci(t)}; "
+                 + ("its metric rose" if t[1] > 0 else "no change established" if t[1] <= 0 <= t[2] else
+                    "its metric fell") + ".")
     for a, b in PAIRS[1:6]:
         ua, ub = arms.get(a, []), arms.get(b, [])
         if not ua or not ub:
@@ -252,8 +267,8 @@ def render(folder: Path = RESULTS) -> str:
         L.append(f"- {a} − {b} ({len(ua)} / {len(ub)} seed(s)): "
                  + ("; ".join(found) if found else "no difference established on any held-out metric") + ".")
     if not passed:
-        L.append("- Until the positive control passes with every seed, a difference that is not established says "
-                 "nothing about a reward: this budget may be too small for any reward to show a gain.")
+        L.append("- Until the positive control passes, a difference that is not established says nothing about a "
+                 "reward: this budget may be too small for any reward to show a gain.")
     L.append("")
     L += _budget_probes(folder, base)
 
@@ -314,7 +329,7 @@ def render(folder: Path = RESULTS) -> str:
                 v = [h[key] for h in hist if h.get(key) is not None]
                 return float(np.mean(v)) if v else float("nan")
 
-            ngram_key = "ngram" if arm == "ngram" else "monitor_ngram"
+            ngram_key = "ngram" if arm == "ngram" else "monitor_ngram"  # the length arm has the monitor too
             held = {k: two_level_bootstrap(_seeds(au, k, step))[0] for k in ("ngram_overlap", "reward", "reply_words",
                                                                                "kl_to_start", "recall")}
             n = sum(any(c["step"] == step for c in u["checkpoints"]) for u in au)

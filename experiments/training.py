@@ -10,7 +10,10 @@ A **unit** is one arm trained with one seed (``<arm>_s<seed>``), or the untraine
 evaluation of a fixed model, so one unit serves every seed). Units are dispatched through :data:`UNITS`, an explicit
 registry ``{name: Unit}``. The arms (:data:`ARMS`) differ only in the training reward:
 
-- ``ngram`` -- the positive control: n-gram overlap with the recorded gold reply (it sees the answer);
+- ``length`` -- the positive control: ``-|words - 6|``, a reward any working budget must be able to move (the
+  held-out reply length is its own metric);
+- ``ngram`` -- a weak positive control: n-gram overlap with the recorded gold reply (it sees the answer, but one
+  recorded chit-chat reply is a noisy target);
 - ``default`` -- the CAGSR reward with ``CAGSRConfig()``'s defaults, whatever they are in this checkout;
 - ``paper`` -- ``CAGSRConfig.paper()`` (the literal reading of the papers), resolved by name when the unit runs;
   a checkout without it reports the unit as skipped, with the reason, and writes no JSON;
@@ -375,6 +378,30 @@ def _ngram(ctx: Context, seed: int):
     return ngram_reward_func(), {"max_n": 2}
 
 
+#: the length control's target: replies of about this many words (the untrained policy's held-out replies have ~17)
+TARGET_WORDS = 6
+
+
+def length_reward_func(target: int = TARGET_WORDS) -> Callable[..., list[float]]:
+    """The positive control as a TRL reward function: ``-|words - target|`` of each completion (whitespace words).
+    A reward with a strong, easily learnt signal: if a budget cannot move the held-out reply length with it, no arm
+    can show anything in that budget.
+
+    Example:
+        >>> length_reward_func(3)(prompts=None, completions=["a b c", "a b c d e f"])
+        [0, -3]
+    """
+    def length(prompts, completions, **kwargs):
+        return [-abs(len(_completion_text(c).split()) - target) for c in completions]
+
+    length.__name__ = "length"
+    return length
+
+
+def _length(ctx: Context, seed: int):
+    return length_reward_func(), {"kind": "length", "target_words": TARGET_WORDS}
+
+
 def default_reward_scale(ctx: Context) -> tuple[float, float]:
     """Mean and standard deviation of the default reward on the untrained policy's held-out replies."""
     path = ctx.out / "untrained.json"
@@ -410,7 +437,8 @@ class Arm:
 ARMS: dict[str, Arm] = {
     a.name: a
     for a in (
-        Arm("ngram", "positive control: n-gram overlap with the gold reply", _ngram),
+        Arm("length", f"positive control: -|words - {TARGET_WORDS}| (trivially learnable)", _length),
+        Arm("ngram", "weak positive control: n-gram overlap with the gold reply", _ngram),
         Arm("default", "CAGSR, CAGSRConfig() defaults", _cagsr(CAGSRConfig, "cagsr")),
         Arm("paper", "CAGSR, CAGSRConfig.paper() preset", _cagsr(paper_config, "cagsr")),
         Arm("single", "single-turn CAGSR", _cagsr(  # the papers' single-turn reward: attention only (eta = 0)
@@ -541,21 +569,23 @@ ARM_ORDER = ("default", "random", "self_certainty", "single", "paper")
 
 
 def _units(seeds: Sequence[int]) -> dict[str, Unit]:
-    """The untrained policy, then the positive control with every seed (it must pass before the other arms say
-    anything), then the other arms one round of seeds at a time."""
+    """The untrained policy, then the positive control (the length reward, one seed: its effect is many times its
+    interval) and the weak positive control (n-gram overlap, seed 0), then the other arms one round of seeds at a
+    time, then the weak control's other seeds."""
     def unit(arm: Arm, seed: int) -> Unit:
         return Unit(f"{arm.name}_s{seed}", arm.name, seed, lambda ctx: train_arm(ctx, arm, seed))
 
     units = {"untrained": Unit("untrained", "untrained", DATA_SEED, lambda ctx: evaluate_untrained(ctx, DATA_SEED))}
-    units.update((u.name, u) for u in (unit(ARMS["ngram"], s) for s in seeds))
+    units.update((u.name, u) for u in (unit(ARMS["length"], seeds[0]), unit(ARMS["ngram"], seeds[0])))
     units.update((u.name, u) for s in seeds for u in (unit(ARMS[a], s) for a in ARM_ORDER))
+    units.update((u.name, u) for u in (unit(ARMS["ngram"], s) for s in seeds[1:]))
     return units
 
 
 #: every unit of the full grid, in the order the grid runs them
 UNITS: dict[str, Unit] = _units(SIZES["full"]["seeds"])
 #: the quick grid (CI): the untrained policy and one seed of the positive control
-QUICK_UNITS = ("untrained", "ngram_s0")
+QUICK_UNITS = ("untrained", "length_s0")
 
 
 def _commit() -> str | None:

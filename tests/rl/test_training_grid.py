@@ -37,11 +37,13 @@ def test_committed_jsons_are_units_of_the_registry_and_small():
 def test_registry_is_explicit_and_complete():
     seeds = training.SIZES["full"]["seeds"]
     assert len(seeds) >= 3
-    assert set(training.UNITS) == {"untrained"} | {f"{a}_s{s}" for a in training.ARMS for s in seeds}
-    assert {"ngram", "default", "paper", "single", "random", "self_certainty"} <= set(training.ARMS)
-    # the positive control runs first, with every seed
-    assert list(training.UNITS)[: 1 + len(seeds)] == ["untrained"] + [f"ngram_s{s}" for s in seeds]
-    assert set(training.ARM_ORDER) | {"ngram"} == set(training.ARMS)
+    assert set(training.UNITS) == {"untrained", f"length_s{seeds[0]}"} | {
+        f"{a}_s{s}" for a in training.ARMS if a != "length" for s in seeds}
+    assert {"length", "ngram", "default", "paper", "single", "random", "self_certainty"} <= set(training.ARMS)
+    # the positive control and the weak one run first (seed 0), the weak one's other seeds last
+    assert list(training.UNITS)[:3] == ["untrained", "length_s0", "ngram_s0"]
+    assert list(training.UNITS)[-len(seeds) + 1:] == [f"ngram_s{s}" for s in seeds[1:]]
+    assert set(training.ARM_ORDER) | {"length", "ngram"} == set(training.ARMS)
     for name, unit in training.UNITS.items():
         assert unit.name == name and (unit.arm == "untrained" or name == f"{unit.arm}_s{unit.seed}")
 
@@ -178,9 +180,9 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     out = tmp_path / "grid"
     args = ["--quick", "--in-process", "--model", str(tiny_llama), "--out", str(out)]
     assert training.main(args) == 0
-    assert sorted(p.name for p in out.glob("*.json")) == ["ngram_s0.json", "untrained.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["length_s0.json", "untrained.json"]
     base = json.loads((out / "untrained.json").read_text())
-    pc = json.loads((out / "ngram_s0.json").read_text())
+    pc = json.loads((out / "length_s0.json").read_text())
     assert [c["step"] for c in base["checkpoints"]] == [0]
     assert [c["step"] for c in pc["checkpoints"]] == [1, 2] and pc["steps"] == 2
     items = {r["item_id"] for r in base["checkpoints"][0]["rows"]}
@@ -211,7 +213,7 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     assert training.main(args) == 0  # resumed: both units exist, neither runs again
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == before
     assert training.run_grid(out, model=str(tiny_llama), size="quick", in_process=True) == {
-        "untrained": "skipped (done before)", "ngram_s0": "skipped (done before)"}
+        "untrained": "skipped (done before)", "length_s0": "skipped (done before)"}
 
 
 def test_installed_packages_never_import_the_harness():
