@@ -471,7 +471,6 @@ class HFAttentionSource(_HFModel):
     def _eager_eval(self, model: Any) -> Iterator[None]:
         """Eager attention and eval mode for the duration of a call; restored afterwards."""
         previous = getattr(model.config, "_attn_implementation", None)
-        was_training = model.training
         switched = previous not in (None, "eager")
         if switched:
             model.set_attn_implementation("eager")
@@ -480,12 +479,10 @@ class HFAttentionSource(_HFModel):
                     f"model_or_path: {type(model).__name__} cannot switch to eager attention "
                     f"(it uses {previous!r}), so attention weights are not available"
                 )
-        model.eval()
         try:
-            yield
+            with _eval_mode(model):
+                yield
         finally:
-            if was_training:
-                model.train()
             if switched:
                 model.set_attn_implementation(previous)
 
