@@ -126,6 +126,15 @@ def _resolve_turn_sink(config: CAGSRConfig, sink: Any, history_ids: Any, bos_tok
     return resolve_sink(config.sink, first_token_id=first, bos_token_id=bos_token_id)
 
 
+def _logprob_pair(logprobs: Any, prior_logprobs: Any) -> tuple[Any, Any] | None:
+    """``(logprobs, prior_logprobs)`` when both are given, ``None`` when neither is; one alone is an error."""
+    if logprobs is None and prior_logprobs is None:
+        return None
+    if logprobs is None or prior_logprobs is None:
+        raise ValueError("logprobs, prior_logprobs: give both or neither")
+    return logprobs, prior_logprobs
+
+
 def _check_span(span: Any, limit: int, name: str) -> tuple[int, int]:
     if (
         not isinstance(span, (tuple, list))
@@ -304,12 +313,12 @@ def score_turn(
                 copy_rep = _history_repetition(ids, hist[: hist.size - before.size], config.copy_ngram)
                 rep = self_rep + copy_rep
     ground = None
-    if logprobs is not None or prior_logprobs is not None:
-        if logprobs is None or prior_logprobs is None:
-            raise ValueError("logprobs, prior_logprobs: give both or neither")
-        ground = grounding(logprobs, prior_logprobs)
-        if np.asarray(logprobs).size != num_rows:
-            raise ValueError(f"logprobs: length {np.asarray(logprobs).size} != number of attention rows {num_rows}")
+    pair = _logprob_pair(logprobs, prior_logprobs)
+    if pair is not None:
+        ground = grounding(*pair)
+        n = np.asarray(pair[0]).size
+        if n != num_rows:
+            raise ValueError(f"logprobs: length {n} != number of attention rows {num_rows}")
     elif config.eta > 0:
         raise ValueError(
             f"logprobs, prior_logprobs: required when eta > 0 (eta={config.eta}): the grounding term needs log p(reply | "
@@ -627,10 +636,9 @@ def score_cot(
     if not _is_int(turn_index) or turn_index < 0:
         raise ValueError(f"turn_index: expected an int >= 0, got {turn_index!r}")
     lp = lp0 = None
-    if logprobs is not None or prior_logprobs is not None:
-        if logprobs is None or prior_logprobs is None:
-            raise ValueError("logprobs, prior_logprobs: give both or neither")
-        lp, lp0 = np.asarray(logprobs, dtype=np.float64), np.asarray(prior_logprobs, dtype=np.float64)
+    pair = _logprob_pair(logprobs, prior_logprobs)
+    if pair is not None:
+        lp, lp0 = (np.asarray(v, dtype=np.float64) for v in pair)
         for name, v in (("logprobs", lp), ("prior_logprobs", lp0)):
             if v.shape != (num_rows,):
                 raise ValueError(f"{name}: expected one value per generated token ({num_rows}), got shape {v.shape}")
