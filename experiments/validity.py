@@ -610,6 +610,13 @@ def _validity_of(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, floa
             "pad_diff_max": float(max(pad))}
 
 
+def best_candidate(cands: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The selection rule: the best (mean AUROC, worst AUROC) among the candidates whose loop win rate is >= 0.95 on
+    every source and whose padding gains nothing, or among all when none is; the first among equals."""
+    ok = [c for c in cands if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or list(cands)
+    return max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))
+
+
 def _tokenizer():
     from transformers import AutoTokenizer
 
@@ -653,13 +660,10 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
             for beta in BETAS:
                 cfg = base.replace(layers=layers, gamma=gamma, copy_ngram=n, beta=beta)
                 cands.append(evaluate(f"g{gamma}_n{n}_b{beta}", cfg))
-    ok = [c for c in cands if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or cands
-    best = max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))
-    chosen = CAGSRConfig.from_dict(best["config"])
+    chosen = CAGSRConfig.from_dict(best_candidate(cands)["config"])
     # 3. the grounding weight eta, the same criteria (the smallest eta among equals: max keeps the first)
     etas = [evaluate(f"eta{eta}", chosen.replace(eta=eta)) for eta in ETAS]
-    ok = [c for c in etas if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or etas
-    chosen = CAGSRConfig.from_dict(max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))["config"])
+    chosen = CAGSRConfig.from_dict(best_candidate(etas)["config"])
     # 4. the entropy floor: H0 + kappa t through the FLOOR_QUANTILE-quantile of the real replies' mean row
     #    entropies per dialogue turn (cot items are turn 0)
     fn = scorer.reward(chosen.replace(entropy_floor=False), "floor")
