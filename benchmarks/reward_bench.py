@@ -2,7 +2,7 @@
 
 Target: all 1,000 turns in <= 1 s. Run:  .venv/bin/python benchmarks/reward_bench.py
 
-The reward is ``CAGSRConfig()``'s, grounding term included (eta = 0.5): each turn carries synthetic log-probability
+The reward is ``CAGSRConfig()``'s, grounding term included (eta = 4, 128 prior tokens): each turn carries synthetic log-probability
 vectors (random, <= 0), since computing real ones is the scoring model's forward pass, not the reward's arithmetic.
 """
 

@@ -24,6 +24,7 @@ COLUMNS = ("content", "all")
 REPETITIONS = ("self_and_copy", "paper")
 COT_EPISODES = ("mean", "sum")
 COT_ANSWERS = ("sentence", "rest")
+COT_GROUNDINGS = ("all", "reasoning")
 COT_FLOORS = ("turn", "block")
 BLOCK_FOCUS = ("summed", "rows")
 
@@ -138,13 +139,20 @@ class CAGSRConfig:
             tied at the chosen span; the tie went to 0, docs/method.md §6); `paper()` keeps 0.1.
         gamma (`float`, defaults to `0.5`): weight of the repetition penalty (0.5 and 1.0 tried on the selection
             split; 0.5 kept).
-        eta (`float`, defaults to `0.5`): weight of grounding $G$, the reply's mean per-token pointwise mutual
-            information with its history, $\frac1T\sum_s [\log p(y_s \mid \text{history}, y_{<s}) - \log p(y_s \mid
-            \text{nothing}, y_{<s})]$, under the scoring model (ours, not the papers'; chosen on the selection split
-            among 0, 0.05, 0.1, 0.2, 0.5, 1, docs/method.md §6). With ``eta > 0`` every scoring call needs both
+        eta (`float`, defaults to `4.0`): weight of grounding $G$, the reply's pointwise mutual information with its
+            history per token, $\frac{1}{T + T_0}\sum_s [\log p(y_s \mid \text{history}, y_{<s}) - \log p(y_s \mid
+            \text{nothing}, y_{<s})]$, under the scoring model (ours, not the papers'; chosen with `grounding_tokens`
+            and `cot_grounding` on the selection split, docs/method.md §6). With ``eta > 0`` every scoring call needs both
             log-probability vectors (``score_turn(..., logprobs=, prior_logprobs=)``; the TRL reward computes them
             with ``likelihood=HFLikelihood(model)`` or a source's ``logprobs``, or reads its ``attncap_logprobs`` /
             ``attncap_prior_logprobs`` columns); `CAGSRConfig.attention_only()` and `paper()` set it to 0.
+        grounding_tokens (`float`, defaults to `128.0`): $T_0$ of the grounding term, pseudo-tokens of zero PMI
+            added to its mean, $G = \sum_s \mathrm{PMI}_s / (T + T_0)$ (`core.grounding`): with 0 (the mean PMI) a
+            reply cut after a few tokens scores above the whole reply; chosen on the selection split (docs/method.md
+            §6). At 128 and replies of 10-50 tokens, $\eta G$ is close to the whole reply's PMI over 32.
+        cot_grounding (`str`, defaults to `"all"`): the CoT tokens the grounding term covers: `"all"`, or
+            `"reasoning"` = every block but the answer span's (the answer's PMI with the problem pays most when the
+            answer comes before any reasoning); chosen on the selection split (docs/method.md §6).
         ngram (`int`, defaults to `3`): n of the repeated n-grams (method.md).
         h0 (`float`, defaults to `1.64`): entropy floor at turn 0, nats (MTC §5.2 names it, gives no value).
         kappa (`float`, defaults to `0.65`): floor increase per turn, nats (MTC §5.2). Both calibrated on observed
@@ -206,7 +214,7 @@ class CAGSRConfig:
     alpha: float = 1.0
     beta: float = 0.0
     gamma: float = 0.5
-    eta: float = 0.5
+    eta: float = 4.0
     ngram: int = 3
     h0: float = 1.64
     kappa: float = 0.65
@@ -230,6 +238,8 @@ class CAGSRConfig:
     cot_answer: str = "sentence"
     cot_floor: str = "turn"
     block_focus: str = "summed"
+    grounding_tokens: float = 128.0
+    cot_grounding: str = "all"
 
     @classmethod
     def paper(cls, **changes: Any) -> CAGSRConfig:
@@ -257,12 +267,12 @@ class CAGSRConfig:
 
         Example:
             >>> CAGSRConfig.attention_only().eta, CAGSRConfig().eta
-            (0.0, 0.5)
+            (0.0, 4.0)
         """
         return cls(**{"eta": 0.0, **changes})
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "eta", "h0", "kappa"):
+        for name in ("alpha", "beta", "gamma", "eta", "h0", "kappa", "grounding_tokens"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")
@@ -291,7 +301,8 @@ class CAGSRConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         for name, allowed in (("columns", COLUMNS), ("repetition", REPETITIONS), ("cot_episode", COT_EPISODES),
-                              ("cot_answer", COT_ANSWERS), ("cot_floor", COT_FLOORS), ("block_focus", BLOCK_FOCUS)):
+                              ("cot_answer", COT_ANSWERS), ("cot_floor", COT_FLOORS), ("block_focus", BLOCK_FOCUS),
+                              ("cot_grounding", COT_GROUNDINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not _is_int(self.copy_ngram) or self.copy_ngram < 1:

@@ -42,6 +42,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_sink(sink: Any, num_columns: int | None = None) -> int:
     if not _is_int(sink) or sink < 0:
         raise ValueError(f"sink: expected an int >= 0, got {sink!r}")
@@ -473,24 +477,32 @@ def history_repetition(response_ids: Any, history_ids: Any, n: int = 3) -> float
     return float(_history_repetition(ids, history, n))
 
 
-def grounding(logprobs: Any, prior_logprobs: Any) -> float:
+def grounding(logprobs: Any, prior_logprobs: Any, *, prior_tokens: float = 0.0, reply_tokens: int | None = None) -> float:
     r"""
-    Grounding of a reply in its history: its mean per-token pointwise mutual information with the history under
-    the scoring model (docs/method.md §2),
+    Grounding of a reply in its history: its pointwise mutual information with the history under the scoring
+    model, per token, with $T_0$ pseudo-tokens of zero information added to the mean (docs/method.md §2),
 
     $$
-    G = \frac{1}{T} \sum_{s=1}^{T} \left[\log p(y_s \mid h, y_{<s}) - \log p(y_s \mid \varnothing, y_{<s})\right],
+    G = \frac{1}{T + T_0} \sum_{s=1}^{T} \left[\log p(y_s \mid h, y_{<s}) - \log p(y_s \mid \varnothing,
+    y_{<s})\right],
     $$
 
     where $h$ is the history (the chat prompt) and $\varnothing$ an empty conversation (only the assistant header of
     the chat template). $G > 0$: the history makes the reply more likely than it is on its own; a reply that would
-    fit any conversation scores near 0, one that fits another conversation below 0.
+    fit any conversation scores near 0, one that fits another conversation below 0. With $T_0 = 0$, $G$ is the mean
+    per-token PMI, which is largest at a reply's first tokens (where the history says the most), so a reply cut short
+    scores higher than the whole; $T_0 > 0$ shrinks a short reply's mean towards 0, and as $T_0$ grows $G$ tends to
+    the whole reply's PMI over $T_0$.
 
     Args:
         logprobs (sequence of `float`):
-            $\log p(y_s \mid h, y_{<s})$, one per reply token, finite, ``<= 0`` up to rounding.
+            $\log p(y_s \mid h, y_{<s})$, one per token of the span scored, finite, ``<= 0`` up to rounding.
         prior_logprobs (sequence of `float`):
             $\log p(y_s \mid \varnothing, y_{<s})$, same length.
+        prior_tokens (`float`, defaults to `0.0`): $T_0 \geq 0$.
+        reply_tokens (`int`, *optional*): $T$, when the span is part of a longer reply (a chain of thought's block):
+            $G$ is then the span's mean PMI times $T / (T + T_0)$, so that the blocks of one reply share its
+            shrinkage. Defaults to the span's length.
 
     Returns:
         `float`: $G$, in nats per token.
@@ -499,6 +511,8 @@ def grounding(logprobs: Any, prior_logprobs: Any) -> float:
     ```python
     >>> grounding([-1.0, -0.5], [-3.0, -0.5])  # the history makes the first token e^2 times more likely
     1.0
+    >>> grounding([-1.0, -0.5], [-3.0, -0.5], prior_tokens=2.0)  # 2 nats over 2 + 2 tokens
+    0.5
 
     ```
     """
@@ -511,7 +525,12 @@ def grounding(logprobs: Any, prior_logprobs: Any) -> float:
     for name, v in (("logprobs", lp), ("prior_logprobs", lp0)):
         if (v > 1e-3).any():
             raise ValueError(f"{name}: expected log-probabilities (<= 0), got {float(v.max())}")
-    return float(np.mean(lp - lp0))
+    if not _is_real(prior_tokens) or not math.isfinite(prior_tokens) or prior_tokens < 0:
+        raise ValueError(f"prior_tokens: expected a finite float >= 0, got {prior_tokens!r}")
+    total = lp.size if reply_tokens is None else reply_tokens
+    if not _is_int(total) or total < lp.size:
+        raise ValueError(f"reply_tokens: expected an int >= the span's length {lp.size}, got {reply_tokens!r}")
+    return float(np.mean(lp - lp0) * (total / (total + float(prior_tokens))))
 
 
 def entropy_floor(turn_index: int, h0: float, kappa: float) -> float:

@@ -162,6 +162,8 @@ def score_turn(
     generated_before: Any = None,
     logprobs: Any = None,
     prior_logprobs: Any = None,
+    reply_tokens: int | None = None,
+    grounded: bool = True,
 ) -> TurnScore:
     r"""
     Score one turn from its raw history block (method.md "One turn's reward"):
@@ -219,6 +221,12 @@ def score_turn(
             logged) when both are given.
         prior_logprobs (sequence of `float` or `None`, *optional*, defaults to `None`):
             $\log p(y_s \mid \varnothing, y_{<s})$ of the same tokens after an empty conversation.
+        reply_tokens (`int` or `None`, *optional*, defaults to `None`):
+            Length of the whole reply this turn is part of (a CoT block's chain): the grounding's shrinkage
+            $T / (T + T_0)$ uses it (`core.grounding`). `None`: the turn is the whole reply.
+        grounded (`bool`, *optional*, defaults to `True`):
+            `False`: no grounding term for this turn (a CoT answer span under ``cot_grounding="reasoning"``);
+            log-probabilities are then neither needed nor used.
 
     Returns:
         `TurnScore`.
@@ -313,13 +321,13 @@ def score_turn(
                 copy_rep = _history_repetition(ids, hist[: hist.size - before.size], config.copy_ngram)
                 rep = self_rep + copy_rep
     ground = None
-    pair = _logprob_pair(logprobs, prior_logprobs)
+    pair = _logprob_pair(logprobs, prior_logprobs) if grounded else None
     if pair is not None:
-        ground = grounding(*pair)
         n = np.asarray(pair[0]).size
         if n != num_rows:
             raise ValueError(f"logprobs: length {n} != number of attention rows {num_rows}")
-    elif config.eta > 0:
+        ground = grounding(*pair, prior_tokens=config.grounding_tokens, reply_tokens=reply_tokens)
+    elif config.eta > 0 and grounded:
         raise ValueError(
             f"logprobs, prior_logprobs: required when eta > 0 (eta={config.eta}): the grounding term needs log p(reply | "
             "history) and log p(reply | empty conversation) per token; pass both, or use "
@@ -570,7 +578,9 @@ def score_cot(
             (``"block"`` indexes it by block, as the 0.2 reading did).
         logprobs, prior_logprobs (sequence of `float` or `None`, *optional*, defaults to `None`):
             Log-probabilities of the T generated tokens after the prompt and after an empty conversation (see
-            `score_turn`); each turn's grounding uses its span of them. Required when ``config.eta > 0``.
+            `score_turn`); each turn's grounding uses its span of them, shrunk by the whole chain's length
+            (``grounding_tokens``); under ``cot_grounding="reasoning"`` the answer turn has none. Required when
+            ``config.eta > 0``.
 
     Config fields used: `cot_block`, `final_answer_weight`, `uniform_turn_weights`, `cot_answer` (``"sentence"``:
     the answer is the first marker's sentence and any tokens after it are scored as further blocks; ``"rest"``:
@@ -673,6 +683,8 @@ def score_cot(
                 generated_before=ids[:s0],
                 logprobs=None if lp is None else lp[s0:s1],
                 prior_logprobs=None if lp0 is None else lp0[s0:s1],
+                reply_tokens=num_rows,
+                grounded=not (b == answer_at and config.cot_grounding == "reasoning"),
             )
         )
     rewards = np.array([s.reward for s in scores], dtype=np.float64)

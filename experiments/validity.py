@@ -6,8 +6,8 @@ Protocol (docs/experiments.md, "Reward validity"):
 
 1. **Items.** Four sources, each split by dialogue into a *selection* split and a *confirm* split
    (``zlib.crc32`` of the dialogue id); the confirm split's dialogues after the ones built for its first use form
-   a second confirm split, ``confirm2`` (``FRESH_OF``), on which the current default (grounding term included) is
-   confirmed: ``chitchat`` (a recorded conversation cut at a user turn that has history,
+   fresh confirm splits, ``confirm2`` and ``confirm3`` (``FRESH_OF``); the current default is confirmed on
+   ``CONFIRM_SPLIT``: ``chitchat`` (a recorded conversation cut at a user turn that has history,
    the other speaker's recorded reply), ``tech_support`` (the fixed corpus episodes of
    ``cagsr_reward.integrations.user_sim``: every reference reply answers its turn), ``recall`` (the synthetic task of
    ``cagsr_reward.integrations.recall_task``: the reply needs a fact from the first turn) and ``cot`` (a CHAMP
@@ -21,14 +21,17 @@ Protocol (docs/experiments.md, "Reward validity"):
    reply tokens' log-probabilities; one more forward without the history gives log p(reply | nothing) for PMI. Every
    item is cached under ``runs/validity-cache/`` (one ``.npz`` per item; a finished item is skipped on a rerun).
    The first item is checked against ``cagsr_reward.sources.hf.HFAttentionSource``.
-4. **Selection** (phase ``select``, selection split only, its dialogue and recall items: ``SELECT_SOURCES``): the
-   layer band, then the repetition weight, copy span and focus weight (``BANDS``, ``GAMMAS``, ``COPY_NGRAMS``,
-   ``BETAS``, starting from ``SEARCH_START``), then the grounding weight (``ETAS``), then the entropy floor (``calibrate_entropy_floor``) are chosen in ``run_select`` and written to
+4. **Selection** (phase ``select``, selection split only): on its dialogue and recall items (``SELECT_SOURCES``)
+   the layer band, then the repetition weight, copy span and focus weight (``BANDS``, ``GAMMAS``, ``COPY_NGRAMS``,
+   ``BETAS``, starting from ``SEARCH_START``); then, on every selection item (CoT too), the grounding term's weight,
+   prior tokens and CoT tokens (``ETAS`` x ``GROUNDING_TOKENS`` x ``COT_GROUNDINGS``, the truncation and
+   answer-first probes among the bars: ``passes``); then the entropy floor (``calibrate_entropy_floor``). Written to
    ``experiments/results/validity/selection.json`` with the CPU cost of capturing the band.
-5. **Confirm** (phase ``confirm``, ``--split confirm2`` by default): every score is computed once on a confirm
+5. **Confirm** (phase ``confirm``, ``--split confirm3`` by default): every score is computed once on a confirm
    split (a declared prefix of each source's items, ``SCORED``) and written to
-   ``experiments/results/validity/<split>.json``; nothing is chosen there. ``confirm.json`` is the first confirm
-   split, scored with the attention-only default before the grounding term existed, and is kept as it was.
+   ``experiments/results/validity/<split>.json``; nothing is chosen there. ``confirm.json`` (the attention-only
+   default, before the grounding term existed) and ``confirm2.json`` (the mean-PMI grounding, before the truncation
+   probe existed) are kept as they were scored.
 6. **Report** (``--report-only``): the validity section of docs/experiments.md is regenerated from the committed
    JSONs, between ``<!-- BEGIN validity (generated) -->`` and ``<!-- END validity (generated) -->``.
 
@@ -63,28 +66,37 @@ SOURCES = ("chitchat", "tech_support", "recall", "cot")
 SIZES = {
     # items per (split, source); one item = one dialogue (cluster) except tech_support (two turns per episode)
     "full": {
-        "selection": {"chitchat": 16, "tech_support": 8, "recall": 9, "cot": 8},
+        # CoT 24 (8 before the grounding form was chosen, which is the first choice that reads CoT items)
+        "selection": {"chitchat": 16, "tech_support": 8, "recall": 9, "cot": 24},
         "confirm": {"chitchat": 40, "tech_support": 24, "recall": 21, "cot": 12},
         # sized before any of its items was scored, to what capture on the idle machine allowed (~1.5 s per item)
         "confirm2": {"chitchat": 80, "tech_support": 24, "recall": 40, "cot": 24},
+        # sized before any of its items was scored; tech_support has only the confirm-split episodes the first two
+        # confirm splits left (the corpus pairs ten problems: 90 episodes in all)
+        "confirm3": {"chitchat": 80, "tech_support": 24, "recall": 40, "cot": 24},
     },
     "quick": {
         "selection": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
         "confirm": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
         "confirm2": {"chitchat": 2, "tech_support": 2, "recall": 2, "cot": 2},
+        "confirm3": {"chitchat": 2, "tech_support": 2, "recall": 2, "cot": 2},
     },
 }
-#: The second confirm split is made of confirm-split dialogues that come after every item built for the first one
-#: (its first ``SIZES[size]["confirm"][source]`` items of each source): dialogues no result had touched when the
-#: grounding weight was chosen. The first confirm split had been looked at twice by then.
-FRESH_OF = {"confirm2": "confirm"}
+#: Fresh confirm splits: ``{split: (parent, earlier splits)}``. Each is made of the parent split's dialogues that
+#: come after every item built for the earlier ones (their ``SIZES[size][...][source]`` items of each source). The
+#: second confirm split held dialogues no result had touched when the grounding weight was chosen (the first had
+#: been looked at twice by then); the third, dialogues no result had touched when the grounding's form (its prior
+#: tokens, the CoT answer) was chosen.
+FRESH_OF = {"confirm2": ("confirm", ("confirm",)), "confirm3": ("confirm", ("confirm", "confirm2"))}
+#: the split the current default is confirmed on (``--phase confirm`` without ``--split``)
+CONFIRM_SPLIT = "confirm3"
 # Items scored per (split, source): a prefix of each source's built list (SIZES fixes the lists, and so which
 # dialogue's reply is each item's "other"). The confirm split is scored on fewer items than were built because
 # capture on the shared 2-core machine ran at ~50 s per item (docs/experiments.md says so).
 SCORED = {
     "full": {"selection": SIZES["full"]["selection"],
              "confirm": {"chitchat": 32, "tech_support": 16, "recall": 15, "cot": 8},
-             "confirm2": SIZES["full"]["confirm2"]},
+             "confirm2": SIZES["full"]["confirm2"], "confirm3": SIZES["full"]["confirm3"]},
     "quick": SIZES["quick"],
 }
 REPLY_TOKENS = {"chitchat": 32, "tech_support": 32, "recall": 32, "cot": 48}
@@ -239,9 +251,9 @@ def build_items(split: str, size: str, tok: Any) -> list[Item]:
 def _build_items(split: str, size: str, tok: Any) -> list[Item]:
     items: list[Item] = []
     for source in SOURCES:
-        if split in FRESH_OF:  # the dialogues of the parent split after the ones built for it
-            parent = FRESH_OF[split]
-            skip = SIZES[size][parent][source]
+        if split in FRESH_OF:  # the dialogues of the parent split after the ones built for the earlier splits
+            parent, earlier = FRESH_OF[split]
+            skip = sum(SIZES[size][e][source] for e in earlier)
             got = _BUILDERS[source](parent, skip + SIZES[size][split][source], tok)[skip:]
             for it in got:
                 it.split = split
@@ -384,15 +396,26 @@ def run_capture(size: str, cache: Path, splits: Sequence[str]) -> None:
         t0 = time.time()
         for k, it in enumerate(items):
             p = _cache_path(cache, it)
-            if p.exists():
+            if p.exists() and _cache_matches(it, p):
                 continue
             capture_item(it, model, tok, p, check_source=None if checked else source)
             checked = True
             print(f"[{split}] {k + 1}/{len(items)} {it.item_id} ({time.time() - t0:.0f} s)", flush=True)
 
 
+def _cache_matches(item: Item, path: Path) -> bool:
+    """Whether the cached arrays are of this item's continuations (an item rebuilt with other continuations, such
+    as another "other" reply after its source's item list grew, must be captured again)."""
+    with np.load(path) as f:
+        return all(f"ids_{k}" in f.files and f[f"ids_{k}"].tolist() == list(v) for k, v in item.continuations.items())
+
+
 def load_cached(item: Item, cache: Path) -> dict[str, np.ndarray]:
-    with np.load(_cache_path(cache, item)) as f:
+    path = _cache_path(cache, item)
+    if not _cache_matches(item, path):
+        raise ValueError(f"{path}: cached for other continuations than item {item.item_id}'s; capture it again "
+                         "(python -m experiments.validity --phase capture)")
+    with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
@@ -422,7 +445,7 @@ def truncated_arrays(arrays: Mapping[str, np.ndarray], k: int = TRUNCATE_TO) -> 
 NEGATIVES = ("other", "shuffled", "wrong")
 COMPONENTS = ("coverage", "focus", "neg_repetition", "grounding")
 PROBES = ("loop", "pad", "answer_first", "truncated")
-BASELINES = ("pmi", "loglik", "self_certainty", "length", "random")
+BASELINES = ("pmi", "pmi_total", "loglik", "self_certainty", "length", "random")
 NUM_LAYERS = 30
 
 
@@ -483,6 +506,7 @@ def baseline_scores(item: Item, arrays: Mapping[str, np.ndarray], kind: str) -> 
     lp, lp0, sc = arrays[f"logp_{kind}"], arrays[f"logp0_{kind}"], arrays[f"sc_{kind}"]
     return {
         "pmi": float(np.mean(lp - lp0)),  # per-token PMI: log p(y | history) - log p(y | nothing)
+        "pmi_total": float(np.sum(lp - lp0)),  # the whole reply's PMI
         "loglik": float(np.mean(lp)),
         "self_certainty": float(np.mean(sc)),
         "length": float(lp.size),
@@ -576,8 +600,16 @@ COPY_NGRAMS = (6, 8)
 BETAS = (0.0, 0.1)
 #: the settings the search starts from (the 0.2 weights, floor and copy span; no grounding)
 SEARCH_START = {"beta": 0.1, "copy_ngram": 6, "h0": 0.5, "kappa": 0.25, "eta": 0.0}
-#: the grounding weight, chosen last (after the attention terms, which were chosen with eta = 0)
-ETAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: the grounding term, chosen last (after the attention terms, which were chosen with eta = 0): its weight, its
+#: prior tokens T0 and the CoT tokens it covers, together (ETAS x GROUNDING_TOKENS x COT_GROUNDINGS). The first
+#: pass had T0 up to 64 and eta up to 4; its only candidate passing every bar sat on that edge (T0 = 64), so T0 128 and
+#: 256 and eta 8 and 16 were added (still the selection split; docs/experiments.md)
+ETAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+GROUNDING_TOKENS = (0.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+COT_GROUNDINGS = ("all", "reasoning")
+#: the grounding step's extra bar: the whole reply beats its first TRUNCATE_TO tokens on at least this share of the
+#: items of every source (set before the step was run, after training showed the mean PMI favouring short replies)
+TRUNCATION_BAR = 0.8
 FLOOR_QUANTILE = 0.1
 SELECT_SOURCES = ("chitchat", "tech_support", "recall")
 
@@ -601,20 +633,41 @@ def _round(x: Any) -> Any:
 
 def _validity_of(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, float]:
     """Selection criteria of one score: mean paired AUROC over (source, negative), worst loop win rate, worst
-    padding mean difference (probe - real)."""
+    padding mean difference (probe - real); when the rows have them, the worst truncation win rate and the CoT
+    answer-first mean difference."""
     mine = [r for r in rows if r["score"] == name]
     neg = [r["auroc"] for r in mine if r["versus"] in NEGATIVES]
     loop = [r["real_wins"] for r in mine if r["versus"] == "loop"]
     pad = [r["mean_diff"] for r in mine if r["versus"] == "pad"]
-    return {"mean_auroc": float(np.mean(neg)), "min_auroc": float(np.min(neg)), "loop_wins_min": float(min(loop)),
-            "pad_diff_max": float(max(pad))}
+    out = {"mean_auroc": float(np.mean(neg)), "min_auroc": float(np.min(neg)), "loop_wins_min": float(min(loop)),
+           "pad_diff_max": float(max(pad))}
+    trunc = [r["real_wins"] for r in mine if r["versus"] == "truncated"]
+    if trunc:
+        out["trunc_wins_min"] = float(min(trunc))
+    first = [r["mean_diff"] for r in mine if r["versus"] == "answer_first"]
+    if first:
+        out["answer_first_max"] = float(max(first))
+    return out
+
+
+def passes(c: Mapping[str, Any]) -> bool:
+    """The selection bars: the real reply beats the loop on >= 95% of items of every source, padding gains nothing
+    on average, and (where measured) the whole reply beats its truncation on >= TRUNCATION_BAR of items of every
+    source and the CoT answer-first probe gains nothing on average."""
+    return (c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0
+            and c.get("trunc_wins_min", 1.0) >= TRUNCATION_BAR and c.get("answer_first_max", 0.0) <= 0.0)
 
 
 def best_candidate(cands: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The selection rule: the best (mean AUROC, worst AUROC) among the candidates whose loop win rate is >= 0.95 on
-    every source and whose padding gains nothing, or among all when none is; the first among equals."""
-    ok = [c for c in cands if c["loop_wins_min"] >= 0.95 and c["pad_diff_max"] <= 0.0] or list(cands)
+    """The selection rule: the best (mean AUROC, worst AUROC) among the candidates that pass every bar
+    (:func:`passes`), or among all when none does; the first among equals."""
+    ok = [c for c in cands if passes(c)] or list(cands)
     return max(ok, key=lambda c: (c["mean_auroc"], c["min_auroc"]))
+
+
+def grounding_name(eta: float, prior_tokens: float, cot: str) -> str:
+    """A grounding candidate's name in the selection grid."""
+    return f"eta{eta}_t{prior_tokens:g}_{cot}"
 
 
 def _tokenizer():
@@ -631,9 +684,11 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     from cagsr_reward.validity import calibrate_entropy_floor
 
     tok = _tokenizer()
-    # CoT selection items are not used: no choice below concerns CoT alone, and capturing them (about 150 s each on
-    # the loaded machine) did not fit the run; the CoT settings are the papers' words, not tuned (docs/method.md)
-    items = [it for it in scored_items("selection", size, tok) if it.source in SELECT_SOURCES]
+    # CoT selection items enter at the grounding step only (its form decides how a chain of thought is grounded); the
+    # attention terms were chosen on the dialogue and recall items (capturing CoT items did not fit that run), and
+    # the other CoT settings are the papers' words, not tuned (docs/method.md)
+    every = scored_items("selection", size, tok)
+    items = [it for it in every if it.source in SELECT_SOURCES]
     scorer = Scorer(tok, build_items("selection", size, tok) + build_items("confirm", size, tok))
     n_samples = 200 if size == "quick" else 500  # the grid's intervals are not used; point estimates decide
     # the starting values of the search, fixed here (not the current defaults, which are its result): the band is
@@ -641,9 +696,9 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
     base = CAGSRConfig(**SEARCH_START)
     grid: list[dict[str, Any]] = []
 
-    def evaluate(tag: str, cfg: Any) -> dict[str, Any]:
-        sc = score_items(items, cache, scorer, {tag: cfg})
-        crit = _validity_of(summarise(items, sc, [tag], num_samples=n_samples), tag)
+    def evaluate(tag: str, cfg: Any, its: Sequence[Item] = items, truncate: bool = False) -> dict[str, Any]:
+        sc = score_items(its, cache, scorer, {tag: cfg}, truncate=truncate)
+        crit = _validity_of(summarise(its, sc, [tag], num_samples=n_samples), tag)
         row = {"name": tag, "config": cfg.to_dict(), **crit}
         grid.append(row)
         print(f"  {tag}: {crit}", flush=True)
@@ -661,9 +716,17 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
                 cfg = base.replace(layers=layers, gamma=gamma, copy_ngram=n, beta=beta)
                 cands.append(evaluate(f"g{gamma}_n{n}_b{beta}", cfg))
     chosen = CAGSRConfig.from_dict(best_candidate(cands)["config"])
-    # 3. the grounding weight eta, the same criteria (the smallest eta among equals: max keeps the first)
-    etas = [evaluate(f"eta{eta}", chosen.replace(eta=eta)) for eta in ETAS]
-    chosen = CAGSRConfig.from_dict(best_candidate(etas)["config"])
+    # 3. the grounding term: weight eta, prior tokens T0, the CoT tokens covered; on every selection item (CoT
+    #    included) with the truncation and answer-first probes among the bars (the simplest among equals: max keeps
+    #    the first, and the candidates go from small eta and T0 up, "all" before "reasoning")
+    chosen = chosen.replace(grounding_tokens=0.0, cot_grounding="all")
+    grounds = [evaluate("eta0.0", chosen.replace(eta=0.0), every, True)]
+    for eta in ETAS[1:]:
+        for t0 in GROUNDING_TOKENS:
+            for cot in COT_GROUNDINGS:
+                cfg = chosen.replace(eta=eta, grounding_tokens=t0, cot_grounding=cot)
+                grounds.append(evaluate(grounding_name(eta, t0, cot), cfg, every, True))
+    chosen = CAGSRConfig.from_dict(best_candidate(grounds)["config"])
     # 4. the entropy floor: H0 + kappa t through the FLOOR_QUANTILE-quantile of the real replies' mean row
     #    entropies per dialogue turn (cot items are turn 0)
     fn = scorer.reward(chosen.replace(entropy_floor=False), "floor")
@@ -677,11 +740,12 @@ def run_select(size: str, cache: Path, results: Path) -> dict[str, Any]:
         turns += [it.turn_index] * len(blocks)
     h0, kappa = calibrate_entropy_floor(ent, turns, quantile=FLOOR_QUANTILE)
     chosen = chosen.replace(h0=round(h0, 2), kappa=round(kappa, 2))
-    final = score_items(items, cache, scorer, {"default": chosen, "paper": CAGSRConfig.paper()},
-                        components=("default",))
-    summary = summarise(items, final, ["default", "paper", *BASELINES, *(f"default.{c}" for c in COMPONENTS)],
+    final = score_items(every, cache, scorer, {"default": chosen, "paper": CAGSRConfig.paper()},
+                        components=("default",), truncate=True)
+    summary = summarise(every, final, ["default", "paper", *BASELINES, *(f"default.{c}" for c in COMPONENTS)],
                         num_samples=n_samples)
-    out = {"split": "selection", "size": size, "num_items": len(items), "band_layers": layers,
+    out = {"split": "selection", "size": size, "num_items": len(every), "num_select_items": len(items),
+           "band_layers": layers,
            "chosen": chosen.to_dict(), "floor": {"h0": h0, "kappa": kappa, "quantile": FLOOR_QUANTILE,
                                                  "num_entropies": len(ent)},
            "grid": grid, "summary": summary, "capture_cost": None}
@@ -797,10 +861,16 @@ def capture_cost(items: Sequence[Item], layers: Sequence[int], repeats: int = 3)
             "note": "CPU time (process_time) on the shared 2-core machine; HF eager, float32"}
 
 
-def run_confirm(size: str, cache: Path, results: Path, split: str = "confirm2") -> dict[str, Any]:
+#: the grounding term as chosen before the truncation probe existed (mean PMI, weight 0.5), scored beside the current
+#: default on the third confirm split
+PREVIOUS_GROUNDING = {"eta": 0.5, "grounding_tokens": 0.0, "cot_grounding": "all"}
+
+
+def run_confirm(size: str, cache: Path, results: Path, split: str = CONFIRM_SPLIT) -> dict[str, Any]:
     """Every score on a confirm split, once, with the configuration chosen on the selection split; written to
     ``<split>.json``. ``confirm.json`` (the first confirm split, scored with the attention-only default before the
-    grounding term existed) is kept as it was; the current default is confirmed on ``confirm2``."""
+    grounding term existed) and ``confirm2.json`` (the mean-PMI grounding) are kept as they were; the current default
+    is confirmed on ``CONFIRM_SPLIT``."""
     from cagsr_reward.config import CAGSRConfig
 
     sel = json.loads((results / "selection.json").read_text())
@@ -812,8 +882,10 @@ def run_confirm(size: str, cache: Path, results: Path, split: str = "confirm2") 
     scorer = Scorer(tok, known + (build_items(split, size, tok) if split in FRESH_OF else []))
     configs = {"default": chosen, "default_attention": chosen.replace(eta=0.0), "paper": CAGSRConfig.paper(),
                "default_last_layer": chosen.replace(layers=(-1,))}
+    if split == "confirm3":
+        configs["default_mean_pmi"] = chosen.replace(**PREVIOUS_GROUNDING)
     scores = score_items(items, cache, scorer, configs, components=("default",), truncate=True)
-    names = ["default", "default_attention", "paper", "default_last_layer", *BASELINES,
+    names = [*configs, *BASELINES,
              *(f"default.{c}" for c in COMPONENTS)]
     summary = summarise(items, scores, names, num_samples=200 if size == "quick" else 2000)
     out = {"split": split, "size": size, "num_items": len(items), "config": chosen.to_dict(),
@@ -828,12 +900,13 @@ def run_confirm(size: str, cache: Path, results: Path, split: str = "confirm2") 
 # ----------------------------------------------------------------------------------------------------------------
 SCORE_LABELS = {
     "default": "**CAGSR default**", "paper": "CAGSR `paper()` preset", "default_last_layer": "default, last layer only",
-    "pmi": "PMI (per token)", "loglik": "mean log-likelihood", "self_certainty": "self-certainty (INTUITOR)",
+    "pmi": "PMI (per token)", "pmi_total": "PMI (whole reply)", "loglik": "mean log-likelihood", "self_certainty": "self-certainty (INTUITOR)",
     "length": "reply length", "random": "random score", "default.coverage": "default: coverage",
     "default.focus": "default: focus", "default.neg_repetition": "default: −repetition",
-    "default.grounding": "default: grounding (PMI, unweighted)",
+    "default.grounding": "default: grounding (G, unweighted)",
 }
 SCORE_LABELS = {**dict(list(SCORE_LABELS.items())[:1]), "default_attention": "default without grounding (η = 0)",
+                "default_mean_pmi": "default with the earlier grounding (mean PMI, η = 0.5)",
                 **dict(list(SCORE_LABELS.items())[1:])}
 CRITERIA = "AUROC vs other ≥ 0.75 with lower bound ≥ 0.65; vs shuffled ≥ 0.80; real > loop in ≥ 95% of items; " \
     "padding does not raise it on average (mean Δ ≤ 0); CoT answer-first does not raise it (mean Δ ≤ 0)"
@@ -909,7 +982,8 @@ def render_confirm(confirm: Mapping[str, Any], title: str) -> list[str]:
     lines.append("Items: " + ", ".join(f"{s} {counts[s]} ({len(clusters[s])} dialogues)" for s in SOURCES
                                         if s in counts) + ". Default configuration (chosen on the selection split): "
                  f"layers `{cfg['layers']}`, γ = {cfg['gamma']}, copy n = {cfg['copy_ngram']}, β = {cfg['beta']}, "
-                 f"η = {cfg.get('eta', 0.0)}, H0 = {cfg['h0']}, κ = {cfg['kappa']}. Paired AUROC of the real reply against each negative, 95% "
+                 f"η = {cfg.get('eta', 0.0)}, T0 = {cfg.get('grounding_tokens', 0.0):g}, CoT tokens grounded: "
+                 f"{cfg.get('cot_grounding', 'all')}, H0 = {cfg['h0']}, κ = {cfg['kappa']}. Paired AUROC of the real reply against each negative, 95% "
                  "interval from 2,000 bootstrap resamples of dialogues; for probes, the share of items where the "
                  "real reply scores higher and the mean (probe − real) with its interval.")
     lines.append("")
@@ -945,18 +1019,56 @@ def render_confirm(confirm: Mapping[str, Any], title: str) -> list[str]:
     return lines + [""]
 
 
+def render_grounding_grid(selection: Mapping[str, Any]) -> list[str]:
+    """The grounding step of the selection grid: mean AUROC per (T0, CoT tokens) x eta, with the bars met marked."""
+    grid = {g["name"]: g for g in selection["grid"]}
+    zero = grid["eta0.0"]
+    chosen = selection["chosen"]
+    n_pass = sum(1 for g in selection["grid"] if "_t" in g["name"] and passes(g))
+    lines = [f"Grounding term (the attention terms fixed as chosen above; every selection item, CoT included): weight "
+             f"η ∈ {list(ETAS[1:])}, prior tokens T0 ∈ {[f'{t:g}' for t in GROUNDING_TOKENS]}, CoT tokens grounded ∈ "
+             f"{list(COT_GROUNDINGS)}. Cell: mean paired AUROC; ✓ = passes every bar (loop win rate ≥ 0.95 and no "
+             f"padding gain on every source, the whole reply above its first {TRUNCATE_TO} tokens on ≥ "
+             f"{TRUNCATION_BAR:.0%} of the items of every source, no CoT answer-first gain), with the worst truncation "
+             f"win rate in brackets. Without the term (η = 0): {_f(zero['mean_auroc'])} "
+             f"({_f(zero.get('trunc_wins_min', float('nan')))}). {n_pass} candidates pass.", "",
+             "| T0, CoT tokens | " + " | ".join(f"η = {e:g}" for e in ETAS[1:]) + " |",
+             "|---|" + "---|" * (len(ETAS) - 1)]
+    for t0 in GROUNDING_TOKENS:
+        for cot in COT_GROUNDINGS:
+            cells = []
+            for e in ETAS[1:]:
+                g = grid.get(grounding_name(e, t0, cot))
+                cells.append("–" if g is None else f"{_f(g['mean_auroc'])} ({_f(g['trunc_wins_min'])})"
+                             + (" ✓" if passes(g) else ""))
+            lines.append(f"| {t0:g}, {cot} | " + " | ".join(cells) + " |")
+    lines += ["", f"Chosen: η = {chosen['eta']:g}, T0 = {chosen.get('grounding_tokens', 0.0):g}, CoT tokens grounded: "
+              f"{chosen.get('cot_grounding', 'all')} (best mean AUROC among the candidates that pass every bar; the "
+              "first among equals, from small η and T0 up, `all` before `reasoning`)."]
+    return lines
+
+
 def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
-           features: Mapping[str, Any] | None = None, confirm2: Mapping[str, Any] | None = None) -> str:
+           features: Mapping[str, Any] | None = None, confirm2: Mapping[str, Any] | None = None,
+           confirm3: Mapping[str, Any] | None = None) -> str:
     """The generated part of docs/experiments.md (between the markers), from the JSONs alone."""
     lines = [BEGIN, ""]
+    if confirm3 is not None:
+        lines += render_confirm(confirm3, "### Third confirm split (fresh dialogues; the current default: grounding "
+                                          "with prior tokens)")
     if confirm2 is not None:
-        lines += render_confirm(confirm2, "### Second confirm split (fresh dialogues; the current default, η included)")
+        lines += render_confirm(confirm2, "### Second confirm split (fresh dialogues when it was scored; the default "
+                                          "of then: mean-PMI grounding, η = 0.5)" if confirm3 is not None else
+                                "### Second confirm split (fresh dialogues; the current default, η included)")
         lines += render_confirm(confirm, "### First confirm split (the attention-only default, before the grounding "
                                          "term; seen before η was chosen)")
     else:
         lines += render_confirm(confirm, "### Confirm split (no choice was made on these items)")
     lines += ["### Selection split (every choice was made here)", ""]
-    lines.append(f"{selection['num_items']} items ({', '.join(SELECT_SOURCES)}). Each candidate was scored on all of "
+    n_select = selection.get("num_select_items", selection["num_items"])
+    lines.append(f"{n_select} items ({', '.join(SELECT_SOURCES)}) for the attention terms"
+                 + (f"; {selection['num_items']} (CoT too) for the grounding term" if n_select != selection["num_items"]
+                    else "") + ". Each candidate was scored on all of "
                  "them; criteria: mean paired AUROC over (source, negative), the worst loop win rate and the worst "
                  "padding mean Δ. Band (last k layers, other settings at their starting values):")
     lines.append("")
@@ -972,7 +1084,10 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
                  f"gain; chosen: γ = {selection['chosen']['gamma']}, n = {selection['chosen']['copy_ngram']}, "
                  f"β = {selection['chosen']['beta']} (best mean AUROC "
                  f"{_f(max(ok or rest, key=lambda g: (g['mean_auroc'], g['min_auroc']))['mean_auroc'])}).")
-    etas = [g for g in selection["grid"] if g["name"].startswith("eta")]
+    grounds = [g for g in selection["grid"] if g["name"].startswith("eta") and "_t" in g["name"]]
+    etas = [g for g in selection["grid"] if g["name"].startswith("eta") and not grounds]
+    if grounds:
+        lines += [""] + render_grounding_grid(selection)
     if etas:
         lines += ["", "Grounding weight η (the attention terms fixed as chosen above, η = 0 while they were chosen):", "",
                   "| η | " + " | ".join(g["name"][3:] for g in etas) + " |", "|---|" + "---|" * len(etas),
@@ -1004,8 +1119,8 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
 def report(results: Path, doc: Path = DOC) -> int:
     selection = json.loads((results / "selection.json").read_text())
     confirm = json.loads((results / "confirm.json").read_text())
-    confirm2_path = results / "confirm2.json"
-    confirm2 = json.loads(confirm2_path.read_text()) if confirm2_path.exists() else None
+    confirm2, confirm3 = ((json.loads(p.read_text()) if p.exists() else None)
+                          for p in (results / "confirm2.json", results / "confirm3.json"))
     features_path = results / "features.json"
     features = json.loads(features_path.read_text()) if features_path.exists() else None
     text = doc.read_text()
@@ -1013,7 +1128,7 @@ def report(results: Path, doc: Path = DOC) -> int:
         raise SystemExit(f"{doc}: the markers {BEGIN!r} / {END!r} are missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    doc.write_text(head + render(selection, confirm, features, confirm2) + tail)
+    doc.write_text(head + render(selection, confirm, features, confirm2, confirm3) + tail)
     print(f"wrote the validity section of {doc}")
     return 0
 
@@ -1026,9 +1141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few items per source (smoke test)")
     ap.add_argument("--report-only", action="store_true", help="regenerate docs/experiments.md from the JSONs")
     ap.add_argument("--phase", default="all", choices=("capture", "select", "confirm", "features", "all"))
-    ap.add_argument("--split", default=None, choices=("selection", "confirm", "confirm2"),
-                    help="capture: the split to capture (default: selection and confirm2); confirm: the split to "
-                         "score (default: confirm2)")
+    ap.add_argument("--split", default=None, choices=("selection", "confirm", *FRESH_OF),
+                    help=f"capture: the split to capture (default: selection and {CONFIRM_SPLIT}); confirm: the split "
+                         f"to score (default: {CONFIRM_SPLIT})")
     ap.add_argument("--cache", default=None, help=f"per-item arrays (default {CACHE.relative_to(ROOT)})")
     ap.add_argument("--results", default=None, help=f"result JSONs (default {RESULTS.relative_to(ROOT)})")
     args = ap.parse_args(argv)
@@ -1038,11 +1153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:  # always the committed results unless --results names others
         return report(Path(args.results) if args.results else RESULTS)
     if args.phase in ("capture", "all"):
-        run_capture(size, cache, ("selection", "confirm2") if args.split is None else (args.split,))
+        run_capture(size, cache, ("selection", CONFIRM_SPLIT) if args.split is None else (args.split,))
     if args.phase in ("select", "all"):
         run_select(size, cache, results)
     if args.phase in ("confirm", "all"):
-        run_confirm(size, cache, results, args.split or "confirm2")
+        run_confirm(size, cache, results, args.split or CONFIRM_SPLIT)
     if args.phase in ("features", "all"):
         run_features(size, cache, results)
     return 0

@@ -350,6 +350,10 @@ class CAGSRRewardFunction:
         return rewards
 
 
+def _mean_or_nan(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
 def _components(result: Any) -> dict[str, float]:
     """Coverage/focus/repetition/grounding/reward of a TurnScore, or of a CoTScore (its blocks' means; reward =
     total). Grounding is NaN when no log-probabilities were given."""
@@ -362,7 +366,8 @@ def _components(result: Any) -> dict[str, float]:
             "coverage": float(np.mean([b.coverage for b in blocks])),
             "focus": float(np.mean([b.focus for b in blocks])),
             "repetition": float(np.mean([b.repetition for b in blocks])),
-            "grounding": float(np.mean([g(b) for b in blocks])),
+            # the blocks that have a grounding term (a CoT answer under cot_grounding="reasoning" has none)
+            "grounding": _mean_or_nan([b.grounding for b in blocks if b.grounding is not None]),
             "reward": float(result.total),
         }
     return {

@@ -29,13 +29,14 @@ def test_doc_section_is_generated_from_the_committed_jsons():
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert text.count(E.BEGIN) == 1 and text.count(E.END) == 1
     section = E.BEGIN + text.split(E.BEGIN, 1)[1].split(E.END, 1)[0] + E.END
-    rendered = E.render(_load("selection.json"), _load("confirm.json"), _load("features.json"), _load("confirm2.json"))
+    rendered = E.render(_load("selection.json"), _load("confirm.json"), _load("features.json"), _load("confirm2.json"),
+                        _load("confirm3.json"))
     assert section == rendered, (
         "docs/experiments.md is out of date: run python -m experiments.validity --report-only"
     )
 
 
-@pytest.mark.parametrize("name", ["confirm.json", "confirm2.json"])
+@pytest.mark.parametrize("name", ["confirm.json", "confirm2.json", "confirm3.json"])
 def test_confirm_summary_matches_its_per_item_scores(name):
     confirm = _load(name)
     items = confirm["items"]
@@ -55,10 +56,14 @@ def test_confirm_summary_matches_its_per_item_scores(name):
 
 
 def test_the_confirm_splits_share_no_dialogue_with_the_selection_split_or_each_other():
-    first, second = _load("confirm.json"), _load("confirm2.json")
-    assert all(E.split_of(it["cluster"]) == "confirm" for it in first["items"] + second["items"])
-    assert not {it["cluster"] for it in first["items"]} & {it["cluster"] for it in second["items"]}
-    assert _load("selection.json")["split"] == "selection" and second["split"] == "confirm2"
+    splits = [_load(f"{name}.json") for name in ("confirm", "confirm2", "confirm3")]
+    assert all(E.split_of(it["cluster"]) == "confirm" for s in splits for it in s["items"])
+    clusters = [{it["cluster"] for it in s["items"]} for s in splits]
+    for i in range(len(clusters)):
+        for j in range(i + 1, len(clusters)):
+            assert not clusters[i] & clusters[j]
+    assert _load("selection.json")["split"] == "selection"
+    assert [s["split"] for s in splits] == ["confirm", "confirm2", "confirm3"]
 
 
 def test_the_shipped_defaults_are_the_ones_chosen_on_the_selection_split():
@@ -66,9 +71,15 @@ def test_the_shipped_defaults_are_the_ones_chosen_on_the_selection_split():
 
     selection = _load("selection.json")
     assert CAGSRConfig.from_dict(selection["chosen"]) == CAGSRConfig()
-    assert _load("confirm2.json")["config"] == selection["chosen"]
-    # the first confirm split was scored with the same attention terms, before the grounding term existed
-    assert {**_load("confirm.json")["config"], "eta": 0.0} == {**selection["chosen"], "eta": 0.0}
+    assert _load("confirm3.json")["config"] == selection["chosen"]
+    # the earlier confirm splits were scored with the same attention terms: the first before the grounding term
+    # existed, the second with the mean-PMI grounding
+    grounding = {"eta": 0.0, "grounding_tokens": 0.0, "cot_grounding": "all"}
+    attention = {**selection["chosen"], **grounding}
+    assert {**_load("confirm.json")["config"], **grounding} == attention
+    assert {**_load("confirm2.json")["config"], **grounding} == attention
+    assert {k: _load("confirm2.json")["config"].get(k, v) for k, v in E.PREVIOUS_GROUNDING.items()} \
+        == E.PREVIOUS_GROUNDING
 
 
 def test_the_selection_grid_reproduces_its_own_choice():
@@ -76,11 +87,41 @@ def test_the_selection_grid_reproduces_its_own_choice():
     selection.json fails here)."""
     selection = _load("selection.json")
     grid = {g["name"]: g for g in selection["grid"]}
-    etas = [grid[f"eta{eta}"] for eta in E.ETAS]
-    assert E.best_candidate(etas)["config"]["eta"] == selection["chosen"]["eta"]
+    grounds = [grid["eta0.0"]] + [grid[E.grounding_name(eta, t0, cot)] for eta in E.ETAS[1:]
+                                  for t0 in E.GROUNDING_TOKENS for cot in E.COT_GROUNDINGS]
+    best = E.best_candidate(grounds)["config"]
+    assert E.passes(E.best_candidate(grounds)), "no grounding candidate passes every bar"
+    for key in ("eta", "grounding_tokens", "cot_grounding"):
+        assert best[key] == selection["chosen"][key]
     bands = [grid[f"band{k}"] for k in E.BANDS]
     k_best = max(E.BANDS, key=lambda k: (grid[f"band{k}"]["mean_auroc"], -k))
     assert selection["chosen"]["layers"] == f"last:{k_best}" and len(bands) == len(E.BANDS)
+
+
+def test_passes_applies_every_bar():
+    good = {"loop_wins_min": 0.95, "pad_diff_max": 0.0, "trunc_wins_min": E.TRUNCATION_BAR, "answer_first_max": 0.0}
+    assert E.passes(good)
+    assert E.passes({"loop_wins_min": 1.0, "pad_diff_max": -1.0})  # a step without the truncation / CoT probes
+    for key, bad in (("loop_wins_min", 0.94), ("pad_diff_max", 1e-6), ("trunc_wins_min", E.TRUNCATION_BAR - 0.01),
+                     ("answer_first_max", 1e-6)):
+        assert not E.passes({**good, key: bad}), key
+    # the best passing candidate wins over a better one that fails a bar; among equals the first
+    cands = [{**good, "mean_auroc": 0.9, "min_auroc": 0.5, "trunc_wins_min": 0.5},
+             {**good, "mean_auroc": 0.8, "min_auroc": 0.5, "name": "a"},
+             {**good, "mean_auroc": 0.8, "min_auroc": 0.5, "name": "b"}]
+    assert E.best_candidate(cands)["name"] == "a"
+
+
+def test_a_stale_cache_entry_is_refused(tmp_path):
+    item = E.Item("x#1", "x", "chitchat", "selection", [], "", 1, continuations={"real": [1, 2], "other": [3]})
+    path = E._cache_path(tmp_path, item)
+    path.parent.mkdir(parents=True)
+    np.savez(path, ids_real=np.array([1, 2]), ids_other=np.array([4]))
+    assert not E._cache_matches(item, path)
+    with pytest.raises(ValueError, match="cached for other continuations"):
+        E.load_cached(item, tmp_path)
+    np.savez(path, ids_real=np.array([1, 2]), ids_other=np.array([3]))
+    assert E.load_cached(item, tmp_path)["ids_other"].tolist() == [3]
 
 
 def test_attention_features_by_hand():
@@ -100,16 +141,19 @@ def test_attention_features_by_hand():
 
 
 @pytest.mark.slow  # reads the corpora: ~20 s idle, ~45 s on a loaded machine
-def test_the_second_confirm_split_takes_the_dialogues_after_the_first():
-    """confirm2 = the confirm-split dialogues that come after every item built for the first confirm split: built
-    from the corpora here (quick sizes), disjoint from it, and the parent builder's next items in order."""
+def test_the_fresh_confirm_splits_take_the_dialogues_after_the_earlier_ones():
+    """confirm2 = the confirm-split dialogues after every item built for the first confirm split, confirm3 = those
+    after confirm2's: built from the corpora here (quick sizes), disjoint, and the parent builder's next items in
+    order."""
     tok = E._tokenizer()
-    first = E._build_items("confirm", "quick", tok)
-    second = E._build_items("confirm2", "quick", tok)
-    assert second and {it.split for it in second} == {"confirm2"}
-    assert all(E.split_of(it.cluster) == "confirm" for it in second)
-    assert not {it.cluster for it in first} & {it.cluster for it in second}
+    built = {name: E._build_items(name, "quick", tok) for name in ("confirm", "confirm2", "confirm3")}
+    for name in ("confirm2", "confirm3"):
+        assert built[name] and {it.split for it in built[name]} == {name}
+        assert all(E.split_of(it.cluster) == "confirm" for it in built[name])
+    clusters = [{it.cluster for it in items} for items in built.values()]
+    assert not clusters[0] & clusters[1] and not clusters[0] & clusters[2] and not clusters[1] & clusters[2]
     for source in E.SOURCES:
-        n1, n2 = E.SIZES["quick"]["confirm"][source], E.SIZES["quick"]["confirm2"][source]
-        parent = [it.item_id for it in E._BUILDERS[source]("confirm", n1 + n2, tok)]
-        assert [it.item_id for it in second if it.source == source] == parent[n1:]
+        n1, n2, n3 = (E.SIZES["quick"][name][source] for name in ("confirm", "confirm2", "confirm3"))
+        parent = [it.item_id for it in E._BUILDERS[source]("confirm", n1 + n2 + n3, tok)]
+        assert [it.item_id for it in built["confirm2"] if it.source == source] == parent[n1:n1 + n2]
+        assert [it.item_id for it in built["confirm3"] if it.source == source] == parent[n1 + n2:]

@@ -22,7 +22,8 @@ def test_defaults():
     assert (cfg.repetition, cfg.cot_episode, cfg.cot_answer, cfg.cot_floor) == ("self_and_copy", "mean", "sentence", "turn")
     assert cfg.block_focus == paper.block_focus == "summed"
     # the grounding weight, chosen on the selection split; the papers' preset and attention_only() leave it out
-    assert (cfg.eta, paper.eta, CAGSRConfig.attention_only().eta) == (0.5, 0.0, 0.0)
+    assert (cfg.eta, paper.eta, CAGSRConfig.attention_only().eta) == (4.0, 0.0, 0.0)
+    assert (cfg.grounding_tokens, cfg.cot_grounding) == (128.0, "all")
     assert CAGSRConfig.attention_only(mode="single") == cfg.replace(eta=0.0, mode="single")
     assert cfg.ngram == 3
     assert cfg.heads == "all"

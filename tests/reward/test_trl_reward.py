@@ -177,7 +177,7 @@ def by_hand(source, tokenizer, selector, cfg, prompt, completion, *, turn_index=
 
 @pytest.mark.parametrize("mode", ["single", "multi"])
 def test_rewards_equal_score_turn_by_hand(model, tokenizer, selector, mode):
-    cfg = CAGSRConfig(mode=mode, ngram=1, eta=0.5)  # eta = 0.5 is the default
+    cfg = CAGSRConfig(mode=mode, ngram=1)  # the default grounding (eta, prior tokens)
     source = HFAttentionSource(model, layers="all")
     prompts = [TEXTS[0], TEXTS[0], [{"role": "user", "content": TEXTS[4]}], [{"role": "user", "content": TEXTS[4]}]]
     completions = _completions(4, 6, len(tokenizer))
@@ -188,7 +188,8 @@ def test_rewards_equal_score_turn_by_hand(model, tokenizer, selector, mode):
     assert all(isinstance(r, float) for r in got)
     # the grounding comes from the source's own log-probabilities, and it moves the reward
     assert [s.grounding for s in reward.last_scores] == pytest.approx([e.grounding for e in expected], abs=1e-6)
-    assert all(abs(e.grounding) > 1e-3 for e in expected)
+    T, T0 = 6, cfg.grounding_tokens  # the grounding is the mean PMI shrunk by T / (T + T0)
+    assert all(abs(e.grounding) * (T + T0) / T > 1e-3 for e in expected)
     # The parts are not degenerate: coverage is positive and the completions differ in reward.
     assert all(e.coverage > 0 for e in expected) and len(set(np.round(got, 9))) > 1
     assert [s.reward for s in reward.last_scores] == pytest.approx(got)
@@ -440,8 +441,8 @@ def test_logprob_columns_win_and_eta_zero_still_logs_grounding(model, reference,
     rng = np.random.default_rng(23)
     lp = [-rng.uniform(0.1, 5.0, size=len(c)) for c in completions]
     lp0 = [-rng.uniform(0.1, 5.0, size=len(c)) for c in completions]
-    reward = cagsr_reward_func(CAGSRConfig(eta=0.5), source=source, tokenizer=tokenizer, selector=selector,
-                               likelihood=HFLikelihood(reference))
+    reward = cagsr_reward_func(CAGSRConfig(eta=0.5, grounding_tokens=0.0), source=source, tokenizer=tokenizer,
+                               selector=selector, likelihood=HFLikelihood(reference))
     caps = _captured(source, reward, prompts, completions)
     got = reward(prompts, ["", ""], completions, attncap_attention=caps,
                  **{LOGPROBS_KWARG: [x.tolist() for x in lp], PRIOR_LOGPROBS_KWARG: lp0})

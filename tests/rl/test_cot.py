@@ -80,7 +80,7 @@ def test_cot_reward_func_forces_cot_mode_and_passes_the_likelihood():
 
     tokenizer, likelihood = object(), Flat()
     reward = cot_reward_func(tokenizer=tokenizer, likelihood=likelihood)
-    assert reward.config == CAGSRConfig(mode="cot") and reward.config.eta == 0.5
+    assert reward.config == CAGSRConfig(mode="cot") and reward.config.eta == CAGSRConfig().eta > 0
     assert reward.likelihood is likelihood and not reward.needs_logprob_columns
     assert cot_reward_func(tokenizer=tokenizer).needs_logprob_columns  # eta > 0 and nothing to compute them with
     assert not cot_reward_func(CAGSRConfig.attention_only(), tokenizer=tokenizer).needs_logprob_columns

@@ -122,13 +122,13 @@ def test_evaluate_dialogues_and_cot_on_a_tiny_model(tiny_llama, tmp_path):
                             likelihood=HFLikelihood(str(tiny_llama)))
     assert [d["messages"] for d in hf["dialogues"]] == [d["messages"] for d in full["dialogues"]]
     assert [t["grounding"] for d in hf["dialogues"] for t in d["turns"]] == pytest.approx(grounding, abs=1e-4)
-    # attention only: no log-probabilities, no grounding; the default's reward is that plus 0.5 * grounding
+    # attention only: no log-probabilities, no grounding; the default's reward is that plus eta * grounding
     plain = evaluate_dialogues(llm, episodes, CAGSRConfig.attention_only(), sampling_params=sp, consistency=False)
     plain_turns = [t for d in plain["dialogues"] for t in d["turns"]]
     assert all(t["grounding"] is None for t in plain_turns)
     full_turns = [t for d in full["dialogues"] for t in d["turns"]]
     assert [t["reward"] for t in full_turns] == pytest.approx(
-        [p["reward"] + 0.5 * f["grounding"] for p, f in zip(plain_turns, full_turns)], abs=1e-6)
+        [p["reward"] + CAGSRConfig().eta * f["grounding"] for p, f in zip(plain_turns, full_turns)], abs=1e-6)
     ablated = evaluate_dialogues(
         llm, episodes, CAGSRConfig(history_coverage=False), sampling_params=sp, consistency=False
     )
