@@ -529,6 +529,9 @@ def train_arm(ctx: Context, arm: Arm, seed: int) -> dict[str, Any]:
 
     def evaluate(step: int) -> None:
         trainer.vllm_generation.sync_weights()
+        # the policy at this checkpoint (under runs/, ignored by git; ~0.5 GB at full size): a later change of the
+        # default reward can re-score the held-out replies of this unit without training it again (rescore_unit)
+        policy.save_pretrained(policy_dir(ctx, f"{arm.name}_s{seed}", step), safe_serialization=True)
         checkpoints.append(evaluate_checkpoint(ctx, trainer.attncap_llm.wrapped_llm, step, policy))
         eval_seconds[0] += checkpoints[-1]["seconds"]
 
@@ -545,6 +548,52 @@ def train_arm(ctx: Context, arm: Arm, seed: int) -> dict[str, Any]:
     return {"arm": arm.name, "reward": described, "steps": s["steps"], "num_train_prompts": len(data["prompt"]),
             "train_seconds": train_s, "seconds_per_step": train_s / max(1, s["steps"]),
             "history": _history(trainer.state.log_history), "checkpoints": checkpoints}
+
+
+def policy_dir(ctx: Context, unit: str, step: int) -> Path:
+    """Where a trained unit keeps its policy at a checkpoint (under ``runs/``, ignored by git)."""
+    return ROOT / "runs" / "training-work" / ctx.size / unit / f"policy-step{step}"
+
+
+def rescore_unit(name: str, ctx: Context) -> dict[str, Any]:
+    """Evaluate a trained unit's checkpoints again from its saved policies (:func:`policy_dir`), with this
+    checkout's default reward: for a unit trained before the default changed. Greedy decoding of the same weights
+    gives the same replies, and ``replies_as_trained`` (the share of held-out replies equal to the stored ones) says
+    whether it did. The training history (its ``monitor_default``) stays as it was logged. Rewrites
+    ``<out>/<name>.json`` with a ``rescored`` record."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_attncap.rl.engine_weights import capture_llm, sync_engine_weights
+
+    path = ctx.out / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no result to re-score")
+    result = json.loads(path.read_text())
+    if result.get("arm") == "untrained":
+        raise ValueError("rescore: the untrained unit has no saved policy; run it again (--units untrained)")
+    dirs = {cp["step"]: policy_dir(ctx, name, cp["step"]) for cp in result["checkpoints"]}
+    missing = [str(d) for d in dirs.values() if not d.exists()]
+    if missing:
+        raise FileNotFoundError(f"rescore {name}: no saved policy at {', '.join(missing)}; train the unit again")
+    llm = capture_llm(ctx.model, dtype="float32", max_model_len=ctx.max_model_len, seed=DATA_SEED)
+    t0 = time.perf_counter()
+    checkpoints = []
+    for old in result["checkpoints"]:
+        policy = AutoModelForCausalLM.from_pretrained(dirs[old["step"]], dtype=torch.float32).eval()
+        sync_engine_weights(llm, policy.named_parameters())
+        new = evaluate_checkpoint(ctx, llm, old["step"], policy)
+        same = [a["reply"] == b["reply"] for a, b in zip(old["rows"], new["rows"])]
+        new["replies_as_trained"] = float(np.mean(same)) if same else float("nan")
+        checkpoints.append(new)
+    result["checkpoints"] = checkpoints
+    result["rescored"] = {"commit": _commit(), "seconds": time.perf_counter() - t0,
+                          "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                          "note": "checkpoints evaluated again from the saved policies; training history as logged"}
+    tmp = ctx.out / f".{name}.json.tmp"
+    write_json(tmp, result)
+    os.replace(tmp, path)
+    return result
 
 
 def evaluate_untrained(ctx: Context, seed: int) -> dict[str, Any]:
@@ -710,6 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # one unit in this process (what the grid calls)
     p.add_argument("--in-process", action="store_true", help="run every unit in this process")
     p.add_argument("--report-only", action="store_true", help="only rebuild docs/experiments.md's training section")
+    p.add_argument("--rescore", default=None,
+                   help="comma-separated trained units: evaluate their checkpoints again from the saved policies with "
+                        "this checkout's default reward (after the default changed)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "experiments.md"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     size = "quick" if args.quick else "full"
@@ -720,7 +772,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vllm_attncap.default_model import default_model_path
 
             model = str(default_model_path())
-        if args.unit:
+        if args.rescore:
+            for name in (u for u in args.rescore.split(",") if u):
+                if name not in UNITS:
+                    p.error(f"--rescore: unknown unit {name!r}; choose from {', '.join(UNITS)}")
+                rescore_unit(name, Context(model, size, out))
+                print(f"[training] {name}: re-scored")
+        elif args.unit:
             try:
                 run_unit(args.unit, Context(model, size, out))
             except UnitSkipped as exc:
@@ -728,17 +786,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _skip_note(args.unit).write_text(str(exc))
                 return SKIP_EXIT
             return 0
-        chosen = None
-        if args.units:
-            wanted = [u for u in args.units.split(",") if u]
-            unknown = sorted(set(wanted) - set(UNITS))
-            if unknown:
-                p.error(f"--units: unknown unit(s) {unknown}; choose from {', '.join(UNITS)}")
-            chosen = [u for u in UNITS if u in set(wanted)]
-        status = run_grid(out, model=model, size=size, units=chosen, budget_min=args.budget, in_process=args.in_process,
-                          unit_timeout_s=args.unit_timeout)
-        for n, st in status.items():
-            print(f"[training] {n}: {st}")
+        else:
+            chosen = None
+            if args.units:
+                wanted = [u for u in args.units.split(",") if u]
+                unknown = sorted(set(wanted) - set(UNITS))
+                if unknown:
+                    p.error(f"--units: unknown unit(s) {unknown}; choose from {', '.join(UNITS)}")
+                chosen = [u for u in UNITS if u in set(wanted)]
+            status = run_grid(out, model=model, size=size, units=chosen, budget_min=args.budget,
+                              in_process=args.in_process, unit_timeout_s=args.unit_timeout)
+            for n, st in status.items():
+                print(f"[training] {n}: {st}")
     if out == RESULTS:
         from .report import update_doc
 

@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 from experiments import report, training  # noqa: E402
 
+from cagsr_reward.config import CAGSRConfig  # noqa: E402
+
 
 def test_committed_report_is_regenerated_from_the_committed_jsons():
     doc = ROOT / "docs" / "experiments.md"
@@ -155,7 +157,7 @@ def test_cagsr_arms_ground_with_the_frozen_start_only_when_eta_is_positive(tiny_
     ctx = training.Context(str(tiny_llama), "quick", tmp_path)
     built = {name: training.ARMS[name].build(ctx, 0) for name in ("default", "paper", "single")}
     reward, described = built["default"]
-    assert described["eta"] == 0.5 and reward.likelihood is ctx.scorer()
+    assert described == CAGSRConfig().to_dict() and described["eta"] > 0 and reward.likelihood is ctx.scorer()
     assert ctx.scorer().model is ctx.reference()  # the starting policy, frozen: the KL reference
     for name in ("paper", "single"):
         reward, described = built[name]
@@ -208,6 +210,19 @@ def test_quick_grid_runs_two_units_and_resumes(tiny_llama, tmp_path):
     assert all(r["grounding"] is not None and np.isfinite(r["grounding"])
                for u in (base, pc) for c in u["checkpoints"] for r in c["rows"] if r["reply_tokens"])
     assert pc["wall_seconds"] > pc["train_seconds"] > 0 and pc["budget"]["learning_rate"] == 1e-4
+
+    # re-scored from the saved policies: the same weights give the same greedy replies and the same KL to the start
+    assert training.main([*args, "--rescore", "length_s0"]) == 0
+    again = json.loads((out / "length_s0.json").read_text())
+    assert again["history"] == pc["history"] and "rescored" in again
+    for old, new in zip(pc["checkpoints"], again["checkpoints"]):
+        assert new["step"] == old["step"] and new["replies_as_trained"] == 1.0
+        assert [r["reply"] for r in new["rows"]] == [r["reply"] for r in old["rows"]]
+        assert [r["kl_to_start"] for r in new["rows"]] == pytest.approx([r["kl_to_start"] for r in old["rows"]],
+                                                                        abs=1e-6)
+    assert any((r["kl_to_start"] or 0.0) > 1e-6 for r in again["checkpoints"][-1]["rows"])  # trained weights, not the start
+    with pytest.raises(ValueError, match="the untrained unit has no saved policy"):
+        training.main([*args, "--rescore", "untrained"])
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert training.main(args) == 0  # resumed: both units exist, neither runs again
