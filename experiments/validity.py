@@ -1026,8 +1026,9 @@ def render_grounding_grid(selection: Mapping[str, Any]) -> list[str]:
     chosen = selection["chosen"]
     n_pass = sum(1 for g in selection["grid"] if "_t" in g["name"] and passes(g))
     lines = [f"Grounding term (the attention terms fixed as chosen above; every selection item, CoT included): weight "
-             f"η ∈ {list(ETAS[1:])}, prior tokens T0 ∈ {[f'{t:g}' for t in GROUNDING_TOKENS]}, CoT tokens grounded ∈ "
-             f"{list(COT_GROUNDINGS)}. Cell: mean paired AUROC; ✓ = passes every bar (loop win rate ≥ 0.95 and no "
+             f"η ∈ {{{', '.join(f'{e:g}' for e in ETAS[1:])}}}, prior tokens T0 ∈ "
+             f"{{{', '.join(f'{t:g}' for t in GROUNDING_TOKENS)}}}, CoT tokens grounded ∈ "
+             f"{{{', '.join(COT_GROUNDINGS)}}}. Cell: mean paired AUROC; ✓ = passes every bar (loop win rate ≥ 0.95 and no "
              f"padding gain on every source, the whole reply above its first {TRUNCATE_TO} tokens on ≥ "
              f"{TRUNCATION_BAR:.0%} of the items of every source, no CoT answer-first gain), with the worst truncation "
              f"win rate in brackets. Without the term (η = 0): {_f(zero['mean_auroc'])} "
@@ -1044,7 +1045,7 @@ def render_grounding_grid(selection: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {t0:g}, {cot} | " + " | ".join(cells) + " |")
     lines += ["", f"Chosen: η = {chosen['eta']:g}, T0 = {chosen.get('grounding_tokens', 0.0):g}, CoT tokens grounded: "
               f"{chosen.get('cot_grounding', 'all')} (best mean AUROC among the candidates that pass every bar; the "
-              "first among equals, from small η and T0 up, `all` before `reasoning`)."]
+              "first among equals, from small η and T0 up, `all` before `reasoning`).", ""]
     return lines
 
 
