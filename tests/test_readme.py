@@ -64,7 +64,9 @@ def test_readme_snippet_runs(smollm2_path, tmp_path):
     score = ast.literal_eval(score_line)
     assert 0.0 < score["coverage"] <= 1.0 and 1 <= score["num_tokens"] <= 32
     # the README's formula: R = alpha * C + beta * F - gamma * rep + eta * G, G given (the default grounds the reply)
-    assert score["eta"] == 0.5 and score["grounding"] is not None
+    from cagsr_reward.config import CAGSRConfig
+
+    assert score["eta"] == CAGSRConfig().eta and score["grounding"] is not None
     expected = (score["alpha"] * score["coverage"] + score["beta"] * score["focus"] - score["gamma"] * score["repetition"]
                 + score["eta"] * score["grounding"])
     assert score["reward"] == pytest.approx(expected, abs=1e-9)

@@ -45,12 +45,12 @@ def test_imports_with_heavy_packages_poisoned():
         import numpy as np
         cfg = cagsr_reward.CAGSRConfig()  # the default grounds the reply: both log-probability vectors given
         ts = cagsr_reward.score_turn(np.array([[0.5, 0.5]]), [0], cfg, sink=0, logprobs=[-1.0], prior_logprobs=[-2.0])
-        print("ok", round(ts.coverage, 3), ts.grounding)
+        print("ok", round(ts.coverage, 3), round(ts.grounding * (1 + cfg.grounding_tokens), 9))  # 1 nat over 1 + T0
         """
     )
     proc = _run(sys.executable, code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok 0.5 1.0"
+    assert proc.stdout.strip() == "ok 0.5 1.0"  # a 1-token reply with 1 nat of PMI
 
 
 @pytest.mark.slow

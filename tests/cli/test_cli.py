@@ -221,7 +221,9 @@ def test_demo_writes_heatmaps_and_summary(tiny):
         assert score["turn_index"] == t and 1 <= turn["num_tokens"] <= 8
         assert np.isfinite([score["reward"], score["coverage"], score["focus"], score["repetition"],
                             score["grounding"]]).all()  # the default grounds each reply, with the engine's log-probs
-        assert score["eta"] == summary["config"]["eta"] == 0.5
+        from cagsr_reward.config import CAGSRConfig
+
+        assert score["eta"] == summary["config"]["eta"] == CAGSRConfig().eta
         assert score["reward"] == pytest.approx(sum(turn["components"].values()), abs=1e-9)
         roles = [s["role"] for s in turn["spans"]]
         assert roles[0] == "system" and roles.count("user") == t + 1 and roles.count("assistant") == t
