@@ -281,9 +281,12 @@ def render(folder: Path = RESULTS) -> str:
         au = arms.get(arm, [])
         if not au:
             continue
-        cells = [_ci(two_level_bootstrap(_seeds(au, k)), d) for k, _, d in METRICS]
+        current = all(_json(c.get("reward_config")) == _json(_default_config()) for u in au for c in u["checkpoints"])
+        cells = [_ci(two_level_bootstrap(_seeds(au, k)), d) + ("" if current or k != "reward" else " †")
+                 for k, _, d in METRICS]
         L.append(f"| {arm} | {len(au)} | " + " | ".join(cells) + " |")
-    L.append("")
+    L += ["", "† scored with an earlier default reward (its config is in the unit JSON), not comparable with the "
+          "column's other values; `--rescore` evaluates a unit again from its saved policies.", ""]
 
     # -- paired differences --------------------------------------------------------------------------------------------
     L += ["### Paired differences, arm A − arm B (same held-out dialogues)", "",
