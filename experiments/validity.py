@@ -74,12 +74,15 @@ SIZES = {
         # sized before any of its items was scored; tech_support has only the confirm-split episodes the first two
         # confirm splits left (the corpus pairs ten problems: 90 episodes in all)
         "confirm3": {"chitchat": 80, "tech_support": 24, "recall": 40, "cot": 24},
+        # tech support only: one item per problem of the 48 written for it (EXTRA_SPLITS)
+        "confirm_tech": {"chitchat": 0, "tech_support": 48, "recall": 0, "cot": 0},
     },
     "quick": {
         "selection": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
         "confirm": {"chitchat": 3, "tech_support": 3, "recall": 3, "cot": 2},
         "confirm2": {"chitchat": 2, "tech_support": 2, "recall": 2, "cot": 2},
         "confirm3": {"chitchat": 2, "tech_support": 2, "recall": 2, "cot": 2},
+        "confirm_tech": {"chitchat": 0, "tech_support": 3, "recall": 0, "cot": 0},
     },
 }
 #: Fresh confirm splits: ``{split: (parent, earlier splits)}``. Each is made of the parent split's dialogues that
@@ -87,7 +90,11 @@ SIZES = {
 #: second confirm split held dialogues no result had touched when the grounding weight was chosen (the first had
 #: been looked at twice by then); the third, dialogues no result had touched when the grounding's form (its prior
 #: tokens, the CoT answer) was chosen.
-FRESH_OF = {"confirm2": ("confirm", ("confirm",)), "confirm3": ("confirm", ("confirm", "confirm2"))}
+FRESH_OF: dict[str, tuple[str, tuple[str, ...]]] = {"confirm2": ("confirm", ("confirm",)), "confirm3": ("confirm", ("confirm", "confirm2"))}
+#: Confirm splits drawn from other data than the splits' dialogues: ``confirm_tech`` is tech support on the 48 problem /
+#: fix pairs of ``cagsr_reward.integrations.tech_corpus`` (written after the chatterbot corpus's ten pairs ran out at
+#: 7 items in ``confirm3``; no choice was made on them, so every one of its episodes is a confirm dialogue).
+EXTRA_SPLITS = ("confirm_tech",)
 #: the split the current default is confirmed on (``--phase confirm`` without ``--split``)
 CONFIRM_SPLIT = "confirm3"
 # Items scored per (split, source): a prefix of each source's built list (SIZES fixes the lists, and so which
@@ -96,7 +103,8 @@ CONFIRM_SPLIT = "confirm3"
 SCORED = {
     "full": {"selection": SIZES["full"]["selection"],
              "confirm": {"chitchat": 32, "tech_support": 16, "recall": 15, "cot": 8},
-             "confirm2": SIZES["full"]["confirm2"], "confirm3": SIZES["full"]["confirm3"]},
+             "confirm2": SIZES["full"]["confirm2"], "confirm3": SIZES["full"]["confirm3"],
+             "confirm_tech": SIZES["full"]["confirm_tech"]},
     "quick": SIZES["quick"],
 }
 REPLY_TOKENS = {"chitchat": 32, "tech_support": 32, "recall": 32, "cot": 48}
@@ -156,12 +164,33 @@ def _chitchat_items(split: str, n: int, tok: Any) -> list[Item]:
 def _tech_items(split: str, n: int, tok: Any) -> list[Item]:
     from cagsr_reward.integrations.user_sim import UserSimulator, load_tech_support
 
+    if split == "confirm_tech":
+        return _tech_extra_items(n)
     out = []
     for ep in load_tech_support(seed=SEED):
         if split_of(ep.episode_id) != split:
             continue
         t = 1 + int(_rng("turn", ep.episode_id).integers(ep.num_turns - 1))
         out.append(Item(f"{ep.episode_id}#{t}", ep.episode_id, "tech_support", split,
+                        UserSimulator.reference_prefix(ep, t), ep.reference_replies[t], t))
+        if len(out) >= n:
+            break
+    return out
+
+
+def _tech_extra_items(n: int) -> list[Item]:
+    """Items of ``confirm_tech``: episodes over the 48 written pairs, one item per problem (the first episode, in
+    the seeded order, whose randomly drawn turn asks it), so no two items share a reference reply."""
+    from cagsr_reward.integrations.tech_corpus import EXTRA_PAIRS
+    from cagsr_reward.integrations.user_sim import UserSimulator, load_tech_support
+
+    out, asked = [], set()
+    for ep in load_tech_support(seed=SEED, pairs=EXTRA_PAIRS, id_prefix="tech_extra"):
+        t = 1 + int(_rng("turn", ep.episode_id).integers(ep.num_turns - 1))
+        if ep.reference_replies[t] in asked:
+            continue
+        asked.add(ep.reference_replies[t])
+        out.append(Item(f"{ep.episode_id}#{t}", ep.episode_id, "tech_support", "confirm_tech",
                         UserSimulator.reference_prefix(ep, t), ep.reference_replies[t], t))
         if len(out) >= n:
             break
@@ -251,6 +280,8 @@ def build_items(split: str, size: str, tok: Any) -> list[Item]:
 def _build_items(split: str, size: str, tok: Any) -> list[Item]:
     items: list[Item] = []
     for source in SOURCES:
+        if SIZES[size][split][source] == 0:
+            continue
         if split in FRESH_OF:  # the dialogues of the parent split after the ones built for the earlier splits
             parent, earlier = FRESH_OF[split]
             skip = sum(SIZES[size][e][source] for e in earlier)
@@ -879,7 +910,7 @@ def run_confirm(size: str, cache: Path, results: Path, split: str = CONFIRM_SPLI
     items = scored_items(split, size, tok)
     known = build_items("selection", size, tok) + build_items("confirm", size, tok)
     # the IDF's documents leave out every dialogue scored here
-    scorer = Scorer(tok, known + (build_items(split, size, tok) if split in FRESH_OF else []))
+    scorer = Scorer(tok, known + (build_items(split, size, tok) if split in (*FRESH_OF, *EXTRA_SPLITS) else []))
     configs = {"default": chosen, "default_attention": chosen.replace(eta=0.0), "paper": CAGSRConfig.paper(),
                "default_last_layer": chosen.replace(layers=(-1,))}
     if split == "confirm3":
@@ -1051,9 +1082,12 @@ def render_grounding_grid(selection: Mapping[str, Any]) -> list[str]:
 
 def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
            features: Mapping[str, Any] | None = None, confirm2: Mapping[str, Any] | None = None,
-           confirm3: Mapping[str, Any] | None = None) -> str:
+           confirm3: Mapping[str, Any] | None = None, confirm_tech: Mapping[str, Any] | None = None) -> str:
     """The generated part of docs/experiments.md (between the markers), from the JSONs alone."""
     lines = [BEGIN, ""]
+    if confirm_tech is not None:
+        lines += render_confirm(confirm_tech, "### Tech-support confirm split (48 problems written after the corpus's "
+                                              "ten ran out; the current default)")
     if confirm3 is not None:
         lines += render_confirm(confirm3, "### Third confirm split (fresh dialogues; the current default: grounding "
                                           "with prior tokens)")
@@ -1120,8 +1154,9 @@ def render(selection: Mapping[str, Any], confirm: Mapping[str, Any],
 def report(results: Path, doc: Path = DOC) -> int:
     selection = json.loads((results / "selection.json").read_text())
     confirm = json.loads((results / "confirm.json").read_text())
-    confirm2, confirm3 = ((json.loads(p.read_text()) if p.exists() else None)
-                          for p in (results / "confirm2.json", results / "confirm3.json"))
+    confirm2, confirm3, confirm_tech = ((json.loads(p.read_text()) if p.exists() else None)
+                                        for p in (results / "confirm2.json", results / "confirm3.json",
+                                                  results / "confirm_tech.json"))
     features_path = results / "features.json"
     features = json.loads(features_path.read_text()) if features_path.exists() else None
     text = doc.read_text()
@@ -1129,7 +1164,7 @@ def report(results: Path, doc: Path = DOC) -> int:
         raise SystemExit(f"{doc}: the markers {BEGIN!r} / {END!r} are missing")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    doc.write_text(head + render(selection, confirm, features, confirm2, confirm3) + tail)
+    doc.write_text(head + render(selection, confirm, features, confirm2, confirm3, confirm_tech) + tail)
     print(f"wrote the validity section of {doc}")
     return 0
 
@@ -1142,7 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few items per source (smoke test)")
     ap.add_argument("--report-only", action="store_true", help="regenerate docs/experiments.md from the JSONs")
     ap.add_argument("--phase", default="all", choices=("capture", "select", "confirm", "features", "all"))
-    ap.add_argument("--split", default=None, choices=("selection", "confirm", *FRESH_OF),
+    ap.add_argument("--split", default=None, choices=("selection", "confirm", *FRESH_OF, *EXTRA_SPLITS),
                     help=f"capture: the split to capture (default: selection and {CONFIRM_SPLIT}); confirm: the split "
                          f"to score (default: {CONFIRM_SPLIT})")
     ap.add_argument("--cache", default=None, help=f"per-item arrays (default {CACHE.relative_to(ROOT)})")

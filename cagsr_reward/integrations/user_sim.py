@@ -154,7 +154,14 @@ def _read_tech_support_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def load_tech_support(
-    *, min_turns: int = 3, max_turns: int = 5, num_episodes: int | None = None, seed: int = 0, path: str | None = None
+    *,
+    min_turns: int = 3,
+    max_turns: int = 5,
+    num_episodes: int | None = None,
+    seed: int = 0,
+    path: str | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    id_prefix: str = "tech_support",
 ) -> list[Episode]:
     """Tech-support episodes from the chatterbot corpus (see the module docstring for the templates).
 
@@ -163,11 +170,20 @@ def load_tech_support(
         num_episodes (`int`, *optional*): how many; default one per ordered pair of distinct problems.
         seed (`int`, defaults to 0): seeds the pairing and the turn counts.
         path (`str`, *optional*): another YAML file in the chatterbot format.
+        pairs (`Sequence[tuple[str, str]]`, *optional*): (problem, fix) pairs to use instead of a file, e.g.
+            :data:`~cagsr_reward.integrations.tech_corpus.EXTRA_PAIRS`; exclusive with ``path``.
+        id_prefix (`str`, defaults to ``"tech_support"``): episode ids are ``f"{id_prefix}/{n}"``.
     """
-    path = path or os.path.join(_package_dir("chatterbot_corpus"), "data", "english", "tech_support.yml")
-    pairs = _read_tech_support_pairs(path)
+    if pairs is not None:
+        if path is not None:
+            raise ValueError("load_tech_support: pass path or pairs, not both")
+        where = "pairs"
+        pairs = list(dict.fromkeys((_clean(str(p)), _clean(str(f))) for p, f in pairs))
+    else:
+        where = path = path or os.path.join(_package_dir("chatterbot_corpus"), "data", "english", "tech_support.yml")
+        pairs = _read_tech_support_pairs(path)
     if len(pairs) < 2:
-        raise ValueError(f"{path}: needs at least two distinct problem/answer pairs, found {len(pairs)}")
+        raise ValueError(f"{where}: needs at least two distinct problem/answer pairs, found {len(pairs)}")
     rng = np.random.default_rng(seed)
     combos = [(a, b) for a in range(len(pairs)) for b in range(len(pairs)) if a != b]
     order = rng.permutation(len(combos))
@@ -187,7 +203,7 @@ def load_tech_support(
             script.append((user, fix))
         episodes.append(
             Episode(
-                f"tech_support/{n}",
+                f"{id_prefix}/{n}",
                 "tech_support",
                 tuple(u for u, _ in script),
                 tuple(r for _, r in script),

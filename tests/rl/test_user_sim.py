@@ -76,6 +76,26 @@ def test_tech_support_episodes_use_corpus_text():
         assert len(set(answered)) == e.num_turns == len(e.reference_replies)
 
 
+def test_tech_support_from_given_pairs():
+    """The 48 written pairs build episodes exactly as the corpus does: each reply is the fix of the problem its turn
+    states; ids carry the prefix; pairs and path are exclusive; fewer than two pairs is an error."""
+    from cagsr_reward.integrations.tech_corpus import EXTRA_PAIRS
+
+    eps = load_tech_support(seed=3, pairs=EXTRA_PAIRS, id_prefix="tech_extra", num_episodes=50)
+    fixes = dict(EXTRA_PAIRS)
+    assert len(eps) == 50 and all(e.episode_id.startswith("tech_extra/") for e in eps)
+    for e in eps:
+        for user, reply in zip(e.user_turns, e.reference_replies):
+            problem = next(p for p in fixes if p[1:] in user)
+            assert reply == fixes[problem]
+    assert [e.user_turns for e in eps] == [e.user_turns for e in load_tech_support(
+        seed=3, pairs=EXTRA_PAIRS, id_prefix="tech_extra", num_episodes=50)]
+    with pytest.raises(ValueError, match="path or pairs"):
+        load_tech_support(pairs=EXTRA_PAIRS, path="x.yml")
+    with pytest.raises(ValueError, match="two distinct"):
+        load_tech_support(pairs=[("a", "b"), ("a", "b")])
+
+
 def test_next_turn_split_and_prefix():
     eps = [Episode(f"x/{i}", "chitchat", ("a", "b", "c"), ("ra", "rb"), "sys") for i in range(10)]
     sim = UserSimulator(eps, seed=0)
