@@ -30,13 +30,13 @@ def test_doc_section_is_generated_from_the_committed_jsons():
     assert text.count(E.BEGIN) == 1 and text.count(E.END) == 1
     section = E.BEGIN + text.split(E.BEGIN, 1)[1].split(E.END, 1)[0] + E.END
     rendered = E.render(_load("selection.json"), _load("confirm.json"), _load("features.json"), _load("confirm2.json"),
-                        _load("confirm3.json"))
+                        _load("confirm3.json"), _load("confirm_tech.json"))
     assert section == rendered, (
         "docs/experiments.md is out of date: run python -m experiments.validity --report-only"
     )
 
 
-@pytest.mark.parametrize("name", ["confirm.json", "confirm2.json", "confirm3.json"])
+@pytest.mark.parametrize("name", ["confirm.json", "confirm2.json", "confirm3.json", "confirm_tech.json"])
 def test_confirm_summary_matches_its_per_item_scores(name):
     confirm = _load(name)
     items = confirm["items"]
@@ -157,3 +157,19 @@ def test_the_fresh_confirm_splits_take_the_dialogues_after_the_earlier_ones():
         parent = [it.item_id for it in E._BUILDERS[source]("confirm", n1 + n2 + n3, tok)]
         assert [it.item_id for it in built["confirm2"] if it.source == source] == parent[n1:n1 + n2]
         assert [it.item_id for it in built["confirm3"] if it.source == source] == parent[n1 + n2:]
+
+
+def test_the_tech_confirm_split_has_one_item_per_written_problem():
+    """confirm_tech: every item is a different episode of the written pairs, asks a different problem at a turn with
+    history, and its reference reply is that problem's fix."""
+    from cagsr_reward.integrations.tech_corpus import EXTRA_PAIRS
+
+    items = E._tech_extra_items(len(EXTRA_PAIRS))
+    fixes = dict(EXTRA_PAIRS)
+    assert len(items) == len(EXTRA_PAIRS) == len({it.cluster for it in items}) == len({it.real_text for it in items})
+    for it in items:
+        asked = it.messages[-1]["content"]
+        assert it.turn_index >= 1 and it.messages[-1]["role"] == "user"
+        assert it.real_text == fixes[next(p for p in fixes if p[1:] in asked)]
+        assert it.cluster.startswith("tech_extra/") and it.split == "confirm_tech"
+    assert [it.item_id for it in E._tech_extra_items(5)] == [it.item_id for it in items[:5]]
