@@ -386,7 +386,9 @@ def test_pending_cap_503_only_while_busy_never_fitting_is_400(server):
         return _complete(server, {"attncap_layers": [0, 1, 2]}, prompt=[100 + i % 200 for i in range(400)],
                          max_tokens=20)
 
-    for _attempt in range(3):
+    # on a machine loaded by other jobs the first can finish before the second is admitted (checked and allowed
+    # below): retry; 5 attempts, since one run beside a training job lost 3
+    for _attempt in range(5):
         keys = []
         try:
             with requests.post(f"{server['base']}/v1/completions", json=first_payload, stream=True,
@@ -412,7 +414,7 @@ def test_pending_cap_503_only_while_busy_never_fitting_is_400(server):
             for key in keys:  # a failed or inconclusive attempt leaves nothing behind for the next test
                 requests.delete(f"{server['base']}/v1/attncap/{key}", timeout=30)
     else:
-        pytest.fail("the first capture finished before the second arrived in all 3 attempts")
+        pytest.fail("the first capture finished before the second arrived in all 5 attempts")
     again = second()
     assert again.status_code == 200, again.text
     assert _fetch(server, again.json()["id"]).status_code == 200
