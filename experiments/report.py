@@ -341,7 +341,10 @@ def render(folder: Path = RESULTS) -> str:
                      f"{_fmt(held['reply_words'], 1)} | {_fmt(held['kl_to_start'], 4)} | {_fmt(held['recall'])} |")
     L.append("")
     if arms.get("untrained") and any(arms.get(a) for a in ARMS):
-        L += [f"![held-out metrics against the training step]({PLOT})", ""]
+        L += [f"![held-out metrics against the training step]({PLOT})", "",
+              "The plot: held-out consistency, default reward (arms scored with another reward config left out), "
+              "recall on the hypothesis task, reply words and KL to the start, per arm at each checkpoint (means over "
+              "seeds; step 0 is the untrained policy).", ""]
     L += ["Recall: exact-match recall of the stated fact on the hypothesis task (a reply that needs a fact from the "
           "first user turn; greedy, the same episodes for every arm and step), 95% interval over episodes and seeds.",
           ""]
@@ -377,13 +380,37 @@ def render(folder: Path = RESULTS) -> str:
 PLOT = "img/training-curves.png"
 
 
-def plot_curves(path: Path, folder: Path = RESULTS) -> bool:
-    """Held-out n-gram overlap, default reward, reply words and KL to the start against the training step, one line
-    per arm (mean over its seeds; step 0 is the untrained policy). False when there is nothing to draw or no
-    matplotlib."""
+#: the panels of :data:`PLOT`: (held-out metric, title)
+CURVES = (("consistency", "held-out consistency"), ("reward", "held-out default reward\n(current config only)"),
+          ("recall", "recall (hypothesis task)"), ("reply_words", "reply words"), ("kl_to_start", "KL to the start"))
+
+
+def curve_series(folder: Path = RESULTS) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """``{metric: {arm: (steps, means)}}`` for :data:`CURVES`: per trained arm, the mean over its seeds at each
+    checkpoint, step 0 being the untrained policy. An arm scored with an earlier default reward (marked † in the
+    tables) has no ``reward`` series. Empty when there is no untrained unit or no trained arm."""
     arms = _by_arm(load_units(folder))
-    trained = [a for a in ARMS if arms.get(a)]
-    if not trained or not arms.get("untrained"):
+    if not arms.get("untrained"):
+        return {}
+    current = _json(_default_config())
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {k: {} for k, _ in CURVES}
+    for arm in (a for a in ARMS if arms.get(a)):
+        steps = sorted({c["step"] for u in arms[arm] for c in u["checkpoints"]})
+        scored_now = all(_json(c.get("reward_config")) == current for u in arms[arm] for c in u["checkpoints"])
+        for k, _ in CURVES:
+            if k == "reward" and not scored_now:
+                continue
+            ys = [two_level_bootstrap(_seeds(arms["untrained"], k))[0]]
+            ys += [two_level_bootstrap(_seeds(arms[arm], k, st))[0] for st in steps]
+            out[k][arm] = ([0, *steps], ys)
+    return out if out["kl_to_start"] else {}
+
+
+def plot_curves(path: Path, folder: Path = RESULTS) -> bool:
+    """Draw :func:`curve_series` to ``path``, a panel per metric, a line per arm (with its number of seeds). False
+    when there is nothing to draw or no matplotlib."""
+    series = curve_series(folder)
+    if not series:
         return False
     try:
         import matplotlib
@@ -392,19 +419,17 @@ def plot_curves(path: Path, folder: Path = RESULTS) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is in the viz extra
         return False
-    keys = (("ngram_overlap", "held-out n-gram overlap"), ("reward", "held-out default reward"),
-            ("reply_words", "reply words"), ("kl_to_start", "KL to the start"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 3.0))
-    for i, arm in enumerate(trained):
-        steps = sorted({c["step"] for u in arms[arm] for c in u["checkpoints"]})
-        for ax, (k, title) in zip(axes, keys):
-            ys = [two_level_bootstrap(_seeds(arms["untrained"], k))[0]]
-            ys += [two_level_bootstrap(_seeds(arms[arm], k, st))[0] for st in steps]
-            ax.plot([0, *steps], ys, marker="o", ms=3, color=f"C{i}", label=f"{arm} ({len(arms[arm])} seeds)")
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("GRPO step", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    seeds = {arm: len(units) for arm, units in _by_arm(load_units(folder)).items()}
+    colors = {arm: f"C{i}" for i, arm in enumerate(series["kl_to_start"])}  # every trained arm has a KL series
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(2.8 * len(CURVES), 3.0))
+    for ax, (k, title) in zip(axes, CURVES):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        for arm, (xs, ys) in series[k].items():
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[arm], label=f"{arm} ({seeds[arm]} seeds)")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -256,3 +256,34 @@ def test_report_reads_recall_per_episode_at_each_step():
     est, lo, hi = report.two_level_bootstrap(report._seeds(arm, "recall"))
     assert est == pytest.approx(5 / 6) and lo <= est <= hi
     assert report._seeds([{"checkpoints": [{"step": 0, "rows": []}]}], "recall") == [{}]  # a unit without the task
+
+
+def test_curves_start_at_untrained_and_leave_out_rewards_of_another_config(tmp_path):
+    """The plot's series (experiments/report.curve_series) on made-up units: step 0 is the untrained mean, each
+    checkpoint the mean over the arm's seeds of its per-dialogue means, and an arm scored with another reward config
+    has no reward series (its cells are marked † in the tables)."""
+    current = json.loads(json.dumps(CAGSRConfig().to_dict()))
+    other = {**current, "eta": current["eta"] + 1.0}
+    budget = {k: list(v) if isinstance(v, tuple) else v for k, v in training.SIZES["full"].items()}
+
+    def unit(name, arm, seed, cfg, values):  # values: {step: per-dialogue values of every metric}
+        cps = [{"step": st, "reward_config": cfg,
+                "rows": [{"episode_id": f"d{i}", **{k: v for k, _ in report.CURVES if k != "recall"}}
+                         for i, v in enumerate(vals)],
+                "recall": {"rows": [{"episode_id": "r0", "correct": 1.0}]}} for st, vals in values.items()]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"unit": name, "arm": arm, "seed": seed, "size": "full",
+                                                            "budget": budget, "checkpoints": cps, "wall_seconds": 1.0}))
+
+    unit("untrained", "untrained", 0, current, {0: [1.0, 3.0]})
+    unit("default_s0", "default", 0, current, {8: [2.0, 2.0], 16: [4.0, 6.0]})
+    unit("default_s1", "default", 1, current, {8: [4.0, 4.0], 16: [6.0, 8.0]})
+    unit("length_s0", "length", 0, other, {8: [0.0, 0.0], 16: [1.0, 1.0]})
+    series = report.curve_series(tmp_path)
+    assert series["kl_to_start"]["default"] == ([0, 8, 16], [pytest.approx(2.0), pytest.approx(3.0),
+                                                              pytest.approx(6.0)])
+    assert series["consistency"]["length"] == ([0, 8, 16], [pytest.approx(2.0), pytest.approx(0.0),
+                                                             pytest.approx(1.0)])
+    assert "length" not in series["reward"] and "default" in series["reward"]
+    assert series["recall"]["default"][1] == [pytest.approx(1.0)] * 3
+    (tmp_path / "untrained.json").unlink()
+    assert report.curve_series(tmp_path) == {}
