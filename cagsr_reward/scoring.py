@@ -68,7 +68,8 @@ class TurnScore:
         self_repetition (`float`): repeated n-grams of the turn itself (n = `ngram`), 0 when not used.
         copy_repetition (`float`): the turn's n-grams found in the history (n = `copy_ngram`, or `ngram` under
             ``repetition="paper"``), 0 when not used. `repetition` is their sum.
-        grounding (`float` or `None`): $G$, the mean per-token PMI of the turn with its history (`core.grounding`);
+        grounding (`float` or `None`): $G$, the turn's PMI with its history summed over its $T$ tokens and divided
+            by $T + T_0$ (``grounding_tokens``; `core.grounding`);
             `None` when no log-probabilities were given (then ``eta`` is 0).
         eta (`float`): the grounding weight used.
     """
