@@ -223,6 +223,15 @@ def _fetch(server, key, **params):
     return requests.get(f"{server['base']}/v1/attncap/{key}", params=params, timeout=120)
 
 
+def _wait_closed(server, timeout_s: float = 30.0) -> None:
+    """Wait until the worker has closed every capture (it does so on the engine step after the reply). A GET with
+    ``wait=0`` that lands before that is rightly a 409 "still being written"; the race tests race closed captures."""
+    deadline = time.monotonic() + timeout_s
+    while (status := _status(server))["open_records"]:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
 def _decode(body) -> np.ndarray:
     assert body["dtype"] == "float32" and body["encoding"] == "base64"
     return np.frombuffer(base64.b64decode(body["data"]), dtype="<f4").reshape(body["shape"])
@@ -483,12 +492,14 @@ def test_read_once_under_8_concurrent_gets_and_get_racing_delete(server):
     for round_ in range(3):
         key = f"race-{round_}"
         assert _complete(server, {"attncap_key": key, "attncap_layers": [-1]}, max_tokens=2).status_code == 200
+        _wait_closed(server)
         with ThreadPoolExecutor(8) as pool:
             codes = sorted(pool.map(lambda _: _fetch(server, key, wait=0).status_code, range(8)))
         assert codes == [200] + [404] * 7, codes
     for round_ in range(4):
         key = f"race-del-{round_}"
         assert _complete(server, {"attncap_key": key, "attncap_layers": [-1]}, max_tokens=2).status_code == 200
+        _wait_closed(server)
         with ThreadPoolExecutor(2) as pool:
             get = pool.submit(_fetch, server, key, wait=0)
             delete = pool.submit(requests.delete, f"{server['base']}/v1/attncap/{key}", timeout=30)
