@@ -75,6 +75,34 @@ def _same_reward_config(*sides: Sequence[Mapping[str, Any]]) -> bool:
     return len({_json(c.get("reward_config")) for side in sides for u in side for c in u["checkpoints"]}) <= 1
 
 
+def _scored_now(u: Mapping[str, Any]) -> bool:
+    """Whether every checkpoint of the unit scored its held-out replies with the current default CAGSR config."""
+    current = _json(_default_config())
+    return all(_json(c.get("reward_config")) == current for c in u["checkpoints"])
+
+
+def _reward_units(arm_units: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The units whose default-reward values are averaged for an arm: those scored with the current config when
+    there are any (an arm's seeds may straddle a change of the default), else all of them (the cell is then marked
+    †)."""
+    return [u for u in arm_units if _scored_now(u)] or list(arm_units)
+
+
+def _reward_sides(ua: Sequence[Mapping[str, Any]], ub: Sequence[Mapping[str, Any]]):
+    """The two sides of a default-reward difference: all units when every one used the same config, else each side's
+    units scored with the current config; None when a side then has none (the configs differ)."""
+    if _same_reward_config(ua, ub):
+        return list(ua), list(ub)
+    ca, cb = [u for u in ua if _scored_now(u)], [u for u in ub if _scored_now(u)]
+    return (ca, cb) if ca and cb else None
+
+
+def _subset_note(sa: Sequence[Any], sb: Sequence[Any], ua: Sequence[Any], ub: Sequence[Any]) -> str:
+    """" (k / m seeds)" when a default-reward difference uses fewer seeds than the arms have (see
+    :func:`_reward_sides`)."""
+    return f" ({len(sa)} / {len(sb)} seeds)" if (len(sa), len(sb)) != (len(ua), len(ub)) else ""
+
+
 def dialogue_means(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, float]:
     """Per dialogue (``episode_id``), the mean of ``key`` over its replies (missing and non-finite values dropped)."""
     by: dict[str, list[float]] = {}
@@ -259,11 +287,12 @@ def render(folder: Path = RESULTS) -> str:
         for k, title, d in METRICS:
             if k == "kl_to_start":
                 continue
-            if k == "reward" and not _same_reward_config(ua, ub):
+            sa, sb = (ua, ub) if k != "reward" else (_reward_sides(ua, ub) or ([], []))
+            if not sa:
                 continue
-            t = two_level_bootstrap(_seeds(ua, k), _seeds(ub, k))
+            t = two_level_bootstrap(_seeds(sa, k), _seeds(sb, k))
             if _reading(t) in ("up", "down"):
-                found.append(f"{title} {_reading(t)} {_ci(t, d)}")
+                found.append(f"{title} {_reading(t)} {_ci(t, d)}{_subset_note(sa, sb, ua, ub)}")
         L.append(f"- {a} − {b} ({len(ua)} / {len(ub)} seed(s)): "
                  + ("; ".join(found) if found else "no difference established on any held-out metric") + ".")
     if not passed:
@@ -281,12 +310,20 @@ def render(folder: Path = RESULTS) -> str:
         au = arms.get(arm, [])
         if not au:
             continue
-        current = all(_json(c.get("reward_config")) == _json(_default_config()) for u in au for c in u["checkpoints"])
-        cells = [_ci(two_level_bootstrap(_seeds(au, k)), d) + ("" if current or k != "reward" else " †")
-                 for k, _, d in METRICS]
+        cells = []
+        for k, _, d in METRICS:
+            if k != "reward":
+                cells.append(_ci(two_level_bootstrap(_seeds(au, k)), d))
+                continue
+            ru = _reward_units(au)
+            mark = (" †" if not _scored_now(ru[0]) else
+                    f" ({len(ru)} of {len(au)} seeds)" if len(ru) < len(au) else "")
+            cells.append(_ci(two_level_bootstrap(_seeds(ru, k)), d) + mark)
         L.append(f"| {arm} | {len(au)} | " + " | ".join(cells) + " |")
     L += ["", "† scored with an earlier default reward (its config is in the unit JSON), not comparable with the "
-          "column's other values; `--rescore` evaluates a unit again from its saved policies.", ""]
+          "column's other values; `--rescore` evaluates a unit again from its saved policies. \"(k of n seeds)\": "
+          "the arm's other seeds were scored with an earlier default, so the cell, and every default-reward "
+          "difference and curve of the arm, averages only the k seeds scored with the current one.", ""]
 
     # -- paired differences --------------------------------------------------------------------------------------------
     L += ["### Paired differences, arm A − arm B (same held-out dialogues)", "",
@@ -299,15 +336,17 @@ def render(folder: Path = RESULTS) -> str:
             continue
         cells = []
         for k, title, d in METRICS:
-            if k == "reward" and not _same_reward_config(ua, ub):
+            sa, sb = (ua, ub) if k != "reward" else (_reward_sides(ua, ub) or ([], []))
+            if not sa:
                 cells.append("reward configs differ")
                 continue
-            t = two_level_bootstrap(_seeds(ua, k), _seeds(ub, k))
-            cells.append(_ci(t, d))
+            t = two_level_bootstrap(_seeds(sa, k), _seeds(sb, k))
+            note = _subset_note(sa, sb, ua, ub)
+            cells.append(_ci(t, d) + note)
             if k in ("ngram_overlap", "bleu", "embed_sim", "consistency", "reward", "reply_words", "recall"):
                 r = _reading(t)
                 if r in ("up", "down"):
-                    readings.append(f"{a} − {b}: {title} {r} ({_ci(t, d)})")
+                    readings.append(f"{a} − {b}: {title} {r} ({_ci(t, d)}{note})")
         L.append(f"| {a} − {b} | {len(ua)} / {len(ub)} | " + " | ".join(cells) + " |")
     done = sum(bool(arms.get(a)) and bool(arms.get(b)) for a, b in PAIRS)
     L += ["", "Differences whose interval excludes 0: " + ("; ".join(readings) if readings else
@@ -317,7 +356,9 @@ def render(folder: Path = RESULTS) -> str:
     L += ["### Learning curves", "",
           "Training reward = the batch mean of the arm's own reward at that step (TRL's log); the two monitor "
           "columns are the default CAGSR reward and the n-gram overlap of the same training batches (weight 0 in the "
-          "loss); the held-out columns are at the checkpoint (means over seeds).", "",
+          "loss); the held-out columns are at the checkpoint (means over seeds). For an arm whose seeds straddle a "
+          "change of the default reward, the two default-reward columns average only the seeds scored with the "
+          "current one.", "",
           "| arm | step | seeds | training reward | monitor: default reward | monitor: n-gram | held-out n-gram | "
           "held-out default reward | reply words | KL to start | recall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
@@ -333,10 +374,14 @@ def render(folder: Path = RESULTS) -> str:
                 return float(np.mean(v)) if v else float("nan")
 
             ngram_key = "ngram" if arm == "ngram" else "monitor_ngram"  # the length arm has the monitor too
-            held = {k: two_level_bootstrap(_seeds(au, k, step))[0] for k in ("ngram_overlap", "reward", "reply_words",
-                                                                               "kl_to_start", "recall")}
+            held = {k: two_level_bootstrap(_seeds(au if k != "reward" else _reward_units(au), k, step))[0]
+                    for k in ("ngram_overlap", "reward", "reply_words", "kl_to_start", "recall")}
+            ru = {id(u) for u in _reward_units(au)}
+            monitor = [h["monitor_default"] for u in au if id(u) in ru for h in u["history"]
+                       if h.get("step") == step and h.get("monitor_default") is not None]
             n = sum(any(c["step"] == step for c in u["checkpoints"]) for u in au)
-            L.append(f"| {arm} | {step} | {n} | {_fmt(hmean('reward'))} | {_fmt(hmean('monitor_default'))} | "
+            L.append(f"| {arm} | {step} | {n} | {_fmt(hmean('reward'))} | "
+                     f"{_fmt(float(np.mean(monitor)) if monitor else float('nan'))} | "
                      f"{_fmt(hmean(ngram_key))} | {_fmt(held['ngram_overlap'])} | {_fmt(held['reward'])} | "
                      f"{_fmt(held['reply_words'], 1)} | {_fmt(held['kl_to_start'], 4)} | {_fmt(held['recall'])} |")
     L.append("")
@@ -393,20 +438,21 @@ CURVES = (("consistency", "held-out consistency"), ("reward", "held-out default 
 def curve_series(folder: Path = RESULTS) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """``{metric: {arm: (steps, means)}}`` for :data:`CURVES`: per trained arm, the mean over its seeds at each
     checkpoint, step 0 being the untrained policy. An arm scored with an earlier default reward (marked † in the
-    tables) has no ``reward`` series. Empty when there is no untrained unit or no trained arm."""
+    tables) has no ``reward`` series; one whose seeds straddle a change of the default averages the seeds scored
+    with the current one. Empty when there is no untrained unit or no trained arm."""
     arms = _by_arm(load_units(folder))
     if not arms.get("untrained"):
         return {}
-    current = _json(_default_config())
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {k: {} for k, _ in CURVES}
     for arm in (a for a in ARMS if arms.get(a)):
         steps = sorted({c["step"] for u in arms[arm] for c in u["checkpoints"]})
-        scored_now = all(_json(c.get("reward_config")) == current for u in arms[arm] for c in u["checkpoints"])
+        now = [u for u in arms[arm] if _scored_now(u)]
         for k, _ in CURVES:
-            if k == "reward" and not scored_now:
+            if k == "reward" and not now:
                 continue
+            au = now if k == "reward" else arms[arm]
             ys = [two_level_bootstrap(_seeds(arms["untrained"], k))[0]]
-            ys += [two_level_bootstrap(_seeds(arms[arm], k, st))[0] for st in steps]
+            ys += [two_level_bootstrap(_seeds(au, k, st))[0] for st in steps]
             out[k][arm] = ([0, *steps], ys)
     return out if out["kl_to_start"] else {}
 

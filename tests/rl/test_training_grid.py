@@ -287,3 +287,45 @@ def test_curves_start_at_untrained_and_leave_out_rewards_of_another_config(tmp_p
     assert series["recall"]["default"][1] == [pytest.approx(1.0)] * 3
     (tmp_path / "untrained.json").unlink()
     assert report.curve_series(tmp_path) == {}
+
+
+def test_an_arm_whose_seeds_straddle_a_default_change_averages_the_current_seeds_only(tmp_path):
+    """When one seed of an arm was scored with an earlier default reward and another with the current one, the
+    arm's default-reward cell, its difference with the untrained policy, its learning-curve columns and its plot
+    series average the current seed only, and say so; the other metrics use every seed."""
+    current = json.loads(json.dumps(CAGSRConfig().to_dict()))
+    other = {**current, "eta": current["eta"] + 1.0}
+    budget = {k: list(v) if isinstance(v, tuple) else v for k, v in training.SIZES["full"].items()}
+    keys = [k for k, _, _ in report.METRICS if k != "recall"]
+
+    def unit(name, arm, seed, cfg, reward, words, monitor):
+        cps = [{"step": st, "reward_config": cfg,
+                "rows": [{"episode_id": f"d{i}", **{k: 0.5 for k in keys}, "reward": reward + i,
+                          "reply_words": words + i} for i in range(4)],
+                "recall": {"rows": [{"episode_id": "r0", "correct": 1.0}]}} for st in (8, 32)]
+        history = [{"step": st, "reward": 0.1, "monitor_default": monitor, "ngram": 0.0} for st in (8, 32)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"unit": name, "arm": arm, "seed": seed, "size": "full",
+                                                            "budget": budget, "checkpoints": cps, "history": history,
+                                                            "wall_seconds": 1.0}))
+
+    unit("untrained", "untrained", 0, current, reward=1.0, words=10.0, monitor=None)
+    unit("ngram_s0", "ngram", 0, other, reward=-50.0, words=20.0, monitor=-99.0)  # an earlier default's scale
+    unit("ngram_s1", "ngram", 1, current, reward=3.0, words=30.0, monitor=7.0)
+    text = report.render(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| ngram | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2 + 4].startswith("4.500 [") and cells[2 + 4].endswith("(1 of 2 seeds)"), cells  # s1: 3 + 1.5
+    assert cells[2 + 5].startswith("26.5"), cells  # reply words: both seeds, (21.5 + 31.5) / 2
+    diff = next(line for line in text.splitlines() if line.startswith("| ngram − untrained |"))
+    dcells = [c.strip() for c in diff.strip("|").split("|")]
+    assert dcells[2 + 4].startswith("2.000 [") and dcells[2 + 4].endswith("(1 / 1 seeds)"), dcells
+    curve = next(line for line in text.splitlines() if line.startswith("| ngram | 32 | 2 |"))
+    ccells = [c.strip() for c in curve.strip("|").split("|")]
+    assert ccells[4] == "7.000" and ccells[7] == "4.500", ccells  # monitor and held-out reward: s1 only
+    assert report.curve_series(tmp_path)["reward"]["ngram"][1][1:] == [pytest.approx(4.5)] * 2
+    # with every seed on the earlier default, the arm's cell is marked † and has no difference or curve
+    (tmp_path / "ngram_s1.json").unlink()
+    text = report.render(tmp_path)
+    assert next(line for line in text.splitlines() if line.startswith("| ngram | 1 |")).count("†") == 1
+    assert "reward configs differ" in next(line for line in text.splitlines() if line.startswith("| ngram − untr"))
+    assert "ngram" not in report.curve_series(tmp_path)["reward"]
