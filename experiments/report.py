@@ -103,6 +103,16 @@ def _subset_note(sa: Sequence[Any], sb: Sequence[Any], ua: Sequence[Any], ub: Se
     return f" ({len(sa)} / {len(sb)} seeds)" if (len(sa), len(sb)) != (len(ua), len(ub)) else ""
 
 
+def _rescored_note(units: Mapping[str, Mapping[str, Any]]) -> str:
+    """The learning-curve caption's word on re-scored units: their checkpoints were evaluated again, their training
+    history (the monitor columns) was not."""
+    names = sorted(n for n, u in units.items() if u.get("rescored"))
+    if not names:
+        return ""
+    return (" Re-scored units (" + ", ".join(f"`{n}`" for n in names) + ") keep the training history they logged, so "
+            "their monitor columns are in the default reward of their training time.")
+
+
 def dialogue_means(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, float]:
     """Per dialogue (``episode_id``), the mean of ``key`` over its replies (missing and non-finite values dropped)."""
     by: dict[str, list[float]] = {}
@@ -358,7 +368,7 @@ def render(folder: Path = RESULTS) -> str:
           "columns are the default CAGSR reward and the n-gram overlap of the same training batches (weight 0 in the "
           "loss); the held-out columns are at the checkpoint (means over seeds). For an arm whose seeds straddle a "
           "change of the default reward, the two default-reward columns average only the seeds scored with the "
-          "current one.", "",
+          "current one." + _rescored_note(units), "",
           "| arm | step | seeds | training reward | monitor: default reward | monitor: n-gram | held-out n-gram | "
           "held-out default reward | reply words | KL to start | recall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:

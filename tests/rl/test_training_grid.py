@@ -298,7 +298,7 @@ def test_an_arm_whose_seeds_straddle_a_default_change_averages_the_current_seeds
     budget = {k: list(v) if isinstance(v, tuple) else v for k, v in training.SIZES["full"].items()}
     keys = [k for k, _, _ in report.METRICS if k != "recall"]
 
-    def unit(name, arm, seed, cfg, reward, words, monitor):
+    def unit(name, arm, seed, cfg, reward, words, monitor, **extra):
         cps = [{"step": st, "reward_config": cfg,
                 "rows": [{"episode_id": f"d{i}", **{k: 0.5 for k in keys}, "reward": reward + i,
                           "reply_words": words + i} for i in range(4)],
@@ -306,12 +306,16 @@ def test_an_arm_whose_seeds_straddle_a_default_change_averages_the_current_seeds
         history = [{"step": st, "reward": 0.1, "monitor_default": monitor, "ngram": 0.0} for st in (8, 32)]
         (tmp_path / f"{name}.json").write_text(json.dumps({"unit": name, "arm": arm, "seed": seed, "size": "full",
                                                             "budget": budget, "checkpoints": cps, "history": history,
-                                                            "wall_seconds": 1.0}))
+                                                            "wall_seconds": 1.0, **extra}))
 
     unit("untrained", "untrained", 0, current, reward=1.0, words=10.0, monitor=None)
     unit("ngram_s0", "ngram", 0, other, reward=-50.0, words=20.0, monitor=-99.0)  # an earlier default's scale
     unit("ngram_s1", "ngram", 1, current, reward=3.0, words=30.0, monitor=7.0)
     text = report.render(tmp_path)
+    assert "Re-scored units" not in text
+    unit("ngram_s1", "ngram", 1, current, reward=3.0, words=30.0, monitor=7.0, rescored={"note": "again"})
+    text = report.render(tmp_path)
+    assert "Re-scored units (`ngram_s1`) keep the training history they logged" in text
     row = next(line for line in text.splitlines() if line.startswith("| ngram | 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2 + 4].startswith("4.500 [") and cells[2 + 4].endswith("(1 of 2 seeds)"), cells  # s1: 3 + 1.5
