@@ -88,10 +88,11 @@ def _reward_units(arm_units: Sequence[Mapping[str, Any]]) -> list[Mapping[str, A
     return [u for u in arm_units if _scored_now(u)] or list(arm_units)
 
 
-def _reward_sides(ua: Sequence[Mapping[str, Any]], ub: Sequence[Mapping[str, Any]]):
-    """The two sides of a default-reward difference: all units when every one used the same config, else each side's
-    units scored with the current config; None when a side then has none (the configs differ)."""
-    if _same_reward_config(ua, ub):
+def _sides(key: str, ua: Sequence[Mapping[str, Any]], ub: Sequence[Mapping[str, Any]]):
+    """The two sides of a difference on ``key``: all units, but for the default reward (``"reward"``) with configs
+    that differ, each side's units scored with the current config; None when a side then has none (the configs
+    differ)."""
+    if key != "reward" or _same_reward_config(ua, ub):
         return list(ua), list(ub)
     ca, cb = [u for u in ua if _scored_now(u)], [u for u in ub if _scored_now(u)]
     return (ca, cb) if ca and cb else None
@@ -99,7 +100,7 @@ def _reward_sides(ua: Sequence[Mapping[str, Any]], ub: Sequence[Mapping[str, Any
 
 def _subset_note(sa: Sequence[Any], sb: Sequence[Any], ua: Sequence[Any], ub: Sequence[Any]) -> str:
     """" (k / m seeds)" when a default-reward difference uses fewer seeds than the arms have (see
-    :func:`_reward_sides`)."""
+    :func:`_sides`)."""
     return f" ({len(sa)} / {len(sb)} seeds)" if (len(sa), len(sb)) != (len(ua), len(ub)) else ""
 
 
@@ -297,9 +298,9 @@ def render(folder: Path = RESULTS) -> str:
         for k, title, d in METRICS:
             if k == "kl_to_start":
                 continue
-            sa, sb = (ua, ub) if k != "reward" else (_reward_sides(ua, ub) or ([], []))
-            if not sa:
+            if (sides := _sides(k, ua, ub)) is None:
                 continue
+            sa, sb = sides
             t = two_level_bootstrap(_seeds(sa, k), _seeds(sb, k))
             if _reading(t) in ("up", "down"):
                 found.append(f"{title} {_reading(t)} {_ci(t, d)}{_subset_note(sa, sb, ua, ub)}")
@@ -346,10 +347,10 @@ def render(folder: Path = RESULTS) -> str:
             continue
         cells = []
         for k, title, d in METRICS:
-            sa, sb = (ua, ub) if k != "reward" else (_reward_sides(ua, ub) or ([], []))
-            if not sa:
+            if (sides := _sides(k, ua, ub)) is None:
                 cells.append("reward configs differ")
                 continue
+            sa, sb = sides
             t = two_level_bootstrap(_seeds(sa, k), _seeds(sb, k))
             note = _subset_note(sa, sb, ua, ub)
             cells.append(_ci(t, d) + note)
@@ -376,22 +377,18 @@ def render(folder: Path = RESULTS) -> str:
         if not au:
             continue
         steps = sorted({c["step"] for u in au for c in u["checkpoints"]})
+        ru = _reward_units(au)
         for step in steps:
-            hist = [h for u in au for h in u["history"] if h.get("step") == step]
 
-            def hmean(key: str) -> float:
-                v = [h[key] for h in hist if h.get(key) is not None]
+            def hmean(key: str, units: Sequence[Mapping[str, Any]] = au) -> float:
+                v = [h[key] for u in units for h in u["history"] if h.get("step") == step and h.get(key) is not None]
                 return float(np.mean(v)) if v else float("nan")
 
             ngram_key = "ngram" if arm == "ngram" else "monitor_ngram"  # the length arm has the monitor too
-            held = {k: two_level_bootstrap(_seeds(au if k != "reward" else _reward_units(au), k, step))[0]
+            held = {k: two_level_bootstrap(_seeds(au if k != "reward" else ru, k, step))[0]
                     for k in ("ngram_overlap", "reward", "reply_words", "kl_to_start", "recall")}
-            ru = {id(u) for u in _reward_units(au)}
-            monitor = [h["monitor_default"] for u in au if id(u) in ru for h in u["history"]
-                       if h.get("step") == step and h.get("monitor_default") is not None]
             n = sum(any(c["step"] == step for c in u["checkpoints"]) for u in au)
-            L.append(f"| {arm} | {step} | {n} | {_fmt(hmean('reward'))} | "
-                     f"{_fmt(float(np.mean(monitor)) if monitor else float('nan'))} | "
+            L.append(f"| {arm} | {step} | {n} | {_fmt(hmean('reward'))} | {_fmt(hmean('monitor_default', ru))} | "
                      f"{_fmt(hmean(ngram_key))} | {_fmt(held['ngram_overlap'])} | {_fmt(held['reward'])} | "
                      f"{_fmt(held['reply_words'], 1)} | {_fmt(held['kl_to_start'], 4)} | {_fmt(held['recall'])} |")
     L.append("")
